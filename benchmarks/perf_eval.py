@@ -1,0 +1,110 @@
+"""Throughput of ``clipguard eval`` vs CLIP_benchmark's zero-shot evaluation, same model and images.
+
+Both sides classify the same uint8 images with the same text embeddings' recipe. clipguard keeps the
+images as uint8 tensors and resizes + normalises on the device inside ZeroShotClassifier; CLIP_benchmark
+runs the model's PIL preprocess (resize, crop, normalise) in a DataLoader, as its CLI does. Each side's
+image pass is timed after one warm-up batch; text embeddings are timed separately.
+
+    python benchmarks/perf_eval.py --model ViT-B-32:none --n 512 --out benchmarks/results/perf_eval-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _clip_benchmark_loader(images, labels, preprocess, batch_size, workers):
+    from PIL import Image
+
+    class DS(torch.utils.data.Dataset):
+        classes = None
+
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return preprocess(Image.fromarray(images[i].permute(1, 2, 0).numpy())), int(labels[i])
+
+    return torch.utils.data.DataLoader(DS(), batch_size=batch_size, num_workers=workers)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-32:none")
+    ap.add_argument("--dataset", default="toy")
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=2, help="CLIP_benchmark DataLoader workers")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import open_clip
+    from clip_benchmark.metrics import zeroshot_classification as zc
+
+    from clipguard.data.registry import load_dataset
+    from clipguard.evaluate import classification_metrics, predict_logits
+    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.loader import load_clip
+    from clipguard.prompts import load_prompts
+    from clipguard.results import environment, write_record
+    from clipguard.text_store import compute_text_embeddings
+
+    clip = load_clip(args.model, device=args.device)
+    data = load_dataset(args.dataset, split="test", limit=args.n)
+    prompts = load_prompts(data.name, fallback_classnames=data.classnames)
+    dev, amp = clip.device, clip.precision != "fp32"
+
+    t0 = time.perf_counter()
+    emb = compute_text_embeddings(clip, prompts.classnames, prompts.templates)
+    _sync(dev)
+    text_s = time.perf_counter() - t0
+    clf = ZeroShotClassifier.from_clip(clip, emb).eval()
+    predict_logits(clf, data.images[: args.batch_size], batch_size=args.batch_size, precision=clip.precision,
+                   progress=False)  # warm-up
+    ours, timing = predict_logits(clf, data.images, batch_size=args.batch_size, precision=clip.precision,
+                                  progress=False)
+
+    # CLIP_benchmark: its own classifier weights and its run_classification over a preprocessed loader.
+    preprocess = open_clip.image_transform(clip.input_size, is_train=False, mean=clip.mean, std=clip.std)
+    loader = _clip_benchmark_loader(data.images, data.labels, preprocess, args.batch_size, args.workers)
+    weights = zc.zero_shot_classifier(clip.model, clip.tokenizer, prompts.classnames, prompts.templates,
+                                      dev.type, amp=amp)
+    warm = _clip_benchmark_loader(data.images[: args.batch_size], data.labels[: args.batch_size], preprocess,
+                                  args.batch_size, 0)
+    zc.run_classification(clip.model, weights, warm, dev.type, amp=amp)
+    _sync(dev)
+    t0 = time.perf_counter()
+    theirs, _ = zc.run_classification(clip.model, weights, loader, dev.type, amp=amp)
+    _sync(dev)
+    their_s = time.perf_counter() - t0
+
+    agree = (ours.argmax(1) == theirs.argmax(1)).float().mean().item()
+    ours_ips, theirs_ips = timing["images_per_s"], round(len(data) / their_s, 2)
+    rec = {
+        "schema": "clipguard.perf/1", "benchmark": "perf_eval", "model_spec": args.model,
+        "dataset": data.name, "n": len(data), "batch_size": args.batch_size,
+        "resolution_in": list(data.images.shape[-2:]),
+        "model_input": list(clip.input_size), "precision": clip.precision,
+        "clipguard": {"images_per_s": ours_ips, "wall_s": timing["wall_s"], "text_embeddings_s": round(text_s, 3),
+                      "acc1": classification_metrics(ours, data.labels)["acc1"]},
+        "clip_benchmark": {"images_per_s": theirs_ips, "wall_s": round(their_s, 4), "dataloader_workers": args.workers,
+                           "acc1": classification_metrics(theirs, data.labels)["acc1"]},
+        "speedup": round(ours_ips / theirs_ips, 3), "top1_agreement": agree,
+        "environment": environment(dev, clip.precision),
+    }
+    write_record(args.out, rec)
+    print(f"clipguard {ours_ips:,.1f} img/s  CLIP_benchmark {theirs_ips:,.1f} img/s  ratio {rec['speedup']:.2f}x  "
+          f"(top-1 agreement {agree:.3f}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

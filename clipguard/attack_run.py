@@ -1,0 +1,62 @@
+"""``clipguard attack`` as a library function: craft adversarial examples for a split and save them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from clipguard.eval_run import EvalConfig, attack_config
+from clipguard.prepare import prepare
+from clipguard.results import make_record
+
+
+def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str | None = None,
+              n_png: int = 8, progress: bool = True) -> dict:
+    """Attack every image of ``cfg``'s split once (first eps of ``cfg.eps``) and save the set to ``out``.
+
+    The set's manifest names the source dataset, the model or surrogate it was crafted on and the attack,
+    so ``clipguard eval --adv-set`` can send it to any target.
+    """
+    from clipguard.attacks.advset import quantize as quantize_fn
+    from clipguard.attacks.advset import save_adv_set
+    from clipguard.attacks.robust import run_attack
+    from clipguard.robust_eval import robust_entry
+
+    base, eps_list = attack_config(cfg)
+    p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, prompts_file=cfg.prompts,
+                templates=cfg.templates, device=cfg.device, precision=cfg.precision, adapter=cfg.adapter,
+                image_column=cfg.image_column, label_column=cfg.label_column)
+    surrogate, resolution = None, cfg.resolution
+    if cfg.surrogate:
+        from clipguard.attacks.surrogates import build_surrogate
+
+        surrogate, resolution = build_surrogate(cfg.surrogate, p), "native"
+    run = run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.batch_size,
+                     resolution=resolution, precision=cfg.attack_precision, keep_adv=True, progress=progress,
+                     craft_on=surrogate)
+    adv = run.adv_images
+    if quantize:
+        clean = p.data.images
+        if tuple(adv.shape[-2:]) != tuple(clean.shape[-2:]):  # model resolution: clip around the resized clean
+            clean = torch.round(p.classifier.resize(clean.float().to(p.clip.device) / 255).cpu() * 255).to(torch.uint8)
+        adv = quantize_fn(adv, clean, base.eps.value)
+    attack = {**base.to_record(), "resolution": resolution, "precision": cfg.attack_precision,
+              "surrogate": cfg.surrogate}
+    manifest = {"data": p.data.to_record(), "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint,
+                "surrogate": cfg.surrogate, "adapter": cfg.adapter}, "attack": attack, "quantized": quantize}
+    save_adv_set(out, adv, p.data.labels, manifest)
+    entry = robust_entry(run, p.data.labels, base)
+    pngs = []
+    if png_dir:
+        from clipguard.report.pictures import adversarial_grid
+
+        pngs = adversarial_grid(p, run, png_dir, n=n_png)
+    metrics = {"acc1": entry["clean_acc"], "robust_acc": entry["robust_acc"],
+               "attack_success_rate": entry["attack_success_rate"]}
+    if "surrogate_clean_acc" in entry:
+        metrics.update(surrogate_clean_acc=entry["surrogate_clean_acc"],
+                       surrogate_robust_acc=entry["surrogate_robust_acc"])
+    return make_record("attack", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
+                       timings=run.timings, attack=attack, adv_set={"path": str(out), "quantized": quantize},
+                       stats=run.stats, pngs=pngs, config=asdict(cfg))

@@ -1,0 +1,62 @@
+"""Integrity checks attached to every robust number: each is {name, value, passed, detail}.
+
+Cheap checks run always; ``sanity`` checks (eps sweep monotone, PGD vs FGSM, steps doubled, restarts)
+cost extra attack runs and run with ``--sanity``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LINF_SLACK = 1e-6  # float32 rounding of x + delta
+ZERO_GRAD_MAX = 0.05  # above this share of zero input gradients, robust numbers may be masked gradients
+CONVERGENCE_POINTS = 0.01  # doubling the steps may move robust accuracy by at most 1 point
+
+
+def check(name: str, value, passed: bool, detail: str = "") -> dict:
+    return {"name": name, "value": value, "passed": bool(passed), "detail": detail}
+
+
+def cheap_checks(run, eps: float, n: int) -> list[dict]:
+    """Checks on one AttackRun: within eps, in [0, 1], finite, gradients not masked."""
+    s = run.stats
+    share = s["zero_grad"] / max(n, 1)
+    return [
+        check("linf_within_eps", s["max_linf"], s["max_linf"] <= eps + LINF_SLACK,
+              f"max |x_adv - x| vs eps {eps:.6g} (+{LINF_SLACK:g})"),
+        check("in_unit_range", [s["min"], s["max"]], s["min"] >= 0 and s["max"] <= 1, "adversarial pixels in [0, 1]"),
+        check("no_nan", s["nan"], s["nan"] == 0, "NaN values in adversarial images"),
+        check("zero_grad_share", round(share, 4), share <= ZERO_GRAD_MAX,
+              f"share of images whose input gradient is exactly zero (<= {ZERO_GRAD_MAX})"),
+    ]
+
+
+def eps0_check(eps0_pred: torch.Tensor, clean_pred: torch.Tensor) -> dict:
+    mismatches = int((eps0_pred != clean_pred).sum())
+    return check("eps0_equals_clean", mismatches, mismatches == 0,
+                 "predictions changed by the attack at eps=0 (must be 0)")
+
+
+def deterministic_check(classifier, x: torch.Tensor) -> dict:
+    with torch.no_grad():
+        a, b = classifier(x), classifier(x)
+    diff = float((a - b).abs().max())
+    return check("deterministic_forward", diff, diff == 0.0, "max |logits1 - logits2| over two identical passes")
+
+
+def monotone_check(curve: list[tuple[str, float]]) -> dict:
+    """Robust accuracy must not rise as eps grows (curve sorted by eps)."""
+    rises = [(a[0], b[0]) for a, b in zip(curve, curve[1:], strict=False) if b[1] > a[1] + 1e-12]
+    return check("eps_sweep_monotone", len(rises), not rises,
+                 "robust accuracy rose along the eps sweep at " + ", ".join(f"{a}->{b}" for a, b in rises)
+                 if rises else "robust accuracy never rises with eps")
+
+
+def stronger_check(name: str, strong: float, weak: float, what: str) -> dict:
+    return check(name, {"strong": strong, "weak": weak}, strong <= weak + 1e-12, what)
+
+
+def converged_check(acc: float, acc_double: float) -> dict:
+    delta = abs(acc - acc_double)
+    return check("steps_converged", round(delta, 4), delta <= CONVERGENCE_POINTS,
+                 "robust accuracy change when steps are doubled (> 1 point: not converged)")

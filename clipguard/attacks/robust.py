@@ -1,0 +1,118 @@
+"""Run one attack over a dataset in batches: adversarial predictions plus integrity statistics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipguard.attacks.registry import AttackConfig, build_attack
+from clipguard.evaluate import autocast_for, is_oom, to_pixels
+from clipguard.progress import progress_bar
+
+RESOLUTIONS = ("model", "native")
+
+
+class Autocast(nn.Module):
+    """Runs the wrapped classifier under autocast (for ``--precision bf16`` attacks) and returns fp32."""
+
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+        self.text_embeddings = model.text_embeddings
+
+    def forward(self, x):
+        with autocast_for(x.device, self.precision):
+            return self.model(x).float()
+
+
+def attack_inputs(classifier, batch_uint8: torch.Tensor, resolution: str) -> torch.Tensor:
+    """[0, 1] pixels where the perturbation lives: the model's input size ("model", as TeCoA/FARE do)
+    or the dataset's own size ("native", the classifier upsamples the perturbed image)."""
+    x = to_pixels(batch_uint8, classifier.text_embeddings.device)
+    if resolution == "model" and tuple(x.shape[-2:]) != classifier.input_size:
+        x = classifier.resize(x)
+    return x
+
+
+@dataclass
+class AttackRun:
+    clean_pred: torch.Tensor  # (N,) predictions on the unperturbed inputs
+    adv_pred: torch.Tensor  # (N,) predictions on the adversarial inputs
+    stats: dict = field(default_factory=dict)  # max_linf, min, max, nan, zero_grad
+    timings: dict = field(default_factory=dict)
+    adv_images: torch.Tensor | None = None  # float [0,1] on CPU when keep_adv
+    source_clean_pred: torch.Tensor | None = None  # surrogate's own predictions (transfer attacks)
+    source_adv_pred: torch.Tensor | None = None
+
+
+def zero_grad_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Images whose cross-entropy input gradient is exactly zero (a sign of masked gradients)."""
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return int((g.flatten(1).abs().amax(1) == 0).sum())
+
+
+def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, *,
+               batch_size: int = 128, resolution: str = "model", precision: str = "fp32", keep_adv: bool = False,
+               progress: bool = True, description: str | None = None, craft_on: nn.Module | None = None) -> AttackRun:
+    """Attack uint8 ``images`` in batches.
+
+    Args:
+        classifier: the target, a [0, 1] -> logits ZeroShotClassifier (fp32 by default).
+        cfg: the attack; eps/alpha in [0, 1] pixel units.
+        resolution: "model" (perturb at the model's input size) or "native" (at the dataset's size).
+        precision: "fp32" (default) or "bf16"/"fp16" (weaker small-eps gradients; recorded as a warning).
+        craft_on: a surrogate to craft on instead of the target (transfer attack); the target then
+            classifies the result.
+    """
+    device = classifier.text_embeddings.device
+    target = classifier if precision == "fp32" else Autocast(classifier, precision)
+    source = craft_on if craft_on is not None else target
+    attack = build_attack(source, cfg)
+    torch.manual_seed(cfg.seed)
+    clean, adv, kept, s_clean, s_adv = [], [], [], [], []
+    stats = {"max_linf": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0}
+    t0, i, n, correct = time.perf_counter(), 0, images.shape[0], 0
+    with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress) as advance:
+        while i < n:
+            try:
+                x = attack_inputs(classifier, images[i:i + batch_size], resolution)
+                y = labels[i:i + batch_size].to(device)
+                x_adv = attack(x, y).detach()
+                zero_grad = zero_grad_count(source, x, y)
+                with torch.no_grad():
+                    c, a = target(x).argmax(1), target(x_adv).argmax(1)
+                    if craft_on is not None:
+                        sc, sa = craft_on(x).argmax(1).cpu(), craft_on(x_adv).argmax(1).cpu()
+            except RuntimeError as e:
+                if not is_oom(e) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                continue
+            stats["zero_grad"] += zero_grad
+            if craft_on is not None:
+                s_clean.append(sc)
+                s_adv.append(sa)
+            d = (x_adv - x).abs().flatten(1).amax(1)
+            stats["max_linf"] = max(stats["max_linf"], float(d.max()))
+            stats["min"], stats["max"] = min(stats["min"], float(x_adv.min())), max(stats["max"], float(x_adv.max()))
+            stats["nan"] += int(torch.isnan(x_adv).sum())
+            clean.append(c.cpu())
+            adv.append(a.cpu())
+            if keep_adv:
+                kept.append(x_adv.cpu())
+            correct += int((a.cpu() == y.cpu()).sum())
+            advance(len(y), robust=correct / (i + len(y)))
+            i += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return AttackRun(torch.cat(clean), torch.cat(adv), stats,
+                     {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size},
+                     torch.cat(kept) if keep_adv else None,
+                     torch.cat(s_clean) if s_clean else None, torch.cat(s_adv) if s_adv else None)

@@ -1,0 +1,105 @@
+"""Surrogate models for transfer attacks: each is a [0, 1] pixels -> (N, C) logits module.
+
+Specs: ``toy-cnn``, ``clip:ARCH:TAG`` / ``clip:toy@seed1`` (another CLIP as a zero-shot classifier on the
+same prompts), ``hub:OWNER/REPO:ENTRY`` (torch.hub, e.g. a CIFAR-10 ResNet-20) or a TorchScript file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipguard.errors import ClipguardError
+
+# Input normalisation of known torch.hub repositories (they expect normalised tensors).
+HUB_NORMALISATION = {
+    "chenyaofu/pytorch-cifar-models": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+}
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class Normalised(nn.Module):
+    """Wraps a model that expects normalised input so it takes [0, 1] pixels (mean/std as buffers)."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+def _toy_cnn(spec: str, prepared) -> nn.Module:
+    from clipguard.models.toy import load_toy_cnn
+
+    if prepared.data.name != "toy":
+        raise ClipguardError(f"--surrogate toy-cnn classifies the toy classes only, not {prepared.data.spec!r}")
+    return load_toy_cnn(device=str(prepared.clip.device))
+
+
+def _clip(spec: str, prepared) -> nn.Module:
+    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.loader import load_clip
+    from clipguard.text_store import get_text_embeddings
+
+    clip = load_clip(spec[len("clip:"):], device=str(prepared.clip.device), precision="fp32")
+    text = get_text_embeddings(clip, prepared.prompts.classnames, prepared.prompts.templates)
+    return ZeroShotClassifier.from_clip(clip, text.embeddings).eval()
+
+
+def _hub(spec: str, prepared) -> nn.Module:
+    rest = spec[len("hub:"):]
+    if rest.count(":") != 1 or rest.split(":")[0].count("/") != 1:
+        raise ClipguardError(f"--surrogate {spec!r}: hub specs look like hub:OWNER/REPO:ENTRY")
+    repo, entry = rest.split(":")
+    try:
+        model = torch.hub.load(repo, entry, pretrained=True, trust_repo=True, verbose=False)
+    except Exception as e:
+        raise ClipguardError(
+            f"--surrogate {spec!r}: cannot load {repo}:{entry} through torch.hub ({type(e).__name__}); "
+            f"offline? put the repository and weights in the hub cache {torch.hub.get_dir()}"
+        ) from None
+    mean, std = HUB_NORMALISATION.get(repo, IMAGENET)
+    return Normalised(model, mean, std).to(prepared.clip.device)
+
+
+def _torchscript(spec: str, prepared) -> nn.Module:
+    try:
+        return torch.jit.load(spec, map_location=prepared.clip.device)
+    except Exception as e:
+        raise ClipguardError(f"--surrogate {spec!r}: not a loadable TorchScript file ({type(e).__name__})") from None
+
+
+_SURROGATES: dict[str, Callable[[str, object], nn.Module]] = {
+    "toy-cnn": _toy_cnn, "clip:": _clip, "hub:": _hub,
+}
+
+
+def build_surrogate(spec: str, prepared) -> nn.Module:
+    """A frozen, eval-mode [0, 1] -> logits surrogate whose classes match ``prepared``'s dataset."""
+    for prefix, make in _SURROGATES.items():
+        if spec == prefix or (prefix.endswith(":") and spec.startswith(prefix)):
+            model = make(spec, prepared)
+            break
+    else:
+        if not Path(spec).is_file():
+            raise ClipguardError(
+                f"--surrogate {spec!r} is unknown: use toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY "
+                "or a TorchScript file path"
+            )
+        model = _torchscript(spec, prepared)
+    model = model.eval().requires_grad_(False)
+    n_classes = len(prepared.prompts.classnames)
+    with torch.no_grad():
+        h, w = prepared.data.images.shape[-2:]
+        out = model(torch.zeros(1, 3, h, w, device=prepared.clip.device))
+    if out.ndim != 2 or out.shape[1] != n_classes:
+        raise ClipguardError(
+            f"--surrogate {spec!r} outputs {tuple(out.shape)} logits but {prepared.data.spec!r} has {n_classes} classes"
+        )
+    return model

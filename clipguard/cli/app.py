@@ -1,0 +1,44 @@
+"""The ``clipguard`` command. Importing this module must not import torch (``--help`` stays fast)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from clipguard.cli import cache as cache_cli
+from clipguard.cli.attack import attack_command
+from clipguard.cli.eval import eval_command
+
+app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure and improve the adversarial robustness of CLIP zero-shot classifiers. "
+                       "eps values are in [0, 1] pixel units; 8/255 is accepted.")
+app.command("eval")(eval_command)
+app.command("attack")(attack_command)
+app.add_typer(cache_cli.app, name="cache")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code; user errors print one line to stderr (code 2)."""
+    from clipguard.errors import ClipguardError
+
+    try:
+        app(args=argv, prog_name="clipguard")  # standalone: usage errors print and exit 2 themselves
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ClipguardError as e:
+        typer.echo(f"Error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        typer.echo("Aborted.", err=True)
+        return 130
+    return 0
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

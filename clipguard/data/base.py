@@ -1,0 +1,50 @@
+"""ImageSet: a dataset held as uint8 tensors, plus the seeded stratified ``--limit`` selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, 3, H, W) at the dataset's own resolution; converted to [0, 1] late."""
+
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classnames: list[str] | None  # class names the source itself carries (ClassLabel / folder names)
+    spec: str  # dataset spec as typed
+    name: str  # canonical dataset name (finds prompts/<name>.json)
+    split: str
+    limit: int | None = None
+    seed: int = 0
+    indices: list[int] | None = None  # positions in the full split, when --limit selected a subset
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to_record(self) -> dict:
+        return {"spec": self.spec, "name": self.name, "split": self.split, "limit": self.limit,
+                "seed": self.seed, "n": len(self), "resolution": list(self.images.shape[-2:]), **self.info}
+
+
+def stratified_indices(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Pick ``limit`` indices so every class keeps its share (seeded); all indices when limit is None.
+
+    Each item gets the key (rank within its class + u) / class count with its rank from a seeded
+    shuffle; taking the smallest keys interleaves classes in proportion to their sizes.
+    """
+    n = len(labels)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    keys = np.empty(n)
+    for c in np.unique(labels):
+        members = perm[labels[perm] == c]
+        keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    order = np.lexsort((rng.random(n), keys))
+    return np.sort(order[:limit])

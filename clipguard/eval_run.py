@@ -1,0 +1,140 @@
+"""``clipguard eval`` as a library function: config in, record out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from clipguard.evaluate import classification_metrics, predict_logits
+from clipguard.prepare import prepare
+from clipguard.results import make_record
+
+
+@dataclass
+class EvalConfig:
+    model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path, hf-hub:ORG/NAME, toy
+    dataset: str = "toy"  # dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, imagefolder:PATH
+    split: str = "test"
+    limit: int | None = None  # images kept (seeded, stratified); None = all
+    seed: int = 0  # seeds --limit selection (and attacks)
+    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
+    templates: str = "seed"  # template set within the prompts file
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str = "auto"  # clean-pass autocast: auto = bf16 on capable GPUs, else fp32
+    image_column: str | None = None
+    label_column: str | None = None
+    adapter: str | None = None  # LoRA / VPT adapter directory
+    attack: str | None = None  # fgsm | pgd | apgd | autoattack; None = clean only
+    eps: str = "8/255"  # L-inf radius in [0, 1] pixel units; a comma list gives a sweep
+    alpha: str | None = None  # PGD step, [0, 1] pixel units; None = eps/4
+    steps: int = 10
+    restarts: int = 1
+    resolution: str = "model"  # where the perturbation lives: model input size or the dataset's native size
+    attack_precision: str = "fp32"  # bf16 weakens small-eps gradients: allowed, with a warning in the record
+    surrogate: str | None = None  # transfer attack: craft on this model, evaluate the target
+    sanity: bool = False  # run the costly sanity checks too
+    adv_set: str | None = None  # evaluate on a saved adversarial set instead of attacking
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """Clean zero-shot evaluation; returns a ``clipguard.result/1`` record."""
+    p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
+                prompts_file=cfg.prompts, templates=cfg.templates, device=cfg.device, precision=cfg.precision,
+                image_column=cfg.image_column, label_column=cfg.label_column, adapter=cfg.adapter)
+    logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.batch_size,
+                                     precision=p.clip.precision, progress=progress)
+    metrics = classification_metrics(logits, p.data.labels)
+    extra, task = {}, "zeroshot_classification"
+    if cfg.attack:
+        task = "robustness" if not cfg.surrogate else "transfer_robustness"
+        extra = _attack_section(p, cfg, progress)
+        metrics["robust"] = extra.pop("robust")
+        if len(metrics["robust"]) == 1:
+            metrics["robust_acc"] = metrics["robust"][0]["robust_acc"]
+            metrics["attack_success_rate"] = metrics["robust"][0]["attack_success_rate"]
+    if cfg.adv_set:
+        task = "adv_set_evaluation"
+        extra = _adv_set_section(p, cfg, logits)
+        metrics.update(extra.pop("metrics"))
+    return make_record(task, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
+                       text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg), **extra)
+
+
+def attack_config(cfg) -> tuple:
+    """(base AttackConfig, eps list) from CLI strings, validated; shared by eval and attack."""
+    from clipguard.attacks.registry import AttackConfig, check_attack_name
+    from clipguard.attacks.robust import RESOLUTIONS
+    from clipguard.errors import ClipguardError
+    from clipguard.specs import parse_eps, parse_eps_list
+
+    check_attack_name(cfg.attack)
+    eps_list = parse_eps_list(cfg.eps)
+    alpha = parse_eps(cfg.alpha, name="--alpha", allow_zero=False) if cfg.alpha else None
+    for name, v in (("--steps", cfg.steps), ("--restarts", cfg.restarts)):
+        if v < 1:
+            raise ClipguardError(f"{name} {v} must be at least 1")
+    if cfg.resolution not in RESOLUTIONS:
+        raise ClipguardError(f"--resolution {cfg.resolution!r}: use model or native")
+    return AttackConfig(cfg.attack, eps_list[0], alpha, cfg.steps, cfg.restarts, cfg.seed), eps_list
+
+
+def _attack_section(p, cfg: EvalConfig, progress: bool) -> dict:
+    from clipguard.robust_eval import robust_sweep
+
+    base, eps_list = attack_config(cfg)
+    surrogate, resolution = None, cfg.resolution
+    if cfg.surrogate:
+        from clipguard.attacks.surrogates import build_surrogate
+
+        surrogate = build_surrogate(cfg.surrogate, p)
+        resolution = "native"  # the surrogate sees the dataset's images at their own size
+    entries, checks = robust_sweep(p, base, eps_list, batch_size=cfg.batch_size, resolution=resolution,
+                                   precision=cfg.attack_precision, surrogate=surrogate, sanity=cfg.sanity,
+                                   progress=progress)
+    warnings = []
+    if cfg.attack_precision != "fp32":
+        warnings.append(f"attack ran in {cfg.attack_precision}: rounding weakens small-eps gradients, "
+                        "robust accuracy may be overestimated")
+    attack = {**base.to_record(), "eps": [e.to_record() for e in eps_list], "resolution": resolution,
+              "precision": cfg.attack_precision, "surrogate": cfg.surrogate}
+    return {"robust": entries, "attack": attack, "checks": checks, "warnings": warnings,
+            "checks_passed": all(c["passed"] for c in checks)}
+
+
+def _adv_set_section(p, cfg: EvalConfig, clean_logits) -> dict:
+    from clipguard.attacks.advset import load_adv_set
+    from clipguard.errors import ClipguardError
+
+    adv = load_adv_set(cfg.adv_set)
+    src = adv.manifest.get("data", {})
+    if adv.labels.shape[0] != len(p.data) or not adv.labels.equal(p.data.labels):
+        raise ClipguardError(
+            f"--adv-set {cfg.adv_set!r} holds {adv.labels.shape[0]} images made for {src.get('spec')} "
+            f"{src.get('split')} (limit {src.get('limit')}), but this run has {len(p.data)} images of "
+            f"{p.data.spec} {p.data.split}: use the same --dataset/--split/--limit/--seed"
+        )
+    import torch
+
+    if adv.images.dtype == torch.uint8:  # quantized set: the uint8 path clean images take
+        logits = predict_logits(p.classifier, adv.images, batch_size=cfg.batch_size, precision="fp32",
+                                progress=False)[0]
+    else:
+        logits = _predict_pixels(p, adv.pixels(), cfg.batch_size)
+    labels = p.data.labels
+    clean_correct = clean_logits.argmax(1) == labels
+    adv_pred = logits.argmax(1)
+    fooled = clean_correct & (adv_pred != labels)
+    return {"metrics": {"robust_acc": (adv_pred == labels).float().mean().item(),
+                        "attack_success_rate": fooled.sum().item() / max(int(clean_correct.sum()), 1)},
+            "adv_set": {"path": str(cfg.adv_set),
+                        **{k: adv.manifest.get(k) for k in ("attack", "source", "quantized")}}}
+
+
+def _predict_pixels(p, pixels, batch_size: int):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, pixels.shape[0], batch_size):
+            out.append(p.classifier(pixels[i:i + batch_size].to(p.clip.device)).float().cpu())
+    return torch.cat(out)

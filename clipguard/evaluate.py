@@ -1,0 +1,70 @@
+"""Clean zero-shot accuracy over a dataset, in batches, on the classifier's device."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+from clipguard.progress import progress_bar
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, precision: str):
+    """``nullcontext`` for fp32, else autocast to bf16/fp16 on the device (chosen once per loop)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def to_pixels(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float [0, 1] on ``device`` (the conversion happens on the device)."""
+    return batch_uint8.to(device, non_blocking=True).float().div_(255)
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+@torch.no_grad()
+def predict_logits(classifier, images: torch.Tensor, *, batch_size: int = 256, precision: str = "fp32",
+                   progress: bool = True, description: str = "clean") -> tuple[torch.Tensor, dict]:
+    """Logits (N, C) fp32 on CPU for uint8 ``images``; halves the batch on out-of-memory.
+
+    Returns (logits, timings) where timings = {"wall_s", "images_per_s", "batch_size"}.
+    """
+    device = classifier.text_embeddings.device
+    out, i, n = [], 0, images.shape[0]
+    t0 = time.perf_counter()
+    with progress_bar(n, description, enabled=progress) as advance:
+        while i < n:
+            try:
+                with autocast_for(device, precision):
+                    logits = classifier(to_pixels(images[i:i + batch_size], device))
+            except RuntimeError as e:
+                if not is_oom(e) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                continue
+            out.append(logits.float().cpu())
+            advance(logits.shape[0])
+            i += logits.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return torch.cat(out), {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size}
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """acc1, acc5 and mean per-class recall, as CLIP_benchmark names them."""
+    labels = labels.cpu()
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    pred = topk[:, 0]
+    acc1 = (pred == labels).float().mean().item()
+    acc5 = (topk == labels[:, None]).any(1).float().mean().item()
+    recalls = [(pred[labels == c] == c).float().mean().item() for c in labels.unique().tolist()]
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}

@@ -1,0 +1,223 @@
+"""The one GPU-aware CLIP loader every command uses.
+
+``load_clip("ViT-B-32:openai")`` returns a :class:`LoadedClip` holding the open_clip model (eval mode,
+parameters frozen), its tokenizer, mean/std, input size, device, precision and a fingerprint that keys
+the text-embedding store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clipguard.errors import ClipguardError
+from clipguard.specs import ModelSpec, parse_model_spec, suggest
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP model ready for zero-shot use. ``precision`` is the autocast dtype of clean passes."""
+
+    model: torch.nn.Module  # open_clip CLIP, eval mode, requires_grad False
+    tokenizer: object  # open_clip tokenizer: list[str] -> LongTensor
+    mean: tuple[float, float, float]  # normalisation the model expects, applied inside the classifier
+    std: tuple[float, float, float]
+    input_size: tuple[int, int]  # (H, W) the image tower takes
+    device: torch.device
+    precision: str  # "fp32" | "bf16" | "fp16"
+    fingerprint: str  # weights digest for local files, spec/tag otherwise
+    spec: ModelSpec
+    info: dict = field(default_factory=dict)  # provenance for records
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; anything else is passed to ``torch.device`` after a check."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ClipguardError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ClipguardError(f"--device {device!r}: CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on a GPU that supports it (clean passes), else fp32."""
+    if precision not in PRECISIONS:
+        raise ClipguardError(f"--precision {precision!r} is unknown: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, as ``sha256:<hex>``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file (.safetensors, or a torch checkpoint); a broken file is a ClipguardError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ClipguardError(f"weights file {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ClipguardError(
+                f"weights file {str(p)!r} is truncated or not a safetensors file ({e}); download it again"
+            ) from None
+    try:
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt pickles
+        raise ClipguardError(f"weights file {str(p)!r} cannot be read ({type(e).__name__}: {e})") from None
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+@contextlib.contextmanager
+def _quiet():
+    """open_clip warns "no pretrained weights loaded" when we create a model to load our own weights."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _check_arch(arch: str) -> None:
+    import open_clip
+
+    from clipguard.models.toy import register_toy_config
+
+    register_toy_config()  # so "clipguard-toy:/path/weights.safetensors" works like any architecture
+
+    if arch not in open_clip.list_models():
+        close = suggest(arch, open_clip.list_models())
+        hint = f"; close matches: {close}" if close else "; see open_clip.list_models()"
+        raise ClipguardError(f"--model: unknown architecture {arch!r}{hint}")
+
+
+def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
+    """Create the open_clip model for ``spec``; returns (model, fingerprint, info)."""
+    import open_clip
+
+    if spec.kind == "toy":
+        from clipguard.models import toy
+
+        toy.register_toy_config()
+        try:
+            path = toy.toy_weights_path(spec.variant)
+        except ValueError as e:
+            raise ClipguardError(f"--model {spec.text!r}: {e}") from None
+        with _quiet():
+            model = open_clip.create_model(toy.TOY_MODEL_NAME, pretrained=None)
+        model.load_state_dict({k: v.float() for k, v in read_state_dict(path).items()}, strict=True)
+        model.visual.image_mean, model.visual.image_std = tuple(toy.TOY_MEAN), tuple(toy.TOY_STD)
+        return model, file_digest(path), {"arch": toy.TOY_MODEL_NAME, "pretrained": f"toy@{spec.variant}"}
+    if spec.kind == "hf-hub":
+        try:
+            model = open_clip.create_model(f"hf-hub:{spec.repo}")
+        except Exception as e:
+            raise ClipguardError(
+                f"--model {spec.text!r}: cannot load from the Hugging Face hub ({type(e).__name__}); "
+                "offline? download the weights and use ARCH:/path/weights.safetensors"
+            ) from None
+        return model, f"hf-hub:{spec.repo}", {"arch": spec.repo, "pretrained": "hf-hub"}
+    _check_arch(spec.arch)
+    if spec.kind == "random":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # deterministic random init, so a fingerprint names one model
+            model = open_clip.create_model(spec.arch, pretrained=None)
+        return model, f"{spec.arch}:random-seed0", {"arch": spec.arch, "pretrained": None}
+    if spec.kind == "file":
+        sd = read_state_dict(spec.path)
+        with _quiet():
+            model = open_clip.create_model(spec.arch, pretrained=None)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise ClipguardError(f"weights {spec.path!r} do not fit {spec.arch}: {first}") from None
+        return model, file_digest(spec.path), {"arch": spec.arch, "pretrained": spec.path}
+    tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+    if spec.tag not in tags:
+        raise ClipguardError(
+            f"--model {spec.text!r}: unknown pretrained tag {spec.tag!r} for {spec.arch}; "
+            f"known: {', '.join(tags) or 'none'} (or ARCH:/path/weights.safetensors, ARCH:none)"
+        )
+    try:
+        model = open_clip.create_model(spec.arch, pretrained=spec.tag, require_pretrained=True)
+    except Exception as e:
+        raise ClipguardError(
+            f"--model {spec.text!r}: cannot get the pretrained weights ({type(e).__name__}); "
+            "offline? put them in the Hugging Face cache or pass ARCH:/path/weights.safetensors"
+        ) from None
+    return model, f"{spec.arch}:{spec.tag}", {"arch": spec.arch, "pretrained": spec.tag}
+
+
+def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "auto") -> LoadedClip:
+    """Load a CLIP model from a spec string.
+
+    Args:
+        spec: ``ViT-B-32:openai``, ``ViT-B-32:/path/w.safetensors``, ``ViT-B-32:none`` (random init),
+            ``hf-hub:ORG/NAME`` or ``toy`` / ``toy@seed1``.
+        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        precision: ``auto`` (bf16 on a capable GPU, else fp32), ``fp32``, ``bf16`` or ``fp16``.
+
+    Returns:
+        A :class:`LoadedClip`; the model is in eval mode with frozen parameters, weights in fp32.
+
+    Raises:
+        ClipguardError: unknown architecture (with close matches), bad tag, broken weights file.
+
+    Example:
+        >>> clip = load_clip("toy", device="cpu")
+        >>> clip.input_size
+        (32, 32)
+    """
+    import open_clip
+
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model, fingerprint, info = _build(spec)
+    model = model.to(dev).eval().requires_grad_(False)
+    name = info["arch"] if spec.kind != "hf-hub" else f"hf-hub:{spec.repo}"
+    tokenizer = open_clip.get_tokenizer(name)
+    size = model.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    mean = tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    info.update({"spec": spec.text, "fingerprint": fingerprint})
+    return LoadedClip(model=model, tokenizer=tokenizer, mean=mean, std=std, input_size=size, device=dev,
+                      precision=prec, fingerprint=fingerprint, spec=spec, info=info)

@@ -1,0 +1,72 @@
+"""Result records (``clipguard.result/1``): one JSON per run, with full provenance, written atomically.
+
+Clean zero-shot fields match CLIP_benchmark's (``dataset, model, pretrained, task, metrics{acc1, acc5,
+mean_per_class_recall}``) so its tools read our records.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+from clipguard.fsutil import atomic_write_json
+
+SCHEMA = "clipguard.result/1"
+
+
+def environment(device=None, precision: str | None = None) -> dict:
+    """Versions, device and precision of this run."""
+    import open_clip
+    import torch
+
+    import clipguard
+
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
+           "clipguard": clipguard.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+           "cpu_threads": torch.get_num_threads(), "precision": precision}
+    for mod in ("torchattacks", "peft"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # optional at record time; missing is recorded as None
+            env[mod] = None
+    if device is not None:
+        env["device"] = str(device)
+        env["device_name"] = (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
+                              else platform.processor() or platform.machine())
+    return env
+
+
+def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: dict, **extra) -> dict:
+    """Assemble a record. ``clip`` is a LoadedClip, ``dataset`` an ImageSet, ``prompts`` a PromptSet."""
+    rec = {
+        "schema": SCHEMA,
+        "task": task,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": dataset.name,
+        "model": clip.info["arch"],
+        "pretrained": clip.info["pretrained"],
+        "model_spec": clip.spec.text,
+        "weights_digest": clip.fingerprint,
+        "data": dataset.to_record(),
+        "prompts": prompts.to_record(),
+        "metrics": metrics,
+        "timings": timings,
+    }
+    rec.update(extra)
+    rec["environment"] = environment(clip.device, clip.precision)
+    return rec
+
+
+def write_record(path: str | Path, record: dict) -> Path:
+    return atomic_write_json(path, record)
+
+
+def read_record(path: str | Path) -> dict:
+    rec = json.loads(Path(path).read_text())
+    if rec.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a {SCHEMA} record")
+    return rec

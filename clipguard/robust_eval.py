@@ -1,0 +1,80 @@
+"""Robust accuracy for ``clipguard eval --attack``: an eps sweep with integrity checks per number."""
+
+from __future__ import annotations
+
+import torch
+
+from clipguard.attacks import integrity as ic
+from clipguard.attacks.registry import AttackConfig
+from clipguard.attacks.robust import run_attack
+from clipguard.specs import parse_eps
+
+
+def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
+    """Robust accuracy and attack success rate (share of clean-correct images the attack flips)."""
+    correct = run.clean_pred == labels
+    fooled = correct & (run.adv_pred != labels)
+    entry = {"attack": cfg.name, "eps": cfg.eps.text, "eps_value": cfg.eps.value,
+             "robust_acc": (run.adv_pred == labels).float().mean().item(),
+             "clean_acc": correct.float().mean().item(),
+             "attack_success_rate": fooled.sum().item() / max(int(correct.sum()), 1),
+             "images_per_s": run.timings["images_per_s"]}
+    if run.source_clean_pred is not None:
+        entry["surrogate_clean_acc"] = (run.source_clean_pred == labels).float().mean().item()
+        entry["surrogate_robust_acc"] = (run.source_adv_pred == labels).float().mean().item()
+    return entry
+
+
+def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution: str, precision: str,
+                 surrogate=None, sanity: bool = False, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Run ``base`` at every eps; returns (robust entries, integrity checks)."""
+    images, labels = p.data.images, p.data.labels
+    kw = dict(batch_size=batch_size, resolution=resolution, precision=precision, progress=progress,
+              craft_on=surrogate)
+    entries, checks = [], []
+    for eps in eps_list:
+        cfg = base.with_eps(eps)
+        run = run_attack(p.classifier, images, labels, cfg, **kw)
+        entries.append(robust_entry(run, labels, cfg))
+        for c in ic.cheap_checks(run, eps.value, len(labels)):
+            checks.append({**c, "eps": eps.text})
+    # eps = 0 through the same attack code must reproduce the clean predictions exactly (first batch).
+    head = slice(0, min(len(labels), batch_size))
+    zero = run_attack(p.classifier, images[head], labels[head], base.with_eps(parse_eps("0")),
+                      **{**kw, "progress": False})
+    checks.append(ic.eps0_check(zero.adv_pred, zero.clean_pred))
+    from clipguard.attacks.robust import attack_inputs
+
+    checks.append(ic.deterministic_check(p.classifier, attack_inputs(p.classifier, images[head], resolution)))
+    if sanity:
+        checks += sanity_checks(p, base, eps_list, entries, kw)
+    return entries, checks
+
+
+def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict) -> list[dict]:
+    """Costly checks: monotone sweep, PGD vs FGSM, doubled steps, 5 restarts vs 1 (at the largest eps)."""
+    images, labels = p.data.images, p.data.labels
+    kw = {**kw, "progress": False}
+    curve = sorted(((e["eps"], e["eps_value"], e["robust_acc"]) for e in entries), key=lambda t: t[1])
+    out = [ic.monotone_check([(t, a) for t, _, a in curve])] if len(curve) > 1 else []
+    top = max(eps_list, key=lambda e: e.value)
+    acc = next(e["robust_acc"] for e in entries if e["eps"] == top.text)
+
+    def robust(c: AttackConfig) -> float:
+        r = run_attack(p.classifier, images, labels, c, **kw)
+        return (r.adv_pred == labels).float().mean().item()
+
+    if base.name != "fgsm":
+        fgsm = robust(AttackConfig("fgsm", top, seed=base.seed))
+        out.append(ic.stronger_check("stronger_than_fgsm", acc, fgsm, f"{base.name} robust acc <= FGSM's"))
+    if base.name in ("pgd", "apgd"):
+        doubled = AttackConfig(base.name, top, base.alpha, base.steps * 2, base.restarts, base.seed)
+        out.append(ic.converged_check(acc, robust(doubled)))
+        five = AttackConfig(base.name, top, base.alpha, base.steps, 5, base.seed)
+        r5 = robust(five)
+        out.append(ic.check("restarts_5_vs_1", {"restarts_1": acc, "restarts_5": r5},
+                            r5 <= acc + 1e-12 and acc - r5 <= ic.CONVERGENCE_POINTS,
+                            "5 restarts must not be weaker, and should lower robust acc by <= 1 point"))
+    for c in out:
+        c["eps"] = top.text
+    return out
