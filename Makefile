@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/clipguard eval --model toy --dataset toy
+	$(BIN)/clipguard eval --model toy --dataset toy --attack pgd --eps 8/255 --steps 10
 
 test: install
 	$(BIN)/python -m pytest -q

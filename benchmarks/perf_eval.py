@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="CLIP_benchmark DataLoader workers")
+    ap.add_argument("--repeat", type=int, default=1, help="tile the images R times (longer timed runs on a GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -60,6 +61,8 @@ def main() -> None:
 
     clip = load_clip(args.model, device=args.device)
     data = load_dataset(args.dataset, split="test", limit=args.n)
+    if args.repeat > 1:
+        data.images, data.labels = data.images.repeat(args.repeat, 1, 1, 1), data.labels.repeat(args.repeat)
     prompts = load_prompts(data.name, fallback_classnames=data.classnames)
     dev, amp = clip.device, clip.precision != "fp32"
 
@@ -91,7 +94,7 @@ def main() -> None:
     ours_ips, theirs_ips = timing["images_per_s"], round(len(data) / their_s, 2)
     rec = {
         "schema": "clipguard.perf/1", "benchmark": "perf_eval", "model_spec": args.model,
-        "dataset": data.name, "n": len(data), "batch_size": args.batch_size,
+        "dataset": data.name, "n": len(data), "repeat": args.repeat, "batch_size": args.batch_size,
         "resolution_in": list(data.images.shape[-2:]),
         "model_input": list(clip.input_size), "precision": clip.precision,
         "clipguard": {"images_per_s": ours_ips, "wall_s": timing["wall_s"], "text_embeddings_s": round(text_s, 3),

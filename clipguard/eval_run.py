@@ -41,6 +41,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
                 prompts_file=cfg.prompts, templates=cfg.templates, device=cfg.device, precision=cfg.precision,
                 image_column=cfg.image_column, label_column=cfg.label_column, adapter=cfg.adapter)
+    adv = _load_matching_adv_set(p, cfg) if cfg.adv_set else None
     logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.batch_size,
                                      precision=p.clip.precision, progress=progress)
     metrics = classification_metrics(logits, p.data.labels)
@@ -54,7 +55,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
             metrics["attack_success_rate"] = metrics["robust"][0]["attack_success_rate"]
     if cfg.adv_set:
         task = "adv_set_evaluation"
-        extra = _adv_set_section(p, cfg, logits)
+        extra = _adv_set_section(p, cfg, adv, logits)
         metrics.update(extra.pop("metrics"))
     return make_record(task, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
                        text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg), **extra)
@@ -75,6 +76,10 @@ def attack_config(cfg) -> tuple:
             raise ClipguardError(f"{name} {v} must be at least 1")
     if cfg.resolution not in RESOLUTIONS:
         raise ClipguardError(f"--resolution {cfg.resolution!r}: use model or native")
+    if cfg.surrogate:
+        from clipguard.attacks.surrogates import check_surrogate_spec
+
+        check_surrogate_spec(cfg.surrogate)
     return AttackConfig(cfg.attack, eps_list[0], alpha, cfg.steps, cfg.restarts, cfg.seed), eps_list
 
 
@@ -101,7 +106,8 @@ def _attack_section(p, cfg: EvalConfig, progress: bool) -> dict:
             "checks_passed": all(c["passed"] for c in checks)}
 
 
-def _adv_set_section(p, cfg: EvalConfig, clean_logits) -> dict:
+def _load_matching_adv_set(p, cfg: EvalConfig):
+    """The saved set, refused (one line) unless it was made for exactly this run's images."""
     from clipguard.attacks.advset import load_adv_set
     from clipguard.errors import ClipguardError
 
@@ -113,6 +119,10 @@ def _adv_set_section(p, cfg: EvalConfig, clean_logits) -> dict:
             f"{src.get('split')} (limit {src.get('limit')}), but this run has {len(p.data)} images of "
             f"{p.data.spec} {p.data.split}: use the same --dataset/--split/--limit/--seed"
         )
+    return adv
+
+
+def _adv_set_section(p, cfg: EvalConfig, adv, clean_logits) -> dict:
     import torch
 
     if adv.images.dtype == torch.uint8:  # quantized set: the uint8 path clean images take

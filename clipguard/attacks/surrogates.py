@@ -80,6 +80,16 @@ _SURROGATES: dict[str, Callable[[str, object], nn.Module]] = {
 }
 
 
+def check_surrogate_spec(spec: str) -> None:
+    """Fail fast (before any model loads) on a spec that names no known surrogate form."""
+    known = any(spec == k or (k.endswith(":") and spec.startswith(k)) for k in _SURROGATES)
+    if not known and not Path(spec).is_file():
+        raise ClipguardError(
+            f"--surrogate {spec!r} is unknown: use toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY "
+            "or a TorchScript file path"
+        )
+
+
 def build_surrogate(spec: str, prepared) -> nn.Module:
     """A frozen, eval-mode [0, 1] -> logits surrogate whose classes match ``prepared``'s dataset."""
     for prefix, make in _SURROGATES.items():
@@ -87,11 +97,7 @@ def build_surrogate(spec: str, prepared) -> nn.Module:
             model = make(spec, prepared)
             break
     else:
-        if not Path(spec).is_file():
-            raise ClipguardError(
-                f"--surrogate {spec!r} is unknown: use toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY "
-                "or a TorchScript file path"
-            )
+        check_surrogate_spec(spec)
         model = _torchscript(spec, prepared)
     model = model.eval().requires_grad_(False)
     n_classes = len(prepared.prompts.classnames)
