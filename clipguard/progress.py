@@ -12,22 +12,26 @@ console_err = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
-    """Items per second, labelled img/s."""
+    """Items per second, labelled with the task's unit (img/s by default)."""
+
+    def __init__(self, unit: str = "img"):
+        super().__init__()
+        self.unit = unit
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
         if not speed and task.elapsed:
             speed = task.completed / task.elapsed
-        return Text(f"{speed:,.1f} img/s" if speed else "-- img/s", style="cyan")
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"-- {self.unit}/s", style="cyan")
 
 
 @contextmanager
-def progress_bar(total: int, description: str, *, enabled: bool = True):
+def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "img"):
     """Yield ``advance(n, **fields)``; the bar shows done/total, img/s, elapsed and extra fields."""
     if not enabled:
         yield lambda n=1, **fields: None
         return
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                         TimeElapsedColumn(), TextColumn("{task.fields[extra]}"), console=console_err,
                         transient=False)
     with progress:

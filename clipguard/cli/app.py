@@ -9,6 +9,7 @@ import typer
 from clipguard.cli import cache as cache_cli
 from clipguard.cli.attack import attack_command
 from clipguard.cli.eval import eval_command
+from clipguard.cli.report import bench_app, gate_command, report_command
 
 app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure and improve the adversarial robustness of CLIP zero-shot classifiers. "
@@ -16,6 +17,9 @@ app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enab
 app.command("eval")(eval_command)
 app.command("attack")(attack_command)
 app.add_typer(cache_cli.app, name="cache")
+app.add_typer(bench_app, name="bench")
+app.command("report")(report_command)
+app.command("gate")(gate_command)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,0 +1,77 @@
+"""``clipguard bench run``, ``clipguard report`` and ``clipguard gate``: suites, reports and CI gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+bench_app = typer.Typer(help="Run benchmark suites (benchmarks/*.toml).", no_args_is_help=True)
+
+
+@bench_app.command("run")
+def bench_run(
+    suite: Annotated[Path, typer.Argument(help="Suite TOML, e.g. benchmarks/toy.toml.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for records/ and adapters/.")],
+    only: Annotated[list[str] | None, typer.Option(help="Run only these cell ids (repeatable).")] = None,
+) -> None:
+    """Run every cell of SUITE whose record is missing or stale; done cells are skipped (resumable)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from clipguard.bench import run_suite
+
+    summary = run_suite(suite, out, only=only)
+    t = Table(title=f"{suite} -> {out}")
+    for col in ("cell", "kind", "status", "seconds"):
+        t.add_column(col)
+    for s in summary:
+        t.add_row(s["cell"], s["kind"], s["status"], f"{s['seconds']:.1f}")
+    Console().print(t)
+
+
+def report_command(
+    records: Annotated[Path, typer.Argument(help="Folder of result records (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Markdown report to write.")] = Path("report.md"),
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also write a CSV (CLIP_benchmark's columns first).")] \
+        = None,
+) -> None:
+    """Tables, robust-vs-eps curves, clean-vs-robust scatter and integrity summary from records (no recompute)."""
+    from clipguard.errors import ClipguardError
+    from clipguard.report.build import build_report
+
+    if not records.is_dir():
+        raise ClipguardError(f"report: {str(records)!r} is not a folder of records")
+    info = build_report(records, out, html_out=html, csv_out=csv)
+    if not info["records"]:
+        raise ClipguardError(f"report: no clipguard.result/1 records under {str(records)!r}")
+    typer.echo(f"{info['records']} records -> {out}" + (f", {html}" if html else "") + (f", {csv}" if csv else "")
+               + f" ({len(info['plots'])} plots)")
+
+
+def gate_command(
+    records: Annotated[Path, typer.Option("--records", help="Folder of result records.")],
+    rules: Annotated[Path, typer.Option("--rules", help="TOML with rules = [\"robust_acc(attack=pgd, eps=1/255) "
+                                        ">= 0.40\", \"clean_acc1 >= 0.85\"].")],
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML for CI systems.")] = None,
+) -> None:
+    """Exit 0 when every rule holds, 1 when any fails (one line each), 2 for a malformed rule."""
+    from clipguard.errors import ClipguardError
+    from clipguard.fsutil import atomic_write_text
+    from clipguard.report.gate import evaluate_rule, junit_xml, load_rules
+    from clipguard.report.records import load_records, rows
+
+    parsed = load_rules(rules)
+    if not records.is_dir():
+        raise ClipguardError(f"--records {str(records)!r} is not a folder")
+    rs = rows(load_records(records))
+    outcomes = [evaluate_rule(r, rs) for r in parsed]
+    for o in outcomes:
+        typer.echo(o.message, err=not o.passed)
+    if junit:
+        atomic_write_text(junit, junit_xml(outcomes))
+    failed = sum(not o.passed for o in outcomes)
+    typer.echo(f"gate: {len(outcomes) - failed} of {len(outcomes)} rules hold")
+    raise typer.Exit(1 if failed else 0)

@@ -1,0 +1,115 @@
+"""``clipguard gate``: robustness rules over records, for CI.
+
+A rule reads ``METRIC[(key=value, ...)] OP NUMBER``, e.g. ``robust_acc(attack=pgd, eps=1/255) >= 0.40`` or
+``clean_acc1 >= 0.85``. Every record row that matches the filters must satisfy it; a rule that matches no
+row fails (a gate that checks nothing must not pass). Exit 0 when all hold, 1 when any fails, 2 when a rule
+is malformed.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+from clipguard.errors import ClipguardError
+from clipguard.specs import parse_eps
+
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+METRICS = {"clean_acc1": "acc1", "acc1": "acc1", "acc5": "acc5", "mean_per_class_recall": "mean_per_class_recall",
+           "robust_acc": "robust_acc", "attack_success_rate": "attack_success_rate", "fooling_rate": "fooling_rate",
+           "perturbed_acc": "perturbed_acc"}
+FILTERS = ("attack", "eps", "model", "adapter", "label", "dataset", "cell", "surrogate", "task")
+_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+@dataclass
+class Rule:
+    text: str
+    metric: str
+    filters: dict = field(default_factory=dict)
+    op: str = ">="
+    threshold: float = 0.0
+
+
+def parse_rule(text: str) -> Rule:
+    m = _RULE.match(text)
+    if not m:
+        raise ClipguardError(f"gate rule {text!r} is malformed: write e.g. robust_acc(attack=pgd, eps=1/255) >= 0.40")
+    name, args, op, number = m.groups()
+    if name not in METRICS:
+        raise ClipguardError(f"gate rule {text!r}: unknown metric {name!r}; use one of {', '.join(METRICS)}")
+    filters = {}
+    for part in filter(None, (a.strip() for a in (args or "").split(","))):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in FILTERS or not value:
+            raise ClipguardError(f"gate rule {text!r}: bad filter {part!r}; filters are key=value with key in "
+                                 f"{', '.join(FILTERS)}")
+        filters[key] = parse_eps(value, name="eps").value if key == "eps" else value
+    try:
+        threshold = float(number)
+    except ValueError:
+        raise ClipguardError(f"gate rule {text!r}: {number!r} is not a number") from None
+    return Rule(text.strip(), METRICS[name], filters, op, threshold)
+
+
+def _matches(row: dict, rule: Rule) -> bool:
+    if row["metric"] != rule.metric:
+        return False
+    for key, want in rule.filters.items():
+        have = row.get("eps_value") if key == "eps" else row.get(key)
+        if have is None or (abs(have - want) > 1e-9 if key == "eps" else str(have) != want):
+            return False
+    return True
+
+
+@dataclass
+class Outcome:
+    rule: Rule
+    passed: bool
+    message: str
+    checked: int
+
+
+def evaluate_rule(rule: Rule, rows: list[dict]) -> Outcome:
+    hits = [r for r in rows if _matches(r, rule)]
+    if not hits:
+        return Outcome(rule, False, f"FAIL {rule.text}: no record matches", 0)
+    bad = [r for r in hits if not OPS[rule.op](r["value"], rule.threshold)]
+    if not bad:
+        worst = min(hits, key=lambda r: r["value"]) if rule.op in (">=", ">") else max(hits, key=lambda r: r["value"])
+        return Outcome(rule, True, f"ok   {rule.text}: {len(hits)} value(s), worst {worst['value']:.4f}", len(hits))
+    shown = "; ".join(f"{r['label']}={r['value']:.4f}" + (f" ({r['cell']})" if r.get("cell") else "") for r in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return Outcome(rule, False, f"FAIL {rule.text}: {shown}{more}", len(hits))
+
+
+def load_rules(path) -> list[Rule]:
+    """Rules from a TOML file: ``rules = ["...", ...]`` and/or ``[[rule]] expr = "..."``."""
+    import tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ClipguardError(f"--rules {str(p)!r}: no such file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ClipguardError(f"--rules {str(p)!r} is not valid TOML ({e})") from None
+    texts = list(data.get("rules", [])) + [r.get("expr", "") for r in data.get("rule", [])]
+    if not texts:
+        raise ClipguardError(f"--rules {str(p)!r} holds no rules: add rules = [\"clean_acc1 >= 0.85\"]")
+    return [parse_rule(t) for t in texts]
+
+
+def junit_xml(outcomes: list[Outcome], name: str = "clipguard-gate") -> str:
+    from xml.etree import ElementTree as ET
+
+    failures = sum(not o.passed for o in outcomes)
+    suite = ET.Element("testsuite", name=name, tests=str(len(outcomes)), failures=str(failures), errors="0")
+    for o in outcomes:
+        case = ET.SubElement(suite, "testcase", classname=name, name=o.rule.text)
+        if not o.passed:
+            ET.SubElement(case, "failure", message=o.message).text = o.message
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True)

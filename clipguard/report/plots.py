@@ -1,0 +1,62 @@
+"""Report plots (matplotlib, PNG): robust accuracy vs eps, clean vs robust scatter. Values come from rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def eps_curves(rows: list[dict], out: Path) -> Path | None:
+    """Robust accuracy vs eps (x 255) for each (model, attack) with at least two eps values."""
+    series = defaultdict(dict)
+    for r in rows:
+        if r["metric"] == "robust_acc" and r["eps_value"] is not None:
+            key = f"{r['label']} ({r['attack']}" + (f" from {r['surrogate']}" if r.get("surrogate") else "") + ")"
+            series[key][r["eps_value"]] = r["value"]
+    series = {k: v for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot([x * 255 for x in xs], [pts[x] for x in xs], marker="o", label=key)
+    ax.set_xlabel("eps (L-inf, x/255 pixel units)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def clean_vs_robust(points: list[tuple[str, float, float]], title: str, out: Path) -> Path | None:
+    """Scatter of (label, clean acc1, robust acc) points."""
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.6))
+    for name, clean, robust in points:
+        ax.scatter([clean], [robust], s=40)
+        ax.annotate(name, (clean, robust), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("clean acc1")
+    ax.set_ylabel(f"robust acc ({title})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

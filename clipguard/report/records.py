@@ -1,0 +1,87 @@
+"""Read result records from a folder and flatten them into rows that reports and gates aggregate.
+
+A row is one number with its context: ``{"metric", "value", "model", "adapter", "label", "dataset",
+"attack", "eps", "eps_value", "surrogate", "cell", "task", "path"}``. Nothing is recomputed here: every
+value is copied from a record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clipguard.results import SCHEMA
+
+CLEAN_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+ROBUST_METRICS = ("robust_acc", "attack_success_rate")
+UAP_METRICS = ("fooling_rate", "perturbed_acc", "attack_success_rate")
+
+
+def load_records(folder: str | Path) -> list[dict]:
+    """All ``clipguard.result/1`` records under ``folder`` (recursively), each with ``_path`` set, sorted."""
+    out = []
+    for path in sorted(Path(folder).rglob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and rec.get("schema") == SCHEMA:
+            rec["_path"] = str(path)
+            out.append(rec)
+    return out
+
+
+def label(rec: dict) -> str:
+    """How a model appears in tables: the bench cell's model label, else spec (+ adapter folder name)."""
+    bench = rec.get("bench") or {}
+    if bench.get("label"):
+        return bench["label"]
+    adapter = rec.get("adapter")
+    return rec.get("model_spec", "?") + (f" + {Path(adapter).name}" if adapter else "")
+
+
+def _context(rec: dict) -> dict:
+    bench = rec.get("bench") or {}
+    attack = rec.get("attack") or {}
+    return {"model": rec.get("model_spec"), "adapter": rec.get("adapter"), "label": label(rec),
+            "dataset": rec.get("dataset"), "task": rec.get("task"), "cell": bench.get("cell"),
+            "surrogate": attack.get("surrogate"), "path": rec.get("_path")}
+
+
+def rows(records: list[dict]) -> list[dict]:
+    """Flatten records into one row per reported number."""
+    out = []
+    for rec in records:
+        ctx, m = _context(rec), rec.get("metrics") or {}
+        task = rec.get("task", "")
+        if task.startswith("uap"):
+            uap = rec.get("uap") or {}
+            for k in UAP_METRICS:
+                if k in m:
+                    out.append({**ctx, "metric": k, "value": m[k], "attack": "uap", "eps": uap.get("eps"),
+                                "eps_value": uap.get("eps_value")})
+            if "clean_acc" in m:
+                out.append({**ctx, "metric": "acc1", "value": m["clean_acc"], "attack": None, "eps": None,
+                            "eps_value": None})
+            continue
+        for k in CLEAN_METRICS:
+            if k in m:
+                out.append({**ctx, "metric": k, "value": m[k], "attack": None, "eps": None, "eps_value": None})
+        for e in m.get("robust", []):
+            for k in ROBUST_METRICS:
+                if k in e:
+                    out.append({**ctx, "metric": k, "value": e[k], "attack": e.get("attack"), "eps": e.get("eps"),
+                                "eps_value": e.get("eps_value")})
+    return out
+
+
+def checks_summary(records: list[dict]) -> list[dict]:
+    """Per record: how many integrity checks passed, and the names of the failed ones."""
+    out = []
+    for rec in records:
+        checks = rec.get("checks") or []
+        if checks:
+            failed = [f"{c['name']}" + (f"@{c['eps']}" if c.get("eps") else "") for c in checks if not c["passed"]]
+            out.append({"label": label(rec), "task": rec.get("task"), "cell": (rec.get("bench") or {}).get("cell"),
+                        "passed": len(checks) - len(failed), "total": len(checks), "failed": failed})
+    return out

@@ -1,0 +1,105 @@
+"""Suites, reports and the CI gate on real toy-world records (a tiny suite, run once per module)."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+SUITE = """
+[suite]
+name = "mini"
+[defaults]
+model = "toy"
+dataset = "toy"
+limit = 60
+device = "cpu"
+steps = 3
+[[cell]]
+id = "base"
+label = "toy CLIP"
+attack = "pgd"
+eps = "0,4/255,8/255"
+[[cell]]
+id = "transfer"
+label = "toy CLIP"
+attack = "pgd"
+eps = "8/255"
+surrogate = "clip:toy@seed1"
+"""
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from clipguard.bench import run_suite
+
+    root = tmp_path_factory.mktemp("bench")
+    suite = root / "mini.toml"
+    suite.write_text(SUITE)
+    first = run_suite(suite, root / "out", progress=False)
+    return root, suite, first
+
+
+def test_suite_runs_then_skips_then_reruns_only_changed_cells(bench):
+    from clipguard.bench import run_suite
+
+    root, suite, first = bench
+    assert [s["status"] for s in first] == ["ran", "ran"]
+    assert [s["status"] for s in run_suite(suite, root / "out", progress=False)] == ["skipped", "skipped"]
+    changed = root / "changed.toml"
+    changed.write_text(SUITE.replace('surrogate = "clip:toy@seed1"', 'surrogate = "toy-cnn"'))
+    out = root / "out2"
+    (out / "records").mkdir(parents=True)
+    for f in (root / "out" / "records").iterdir():
+        (out / "records" / f.name).write_text(f.read_text())
+    assert [s["status"] for s in run_suite(changed, out, progress=False)] == ["skipped", "ran"]
+
+
+def test_report_numbers_equal_the_records(bench, tmp_path):
+    from clipguard.report.build import build_report
+
+    root, _, _ = bench
+    info = build_report(root / "out", tmp_path / "r.md", html_out=tmp_path / "r.html", csv_out=tmp_path / "r.csv")
+    base = json.loads((root / "out" / "records" / "base.json").read_text())
+    transfer = json.loads((root / "out" / "records" / "transfer.json").read_text())
+    header, (row,) = info["header"], info["body"]
+    assert row[0] == "toy CLIP" and row[1] == base["metrics"]["acc1"]
+    expected = {f"pgd {e['eps']}": e["robust_acc"] for e in base["metrics"]["robust"] if e["eps_value"] > 0}
+    expected["pgd 8/255 from clip:toy@seed1"] = transfer["metrics"]["robust"][0]["robust_acc"]
+    assert dict(zip(header[2:], row[2:], strict=True)) == expected
+    md = (tmp_path / "r.md").read_text()
+    for v in expected.values():
+        assert f"{v:.4f}" in md
+    assert len(info["plots"]) >= 2 and all(p.endswith(".png") for p in info["plots"])
+    assert "checks passed" in md and "data:image/png;base64," in (tmp_path / "r.html").read_text()
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("dataset,model,pretrained,task,acc1")
+
+
+def _rules(tmp_path, *rules):
+    p = tmp_path / "gate.toml"
+    p.write_text("rules = [" + ", ".join(json.dumps(r) for r in rules) + "]\n")
+    return p
+
+
+def test_gate_passes_fails_and_rejects_malformed(bench, tmp_path, cli):
+    root, _, _ = bench
+    recs = root / "out"
+    ok = _rules(tmp_path, "clean_acc1 >= 0.9", "robust_acc(attack=pgd, eps=8/255, cell=base) <= 0.5")
+    code, out, _ = cli("gate", "--records", recs, "--rules", ok, "--junit", tmp_path / "j.xml")
+    assert code == 0 and "2 of 2 rules hold" in out
+    bad = _rules(tmp_path, "clean_acc1 >= 0.9", "robust_acc(attack=pgd, eps=4/255) >= 0.99")
+    code, out, err = cli("gate", "--records", recs, "--rules", bad, "--junit", tmp_path / "j.xml")
+    assert code == 1
+    fails = [line for line in err.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "robust_acc(attack=pgd, eps=4/255) >= 0.99" in fails[0]
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    code, _, err = cli("gate", "--records", recs, "--rules", _rules(tmp_path, "robust_acc(attack=pgd >= x"))
+    assert code == 2 and "malformed" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("gate", "--records", recs, "--rules", _rules(tmp_path, "robust_acc(norm=l2) >= 0.1"))
+    assert code == 2 and "norm=l2" in err
+
+
+def test_gate_rule_matching_nothing_fails(bench, tmp_path, cli):
+    root, _, _ = bench
+    code, _, err = cli("gate", "--records", root / "out", "--rules", _rules(tmp_path, "fooling_rate <= 0.5"))
+    assert code == 1 and "no record matches" in err
