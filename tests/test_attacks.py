@@ -158,3 +158,11 @@ def test_adv_set_for_another_dataset_size_is_refused(cli, tmp_path):
     assert cli("attack", "--limit", "20", "--steps", "1", "--out", adv)[0] == 0
     code, _, err = cli("eval", "--limit", "30", "--adv-set", adv)
     assert code == 2 and "20 images" in err and "30 images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_attack_png_grid(cli, tmp_path):
+    code, _, err = cli("attack", "--limit", "10", "--steps", "2", "--out", tmp_path / "a.safetensors",
+                       "--png", tmp_path / "png")
+    assert code == 0, err
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
