@@ -25,12 +25,12 @@ import hashlib
 import json
 import logging
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 from clipguard.errors import ClipguardError
+from clipguard.fsutil import read_toml
 from clipguard.results import write_record
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,7 @@ def _known(cls, opts: dict) -> dict:
 def load_suite(path) -> tuple[dict, list[dict]]:
     """(suite table, cells with defaults merged); validates ids, kinds and @references."""
     p = Path(path)
-    if not p.is_file():
-        raise ClipguardError(f"suite {str(p)!r}: no such file (see benchmarks/*.toml)")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ClipguardError(f"suite {str(p)!r} is not valid TOML ({e})") from None
+    data = read_toml(p, "suite", " (see benchmarks/*.toml)")
     defaults, cells, seen = data.get("defaults", {}), [], set()
     for raw in data.get("cell", []):
         cell = {**defaults, **raw}

@@ -37,3 +37,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_toml(path: str | os.PathLike, what: str, hint: str = "") -> dict:
+    """Parse a TOML file; a missing or invalid file is a one-line ClipguardError naming ``what``."""
+    import tomllib
+
+    from clipguard.errors import ClipguardError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ClipguardError(f"{what} {str(p)!r}: no such file{hint}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ClipguardError(f"{what} {str(p)!r} is not valid TOML ({e})") from None

@@ -87,19 +87,12 @@ def evaluate_rule(rule: Rule, rows: list[dict]) -> Outcome:
 
 def load_rules(path) -> list[Rule]:
     """Rules from a TOML file: ``rules = ["...", ...]`` and/or ``[[rule]] expr = "..."``."""
-    import tomllib
-    from pathlib import Path
+    from clipguard.fsutil import read_toml
 
-    p = Path(path)
-    if not p.is_file():
-        raise ClipguardError(f"--rules {str(p)!r}: no such file")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ClipguardError(f"--rules {str(p)!r} is not valid TOML ({e})") from None
+    data = read_toml(path, "--rules")
     texts = list(data.get("rules", [])) + [r.get("expr", "") for r in data.get("rule", [])]
     if not texts:
-        raise ClipguardError(f"--rules {str(p)!r} holds no rules: add rules = [\"clean_acc1 >= 0.85\"]")
+        raise ClipguardError(f"--rules {str(path)!r} holds no rules: add rules = [\"clean_acc1 >= 0.85\"]")
     return [parse_rule(t) for t in texts]
 
 
