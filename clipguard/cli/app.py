@@ -7,6 +7,7 @@ import sys
 import typer
 
 from clipguard.cli import cache as cache_cli
+from clipguard.cli import uap as uap_cli
 from clipguard.cli.attack import attack_command
 from clipguard.cli.eval import eval_command
 from clipguard.cli.report import bench_app, gate_command, report_command
@@ -17,6 +18,7 @@ app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enab
 app.command("eval")(eval_command)
 app.command("attack")(attack_command)
 app.add_typer(cache_cli.app, name="cache")
+app.add_typer(uap_cli.app, name="uap")
 app.add_typer(bench_app, name="bench")
 app.command("report")(report_command)
 app.command("gate")(gate_command)

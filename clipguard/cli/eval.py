@@ -48,6 +48,10 @@ def eval_command(
                      image_column=image_column, label_column=label_column, adapter=adapter, attack=attack,
                      eps=eps, alpha=alpha, steps=steps, restarts=restarts, resolution=resolution,
                      attack_precision=attack_precision, surrogate=surrogate, sanity=sanity, adv_set=adv_set)
+    if attack and adv_set:
+        from clipguard.errors import ClipguardError
+
+        raise ClipguardError("--attack and --adv-set exclude each other: attack now, or evaluate a saved set")
     if attack:
         attack_config(cfg)  # validate eps/steps/attack name before loading anything
     elif surrogate:

@@ -55,13 +55,13 @@ def rows(records: list[dict]) -> list[dict]:
         ctx, m = _context(rec), rec.get("metrics") or {}
         task = rec.get("task", "")
         if task.startswith("uap"):
-            uap = rec.get("uap") or {}
+            eps = ((rec.get("attack") or {}).get("eps")) or {}
             for k in UAP_METRICS:
                 if k in m:
-                    out.append({**ctx, "metric": k, "value": m[k], "attack": "uap", "eps": uap.get("eps"),
-                                "eps_value": uap.get("eps_value")})
-            if "clean_acc" in m:
-                out.append({**ctx, "metric": "acc1", "value": m["clean_acc"], "attack": None, "eps": None,
+                    out.append({**ctx, "metric": k, "value": m[k], "attack": "uap", "eps": eps.get("text"),
+                                "eps_value": eps.get("value")})
+            if "acc1" in m:
+                out.append({**ctx, "metric": "acc1", "value": m["acc1"], "attack": None, "eps": None,
                             "eps_value": None})
             continue
         for k in CLEAN_METRICS:

@@ -1,0 +1,193 @@
+"""``clipguard uap fit`` and ``clipguard uap eval`` as library functions: config in, record out.
+
+Both run in fp32 (attack precision). The perturbation is added at the resolution its manifest names:
+"model" (images resized to the model's input size first, as attacks do) or "native" (the dataset's own
+size; the classifier upsamples ``x + v``). A UAP whose size differs from those inputs (evaluated on
+another model or dataset) is resized bicubically and projected back onto its eps-ball; see
+:func:`clipguard.attacks.uap.fit_to`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+
+from clipguard.errors import ClipguardError
+from clipguard.prepare import prepare
+from clipguard.results import make_record
+
+
+@dataclass
+class UAPFitConfig:
+    out: str = "uap.safetensors"  # UAP file to write
+    model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path, hf-hub:ORG/NAME, toy
+    dataset: str = "toy"  # dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, imagefolder:PATH
+    split: str = "train"  # the fitting set
+    limit: int | None = None  # images kept (seeded, stratified); None = all
+    seed: int = 0  # seeds --limit selection and the shuffling of the fitting set
+    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
+    templates: str = "seed"  # template set within the prompts file
+    device: str = "auto"
+    image_column: str | None = None
+    label_column: str | None = None
+    adapter: str | None = None  # LoRA / VPT adapter directory
+    eps: str = "10/255"  # radius of v, [0, 1] pixel units (linf: max |v|; l2: ||v||_2)
+    norm: str = "linf"  # linf | l2
+    method: str = "sgd"  # sgd | deepfool
+    target_fooling: float = 0.8  # stop once the fitting-set fooling rate reaches this share
+    epochs: int = 10  # at most this many passes over the fitting set
+    batch_size: int = 128
+    step: str | None = None  # sgd step per batch, [0, 1] pixel units; None = eps/10
+    target_class: str | None = None  # class name for a targeted UAP; None = untargeted
+    resolution: str = "model"  # where v lives: model input size or the dataset's native size
+    png: str | None = None  # folder for the perturbation and clean-vs-perturbed pictures
+
+
+@dataclass
+class UAPEvalConfig:
+    uap: str = "uap.safetensors"  # UAP file from `uap fit`
+    model: str = "toy"  # the target: any model (another one than the UAP's gives the transfer number)
+    dataset: str = "toy"
+    split: str = "test"
+    limit: int | None = None
+    seed: int = 0  # seeds --limit selection and the random sign-pattern control
+    prompts: str | None = None
+    templates: str = "seed"
+    batch_size: int = 256
+    device: str = "auto"
+    image_column: str | None = None
+    label_column: str | None = None
+    adapter: str | None = None
+    png: str | None = None
+
+
+def uap_config(cfg: UAPFitConfig):
+    """The validated :class:`~clipguard.attacks.uap.UAPConfig` (target class still unresolved)."""
+    from clipguard.attacks.uap import UAPConfig, parse_norm
+    from clipguard.specs import parse_eps
+
+    step = parse_eps(cfg.step, name="--step", allow_zero=False) if cfg.step else None
+    return UAPConfig(eps=parse_eps(cfg.eps, allow_zero=False), norm=parse_norm(cfg.norm), method=cfg.method,
+                     target_fooling=cfg.target_fooling, epochs=cfg.epochs, batch_size=cfg.batch_size, step=step,
+                     resolution=cfg.resolution, seed=cfg.seed).validate()
+
+
+def resolve_target(name: str | None, classnames: list[str]) -> int | None:
+    """Index of ``name`` in the class list (None stays None); an unknown name lists the close ones."""
+    if name is None:
+        return None
+    if name in classnames:
+        return classnames.index(name)
+    from clipguard.specs import suggest
+
+    close = suggest(name, classnames)
+    known = ", ".join(classnames[:12]) + (", ..." if len(classnames) > 12 else "")
+    raise ClipguardError(f"--target-class {name!r} is not in the class list"
+                         + (f" (did you mean {close}?)" if close else f" ({known})"))
+
+
+def _prepare(cfg):
+    return prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, prompts_file=cfg.prompts,
+                   templates=cfg.templates, device=cfg.device, precision="fp32", image_column=cfg.image_column,
+                   label_column=cfg.label_column, adapter=cfg.adapter)
+
+
+def _inputs(p, resolution: str):
+    from clipguard.attacks.robust import attack_inputs
+
+    return lambda batch: attack_inputs(p.classifier, batch, resolution)
+
+
+def _norm_check(v, norm, eps: float) -> dict:
+    from clipguard.attacks.integrity import check
+    from clipguard.attacks.uap import NORM_SLACK, norm_of
+
+    size = norm_of(v, norm)
+    return check("norm_within_eps", size, size <= eps + NORM_SLACK, f"||v||_{norm.value} vs eps {eps:.6g}")
+
+
+def _pictures(p, inputs, v, clean_pred, adv_pred, png_dir, n: int = 8) -> list[str]:
+    from clipguard.attacks.uap import perturb
+    from clipguard.report.uap_pictures import uap_pictures
+
+    x = inputs(p.data.images[:n]).cpu()
+    return uap_pictures(v.cpu(), x, perturb(x, v.cpu()), clean_pred[:n], adv_pred[:n], p.data.labels[:n],
+                        p.prompts.classnames, png_dir)
+
+
+def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
+    """Fit a UAP on ``cfg``'s split, save it to ``cfg.out``; returns a ``clipguard.result/1`` record."""
+    from clipguard.attacks.integrity import check
+    from clipguard.attacks.uap import fit_uap, uap_metrics
+    from clipguard.attacks.uapfile import UAPFile
+
+    ucfg = uap_config(cfg)
+    p = _prepare(cfg)
+    ucfg = replace(ucfg, target_class=resolve_target(cfg.target_class, p.prompts.classnames))
+    inputs = _inputs(p, ucfg.resolution)
+    fit = fit_uap(p.classifier, p.data.images, ucfg, inputs, progress=progress)
+    metrics = uap_metrics(p.data.labels, fit.clean_pred, fit.adv_pred, ucfg.target_class)
+    attack = {**ucfg.to_record(), "target_class_name": cfg.target_class, "precision": "fp32"}
+    manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "adapter": cfg.adapter},
+                "data": p.data.to_record(), "attack": attack,
+                "fitting": {**metrics, "history": fit.history, "epochs_run": fit.timings["epochs_run"]}}
+    uap = UAPFile(fit.delta, manifest)
+    uap.to_disk(cfg.out)
+    same = UAPFile.from_disk(cfg.out, option="--out").delta.equal(fit.delta)
+    checks = [_norm_check(fit.delta, ucfg.norm, ucfg.eps.value),
+              check("reload_identical", same, same, "the saved file reloads to the same bits")]
+    pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) if cfg.png else []
+    return make_record("uap_fit", clip=p.clip, dataset=p.data, prompts=p.prompts,
+                       metrics={**metrics, "fooling_history": fit.history}, timings=fit.timings, attack=attack,
+                       uap={"path": str(cfg.out), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
+                            "linf": float(fit.delta.abs().max()), "l2": float(fit.delta.norm(p=2))},
+                       checks=checks, checks_passed=all(c["passed"] for c in checks), pngs=pngs,
+                       text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg))
+
+
+def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
+    """Fooling rate, accuracy with and without the UAP and attack success rate of ``cfg.uap`` on any model.
+
+    The record also holds ``random_fooling_rate``: a random sign pattern of the same norm, the chance level.
+    """
+    from clipguard.attacks.integrity import check
+    from clipguard.attacks.uap import fit_to, predict, random_control, scaled_eps, uap_metrics
+    from clipguard.attacks.uapfile import UAPFile
+    from clipguard.progress import progress_bar
+
+    uap = UAPFile.from_disk(cfg.uap)  # a bad file fails before any model loads
+    p = _prepare(cfg)
+    inputs = _inputs(p, uap.resolution)
+    size = tuple(inputs(p.data.images[:1]).shape[-2:])
+    v = fit_to(uap.delta.to(p.clip.device), size, uap.norm, uap.eps)
+    warnings, target = [], None
+    if uap.target_name is not None:
+        if uap.target_name in p.prompts.classnames:
+            target = p.prompts.classnames.index(uap.target_name)
+        else:
+            warnings.append(f"target class {uap.target_name!r} is not a class here: targeted success not measured")
+    t0 = time.perf_counter()
+    with progress_bar(len(p.data), f"uap eval {uap.norm.value} eps={uap.manifest['attack']['eps']['text']}",
+                      enabled=progress) as advance:
+        clean, adv, rand = predict(p.classifier, p.data.images, inputs, None, v, random_control(v, uap.norm, cfg.seed),
+                                   batch_size=cfg.batch_size, advance=advance)
+    wall = time.perf_counter() - t0
+    clean, adv, rand = clean.cpu(), adv.cpu(), rand.cpu()
+    metrics = uap_metrics(p.data.labels, clean, adv, target)
+    metrics["random_fooling_rate"] = (rand != clean).float().mean().item()
+    src = uap.manifest.get("source", {})
+    checks = [_norm_check(v, uap.norm, scaled_eps(uap.eps, uap.norm, tuple(uap.delta.shape[-2:]), size)),
+              check("beats_random_control", metrics["random_fooling_rate"],
+                    metrics["fooling_rate"] > metrics["random_fooling_rate"],
+                    "fooling rate of a random sign pattern of the same norm (must be below the UAP's)")]
+    info = {"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
+            "applied_shape": list(v.shape), "resized": tuple(v.shape) != tuple(uap.delta.shape),
+            "source": src, "fitted_on": uap.manifest.get("data"), "fitting": uap.manifest.get("fitting"),
+            "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.adapter}
+    pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png else []
+    return make_record("uap_evaluation", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
+                       timings={"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)},
+                       attack=uap.manifest["attack"], uap=info, checks=checks,
+                       checks_passed=all(c["passed"] for c in checks), warnings=warnings, pngs=pngs,
+                       text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg))
