@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test lint toy clean
+.PHONY: install demo test lint toy bench-toy bench-seed report gate-toy clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,25 @@ lint: install
 # Re-train the toy world's committed weights (toy CLIPs with seeds 0 and 1, toy CNN) on CPU.
 toy: install
 	$(BIN)/python -m clipguard.models.toy_train --out clipguard/assets
+
+# The whole toy pipeline as a benchmark suite (cells already done are skipped), then its report.
+bench-toy: install
+	$(BIN)/clipguard bench run benchmarks/toy.toml --out runs/bench-toy
+	$(BIN)/clipguard report runs/bench-toy --out runs/bench-toy/report.md --html runs/bench-toy/report.html \
+		--csv runs/bench-toy/results.csv
+
+# The reference protocol on real weights (needs the weights/datasets reachable, and a GPU to be quick).
+bench-seed: install
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 $(BIN)/clipguard bench run benchmarks/seed-table.toml --out runs/seed-table
+	$(BIN)/clipguard report runs/seed-table --out runs/seed-table/report.md --html runs/seed-table/report.html
+
+REPORT_DIR ?= runs/bench-toy
+report: install
+	$(BIN)/clipguard report $(REPORT_DIR) --out $(REPORT_DIR)/report.md --html $(REPORT_DIR)/report.html \
+		--csv $(REPORT_DIR)/results.csv
+
+gate-toy: bench-toy
+	$(BIN)/clipguard gate --records runs/bench-toy --rules benchmarks/gate-toy.toml --junit runs/bench-toy/gate.xml
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

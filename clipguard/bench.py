@@ -45,15 +45,15 @@ def _eval_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
 
 
 def _uap_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.uap_run import bench_uap
+    from clipguard.bench_cells import uap_cell
 
-    return bench_uap(opts, out_dir, progress=progress)
+    return uap_cell(opts, out_dir, progress)
 
 
 def _finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.finetune.bench import bench_finetune
+    from clipguard.bench_cells import finetune_cell
 
-    return bench_finetune(opts, out_dir, progress=progress)
+    return finetune_cell(opts, out_dir, progress)
 
 
 CELL_KINDS: dict[str, Callable[[dict, Path, bool], dict]] = {

@@ -10,6 +10,7 @@ from clipguard.cli import cache as cache_cli
 from clipguard.cli import uap as uap_cli
 from clipguard.cli.attack import attack_command
 from clipguard.cli.eval import eval_command
+from clipguard.cli.finetune import finetune_command
 from clipguard.cli.report import bench_app, gate_command, report_command
 
 app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -17,6 +18,7 @@ app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enab
                        "eps values are in [0, 1] pixel units; 8/255 is accepted.")
 app.command("eval")(eval_command)
 app.command("attack")(attack_command)
+app.command("finetune")(finetune_command)
 app.add_typer(cache_cli.app, name="cache")
 app.add_typer(uap_cli.app, name="uap")
 app.add_typer(bench_app, name="bench")

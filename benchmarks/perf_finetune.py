@@ -1,0 +1,73 @@
+"""Training throughput of ``clipguard finetune``, per method: images/s through the full training step.
+
+One step = craft a fresh adversarial batch (``--attack-steps`` PGD iterations against the model being
+trained) + one AdamW update, exactly the loop of ``run_finetune``. For each method a one-step warm-up run
+comes first; then a run of ``--steps`` optimizer steps (no checkpoints inside) is timed by the loop itself
+(images / loop wall time). Device and precision as in the CLI: cuda > mps > cpu, bf16 autocast on a
+capable GPU, fp32 otherwise. The final evaluation is cut to a few images and is not part of the timing.
+
+    python benchmarks/perf_finetune.py --out benchmarks/results/perf_finetune-toy-cpu.json
+    python benchmarks/perf_finetune.py --model ViT-B-32:none --batch-size 8 --steps 2 --out perf_ft-vitb32-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+
+def _run(args, method: str, steps: int, out: str) -> dict:
+    from clipguard.finetune.config import FinetuneConfig
+    from clipguard.finetune.loop import run_finetune
+
+    lr = {"lora": 1e-2, "vpt": 5e-2, "full": 1e-3}[method]  # toy-scale rates; throughput does not depend on them
+    cfg = FinetuneConfig(model=args.model, dataset=args.dataset, split="train", limit=steps * args.batch_size,
+                         method=method, objective=args.objective, eps=args.eps, steps=args.attack_steps, epochs=1,
+                         batch_size=args.batch_size, lr=lr, device=args.device, out=out, save_every=0, eval_limit=4,
+                         eval_batch_size=4, eval_steps=1)
+    return run_finetune(cfg, progress=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="toy")
+    ap.add_argument("--dataset", default="toy")
+    ap.add_argument("--methods", default="lora,vpt,full")
+    ap.add_argument("--objective", default="tecoa")
+    ap.add_argument("--eps", default="4/255")
+    ap.add_argument("--attack-steps", type=int, default=2, help="training PGD iterations per batch")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps timed per method")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from clipguard.results import environment, write_record
+
+    results, rec = [], None
+    with tempfile.TemporaryDirectory(prefix="perf_finetune-") as tmp:
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            _run(args, method, 1, f"{tmp}/{method}-warm")  # one-time costs: kernels, caches, text embeddings
+            rec = _run(args, method, args.steps, f"{tmp}/{method}")
+            t = rec["finetune"]["train"]
+            results.append({"method": method, "objective": args.objective, "steps": t["steps"], "images": t["images"],
+                            "wall_s": t["wall_s"], "images_per_s": t["images_per_s"],
+                            "trainable_params": t["trainable_params"], "loss_last": t["loss_last10"]})
+            print(f"{args.model} {method:5s} {t['images_per_s']:>9,.1f} img/s  ({t['images']} images, "
+                  f"{t['wall_s']:.2f} s, {t['trainable_params']:,} trainable)")
+    env = rec["environment"] if rec else environment()
+    out = {"schema": "clipguard.perf/1", "benchmark": "perf_finetune", "model_spec": args.model,
+           "dataset": args.dataset, "batch_size": args.batch_size, "attack_steps": args.attack_steps,
+           "eps": args.eps, "device": env.get("device"), "precision": env.get("precision"), "results": results,
+           "environment": {**env, "cpu_threads": torch.get_num_threads()}}
+    write_record(args.out, out)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""FinetuneConfig: every option of a robust fine-tuning run, typed, with units; plus its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from clipguard.errors import ClipguardError
+
+
+@dataclass
+class FinetuneConfig:
+    # --- what to train on
+    model: str = "toy"  # base model spec (ViT-B-32:openai, ARCH:/path, hf-hub:ORG/NAME, toy)
+    dataset: str = "toy"  # dataset spec (toy, cifar10, hf:ORG/NAME, imagefolder:PATH)
+    split: str = "train"  # training split
+    limit: int | None = None  # training images kept (seeded, stratified); None = all
+    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
+    templates: str = "seed"  # template set for the frozen class text embeddings
+    seed: int = 0  # seeds init, data order, training attacks, --limit and the final evaluation
+    # --- what trains
+    method: str = "lora"  # lora | vpt | full (finetune.methods)
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator: scale = lora_alpha / lora_r
+    lora_dropout: float = 0.1  # dropout on the LoRA path, probability
+    lora_targets: list[str] | None = None  # module names / suffixes; None = the visual attention modules
+    vpt_tokens: int = 10  # VPT prompt tokens inserted after the class token
+    # --- objective and training adversary
+    objective: str = "tecoa"  # tecoa | ce | fare (finetune.objectives)
+    train_attack: str = "pgd"  # pgd (against the model being trained) | transfer (from --surrogate)
+    surrogate: str | None = None  # transfer: toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY or a TorchScript file
+    eps: str = "1/255"  # L-inf radius of the training (and final robust evaluation) attack, [0, 1] pixel units
+    alpha: str | None = None  # training PGD step size, [0, 1] pixel units; None = eps (TeCoA's setting)
+    steps: int = 2  # training PGD iterations per batch
+    # --- optimisation
+    epochs: int = 1  # passes over the training split
+    batch_size: int = 128  # images per optimizer step
+    lr: float | None = None  # AdamW peak learning rate; None = the method's default (for pretrained CLIP)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (0: do not pull weights towards zero)
+    warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: str = "auto"  # autocast for training and clean passes: auto = bf16 on a capable GPU, else fp32
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    # --- checkpoints and output
+    out: str = "runs/finetune"  # run directory: adapter + manifest, checkpoint, record.json
+    save_every: int = 50  # optimizer steps between checkpoints; 0 = only at the end
+    resume: str | None = None  # continue the run whose checkpoint is in this directory
+    # --- final evaluation on a held-out split (PGD, same eps)
+    eval_split: str = "test"  # held-out split
+    eval_limit: int | None = None  # images of the held-out split; None = all
+    eval_steps: int = 10  # PGD iterations of the final robust evaluation
+    eval_batch_size: int = 256  # images per evaluation batch (as `clipguard eval`)
+    eval_base: bool = False  # also evaluate the base model, for the before/after comparison
+
+
+# Fields that do not change the training trajectory: a resumed run may change them freely.
+UNHASHED = frozenset({"out", "resume", "save_every", "device", "eval_split", "eval_limit", "eval_steps",
+                      "eval_batch_size", "eval_base"})
+
+
+def hashed_fields(cfg: FinetuneConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in UNHASHED}
+
+
+def config_hash(cfg: FinetuneConfig) -> str:
+    """sha256 of the fields that shape training (everything but output, checkpointing and evaluation)."""
+    return hashlib.sha256(json.dumps(hashed_fields(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``["lr 0.01 -> 0.02", ...]`` for the hashed fields that differ."""
+    keys = [f.name for f in fields(FinetuneConfig) if f.name not in UNHASHED]
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _choose(option: str, value: str, choices: list[str]) -> None:
+    from clipguard.specs import suggest
+
+    if value not in choices:
+        close = suggest(value, choices)
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ClipguardError(f"{option} {value!r} is unknown{hint}: choose from {', '.join(choices)}")
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Check every option before anything slow is loaded; one ClipguardError naming the bad option."""
+    from clipguard.finetune.adversary import list_train_attacks
+    from clipguard.finetune.methods import list_methods
+    from clipguard.finetune.objectives import list_objectives
+    from clipguard.specs import parse_dataset_spec, parse_eps, parse_model_spec
+
+    _choose("--method", cfg.method, list_methods())
+    _choose("--objective", cfg.objective, list_objectives())
+    _choose("--train-attack", cfg.train_attack, list_train_attacks())
+    parse_model_spec(cfg.model)
+    parse_dataset_spec(cfg.dataset)
+    parse_eps(cfg.eps)
+    if cfg.alpha is not None:
+        parse_eps(cfg.alpha, name="--alpha", allow_zero=False)
+    positive = {"--vpt-tokens": cfg.vpt_tokens, "--lora-r": cfg.lora_r, "--steps": cfg.steps,
+                "--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--eval-steps": cfg.eval_steps,
+                "--eval-batch-size": cfg.eval_batch_size, "--limit": 1 if cfg.limit is None else cfg.limit,
+                "--eval-limit": 1 if cfg.eval_limit is None else cfg.eval_limit}
+    for name, v in positive.items():
+        if v < 1:
+            raise ClipguardError(f"{name} {v} must be a positive integer")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ClipguardError(f"--lr {cfg.lr} must be a positive learning rate (e.g. 1e-4)")
+    checks = [("--lora-dropout", cfg.lora_dropout, 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
+              ("--warmup", cfg.warmup, 0 <= cfg.warmup < 1, "a share of all steps in [0, 1)"),
+              ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
+              ("--grad-clip", cfg.grad_clip, cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+              ("--save-every", cfg.save_every, cfg.save_every >= 0, ">= 0 steps (0 = only at the end)")]
+    for name, v, ok, what in checks:
+        if not ok:
+            raise ClipguardError(f"{name} {v} must be {what}")
+    if cfg.precision == "fp16":
+        raise ClipguardError("--precision fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
+    if cfg.train_attack == "transfer" and not cfg.surrogate:
+        raise ClipguardError("--train-attack transfer needs --surrogate (e.g. clip:toy@seed1 or toy-cnn)")
+    if cfg.train_attack != "transfer" and cfg.surrogate:
+        raise ClipguardError(f"--surrogate is used only with --train-attack transfer (not {cfg.train_attack})")

@@ -1,0 +1,62 @@
+"""What trains: ``list_methods()`` / ``get_method(name)``.
+
+Each method turns the frozen base image tower into the module that trains, leaving the base untouched
+(LoRA and full work on a copy; VPT shares the frozen tower and adds tokens). Only the parameters that
+train have ``requires_grad``; the adapter format of each method lives in ``clipguard.models.adapters``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from clipguard.errors import ClipguardError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[nn.Module, object], nn.Module]  # (base visual, FinetuneConfig) -> module to train
+    default_lr: float  # AdamW peak lr when --lr is not given (pretrained CLIP; the toy wants more)
+    summary: str
+
+
+def _lora(visual: nn.Module, cfg) -> nn.Module:
+    from clipguard.models.adapters import apply_lora
+
+    return apply_lora(copy.deepcopy(visual), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)[0]
+
+
+def _vpt(visual: nn.Module, cfg) -> nn.Module:
+    from clipguard.models.vpt import PromptedVisual
+
+    return PromptedVisual(visual, cfg.vpt_tokens)
+
+
+def _full(visual: nn.Module, cfg) -> nn.Module:
+    return copy.deepcopy(visual).requires_grad_(True)
+
+
+_METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("lora", _lora, 5e-4, "peft LoRA on the image tower (default: the visual attention modules)"),
+    Method("vpt", _vpt, 1e-3, "learnable prompt tokens after the class token; the tower stays frozen"),
+    Method("full", _full, 1e-5, "all image-tower weights"),
+]}
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ClipguardError(f"--method {name!r} is unknown: choose from {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def trainable_state(module: nn.Module) -> dict:
+    """The tensors that train, by name (what a checkpoint keeps)."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}

@@ -1,0 +1,221 @@
+"""Adapters for the image tower: LoRA (peft), VPT tokens or full weights, saved with a manifest.
+
+An adapter directory holds the weights in the method's format (peft's own ``adapter_config.json`` +
+``adapter_model.safetensors`` for LoRA; safetensors for VPT / full) and ``manifest.json`` naming the
+base model (spec and fingerprint), method, objective and training config. The manifest is written
+last, so a directory with a manifest is complete. ``load_adapter(dir, clip)`` returns the visual tower
+to put into a ZeroShotClassifier; it refuses an adapter made for another base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from clipguard.errors import ClipguardError
+from clipguard.fsutil import atomic_write, atomic_write_json
+from clipguard.models.vpt import PromptedVisual
+
+SCHEMA = "clipguard.adapter/1"
+MANIFEST = "manifest.json"
+LORA_CONFIG, LORA_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+VPT_WEIGHTS, FULL_WEIGHTS = "vpt_prompts.safetensors", "visual.safetensors"
+
+
+def visual_attention_names(visual: nn.Module) -> list[str]:
+    """Names of the image tower's attention modules (nn.MultiheadAttention in open_clip 3.x)."""
+    return [n for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def _check_lora_targets(visual: nn.Module, targets: list[str]) -> None:
+    """Every target must match a module, and never a MultiheadAttention's out_proj (a silent trap:
+    MultiheadAttention reads ``out_proj.weight`` directly, so LoRA there gets no gradient)."""
+    mods = dict(visual.named_modules())
+    for t in targets:
+        hits = [n for n in mods if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ClipguardError(f"--lora-targets {t!r} matches no module of the image tower; use e.g. attn "
+                                 "(the attention modules, the default), c_fc, c_proj")
+        for n in hits:
+            parent = mods.get(n.rpartition(".")[0]) if "." in n else visual
+            if isinstance(parent, nn.MultiheadAttention):
+                raise ClipguardError(f"--lora-targets {t!r} hits {n}, inside MultiheadAttention, which never calls "
+                                     "it (LoRA there gets no gradient): target the attention module itself (attn)")
+
+
+def _restore_base(module: nn.Module, args, output) -> None:
+    """Forward hook: put back the pristine base weights. peft's MultiheadAttention LoRA merges before and
+    unmerges after each forward, and (W + d) - d drifts W by a few ulps per call."""
+    base = module.get_base_layer()
+    base.in_proj_weight.data = module._pinned_in_proj
+    base.out_proj.get_base_layer().weight.data = module._pinned_out_proj
+
+
+def _pin_base_weights(visual: nn.Module) -> None:
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
+
+    for m in visual.modules():
+        if isinstance(m, LoraMHA):
+            base = m.get_base_layer()  # buffers (not attributes) so .to(device) and deepcopy carry them
+            m.register_buffer("_pinned_in_proj", base.in_proj_weight.data, persistent=False)
+            m.register_buffer("_pinned_out_proj", base.out_proj.get_base_layer().weight.data, persistent=False)
+            m.register_forward_hook(_restore_base)
+
+
+def apply_lora(visual: nn.Module, r: int = 8, alpha: int = 32, dropout: float = 0.1,
+               targets: list[str] | None = None):
+    """Inject peft LoRA layers into ``visual`` in place (pass a copy to keep the original).
+
+    Args:
+        visual: an open_clip image tower on its final device.
+        r, alpha, dropout: LoRA rank, scaling numerator (scale = alpha / r) and dropout.
+        targets: module names or name suffixes; None = the visual attention modules.
+
+    Returns:
+        (visual, LoraConfig); only the LoRA tensors require grad.
+
+    Raises:
+        ClipguardError: a target matches nothing, hits a MultiheadAttention's out_proj, or has an
+            unsupported type.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = list(targets) if targets else visual_attention_names(visual)
+    _check_lora_targets(visual, targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    try:
+        inject_adapter_in_model(config, visual)
+    except ValueError as e:
+        raise ClipguardError(f"--lora-targets {','.join(targets)}: peft cannot wrap them ({e})") from None
+    _pin_base_weights(visual)
+    return visual, config
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------ per-method formats
+
+
+def _save_lora(d: Path, visual: nn.Module) -> list[str]:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    cfg = visual.peft_config["default"].to_dict()
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}  # as peft's save_pretrained
+    atomic_write(d / LORA_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+    sd = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(visual).items()}
+    atomic_write(d / LORA_WEIGHTS, lambda tmp: save_file(sd, tmp))
+    return [LORA_CONFIG, LORA_WEIGHTS]
+
+
+def _load_lora(d: Path, base: nn.Module) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(d))
+    visual = copy.deepcopy(base)
+    inject_adapter_in_model(config, visual)
+    _pin_base_weights(visual)
+    result = set_peft_model_state_dict(visual, load_file(str(d / LORA_WEIGHTS)))
+    if getattr(result, "unexpected_keys", None):
+        raise ClipguardError(f"--adapter {str(d)!r}: LoRA weights do not fit this model ({result.unexpected_keys[0]})")
+    return visual
+
+
+def _save_vpt(d: Path, visual: nn.Module) -> list[str]:
+    from safetensors.torch import save_file
+
+    sd = {"prompts": visual.prompts.detach().contiguous().cpu()}
+    atomic_write(d / VPT_WEIGHTS, lambda tmp: save_file(sd, tmp))
+    return [VPT_WEIGHTS]
+
+
+def _load_vpt(d: Path, base: nn.Module) -> nn.Module:
+    from safetensors.torch import load_file
+
+    prompts = load_file(str(d / VPT_WEIGHTS))["prompts"]
+    vpt = PromptedVisual(base, prompts.shape[0])
+    vpt.prompts.data.copy_(prompts)
+    return vpt
+
+
+def _save_full(d: Path, visual: nn.Module) -> list[str]:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()}
+    atomic_write(d / FULL_WEIGHTS, lambda tmp: save_file(sd, tmp))
+    return [FULL_WEIGHTS]
+
+
+def _load_full(d: Path, base: nn.Module) -> nn.Module:
+    from safetensors.torch import load_file
+
+    visual = copy.deepcopy(base)
+    visual.load_state_dict(load_file(str(d / FULL_WEIGHTS)), strict=True)
+    return visual
+
+
+_FORMATS: dict[str, tuple[Callable, Callable]] = {
+    "lora": (_save_lora, _load_lora), "vpt": (_save_vpt, _load_vpt), "full": (_save_full, _load_full),
+}
+
+
+def save_adapter(adapter_dir: str | Path, visual: nn.Module, *, method: str, clip, info: dict | None = None) -> Path:
+    """Write ``visual``'s adapter (format by ``method``) and then the manifest; returns the manifest path.
+
+    ``info`` (objective, config, ...) is stored in the manifest as given.
+    """
+    d = Path(adapter_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    files = _FORMATS[method][0](d, visual)
+    manifest = {"schema": SCHEMA, "method": method,
+                "base": {"spec": clip.spec.text, "fingerprint": clip.fingerprint, "arch": clip.info.get("arch")},
+                "files": files, "trainable_params": trainable_parameters(visual),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+    return atomic_write_json(d / MANIFEST, manifest)
+
+
+def read_manifest(adapter_dir: str | Path) -> dict:
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise ClipguardError(f"--adapter {str(d)!r}: no such directory")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ClipguardError(f"--adapter {str(d)!r} holds no {MANIFEST}: not an adapter made by "
+                             "`clipguard finetune` (or its training has not finished)") from None
+    except json.JSONDecodeError as e:
+        raise ClipguardError(f"--adapter {str(d)!r}: {MANIFEST} is not valid JSON ({e})") from None
+    if manifest.get("schema") != SCHEMA or manifest.get("method") not in _FORMATS:
+        raise ClipguardError(f"--adapter {str(d)!r}: {MANIFEST} is not a {SCHEMA} manifest with a known method")
+    return manifest
+
+
+def load_adapter(adapter_dir: str | Path, clip) -> nn.Module:
+    """The image tower of ``clip`` with the adapter in ``adapter_dir`` applied (eval mode, frozen).
+
+    ``clip.model.visual`` itself is never modified (LoRA and full work on a copy; VPT shares it frozen).
+
+    Raises:
+        ClipguardError: missing directory or manifest, or an adapter made for another base model
+            (the message names both specs).
+
+    Example:
+        >>> visual = load_adapter("runs/lora", clip)
+        >>> clf = ZeroShotClassifier.from_clip(clip, emb, visual=visual)
+    """
+    manifest = read_manifest(adapter_dir)
+    base = manifest["base"]
+    if base.get("fingerprint") != clip.fingerprint:
+        raise ClipguardError(
+            f"--adapter {str(adapter_dir)!r} was made for base model {base.get('spec')!r} ({base.get('fingerprint')}) "
+            f"but --model is {clip.spec.text!r} ({clip.fingerprint}): pass --model {base.get('spec')}")
+    visual = _FORMATS[manifest["method"]][1](Path(adapter_dir), clip.model.visual)
+    return visual.to(clip.device).eval().requires_grad_(False)
