@@ -7,6 +7,7 @@ mean_per_class_recall}``) so its tools read our records.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import sys
@@ -36,8 +37,20 @@ def environment(device=None, precision: str | None = None) -> dict:
     if device is not None:
         env["device"] = str(device)
         env["device_name"] = (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
-                              else platform.processor() or platform.machine())
+                              else _cpu_name())
+    env["cpu_count"] = os.cpu_count()
     return env
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: dict, **extra) -> dict:

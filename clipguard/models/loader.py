@@ -59,6 +59,9 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ClipguardError(f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ClipguardError(f"--device {device!r}: CUDA is not available here; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ClipguardError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 

@@ -6,6 +6,7 @@ import base64
 import csv
 import html
 import io
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
         md += ["## Universal perturbations\n", _md_table(["model", "eps", "fooling rate"],
                                                           [[r["label"], r["eps"], r["value"]] for r in uap_rows]), ""]
     md += ["## Plots\n"] + [f"![{p.stem}]({assets.name}/{p.name})" for p in pngs]
-    md += [f"![uap]({Path(p).resolve()})" for p in uap_pngs[:4]]
+    md += [f"![uap]({os.path.relpath(Path(p).resolve(), out_md.resolve().parent)})" for p in uap_pngs[:4]]
     n_fail = sum(len(c["failed"]) for c in checks)
     md += ["", "## Integrity checks\n", f"{sum(c['passed'] for c in checks)} of {sum(c['total'] for c in checks)} "
            f"checks passed" + (f"; {n_fail} failed." if n_fail else "."), "",
