@@ -28,6 +28,26 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def run_batches(n: int, batch_size: int, compute, consume) -> int:
+    """Walk [0, n) in batches: ``out = compute(start, stop)`` then ``consume(start, stop, out)``. A CUDA
+    out-of-memory error inside ``compute`` halves the batch and retries it (``consume`` only ever sees
+    finished batches). Returns the batch size that worked."""
+    i = 0
+    while i < n:
+        stop = min(i + batch_size, n)
+        try:
+            out = compute(i, stop)
+        except RuntimeError as e:
+            if not is_oom(e) or batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            continue
+        consume(i, stop, out)
+        i = stop
+    return batch_size
+
+
 @torch.no_grad()
 def predict_logits(classifier, images: torch.Tensor, *, batch_size: int = 256, precision: str = "fp32",
                    progress: bool = True, description: str = "clean") -> tuple[torch.Tensor, dict]:
@@ -36,22 +56,15 @@ def predict_logits(classifier, images: torch.Tensor, *, batch_size: int = 256, p
     Returns (logits, timings) where timings = {"wall_s", "images_per_s", "batch_size"}.
     """
     device = classifier.text_embeddings.device
-    out, i, n = [], 0, images.shape[0]
+    out, n = [], images.shape[0]
+
+    def compute(a: int, b: int) -> torch.Tensor:
+        with autocast_for(device, precision):
+            return classifier(to_pixels(images[a:b], device)).float().cpu()
+
     t0 = time.perf_counter()
     with progress_bar(n, description, enabled=progress) as advance:
-        while i < n:
-            try:
-                with autocast_for(device, precision):
-                    logits = classifier(to_pixels(images[i:i + batch_size], device))
-            except RuntimeError as e:
-                if not is_oom(e) or batch_size == 1:
-                    raise
-                batch_size //= 2
-                torch.cuda.empty_cache()
-                continue
-            out.append(logits.float().cpu())
-            advance(logits.shape[0])
-            i += logits.shape[0]
+        batch_size = run_batches(n, batch_size, compute, lambda a, b, logits: (out.append(logits), advance(b - a)))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipguard.attacks.registry import AttackConfig, build_attack
-from clipguard.evaluate import autocast_for, is_oom, to_pixels
+from clipguard.evaluate import autocast_for, run_batches, to_pixels
 from clipguard.progress import progress_bar
 
 RESOLUTIONS = ("model", "native")
@@ -75,40 +75,36 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
     attack = build_attack(source, cfg)
     torch.manual_seed(cfg.seed)
     clean, adv, kept, s_clean, s_adv = [], [], [], [], []
-    stats = {"max_linf": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0}
-    t0, i, n, correct = time.perf_counter(), 0, images.shape[0], 0
-    with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress) as advance:
-        while i < n:
-            try:
-                x = attack_inputs(classifier, images[i:i + batch_size], resolution)
-                y = labels[i:i + batch_size].to(device)
-                x_adv = attack(x, y).detach()
-                zero_grad = zero_grad_count(source, x, y)
-                with torch.no_grad():
-                    c, a = target(x).argmax(1), target(x_adv).argmax(1)
-                    if craft_on is not None:
-                        sc, sa = craft_on(x).argmax(1).cpu(), craft_on(x_adv).argmax(1).cpu()
-            except RuntimeError as e:
-                if not is_oom(e) or batch_size == 1:
-                    raise
-                batch_size //= 2
-                torch.cuda.empty_cache()
-                continue
-            stats["zero_grad"] += zero_grad
+    stats = {"max_linf": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0, "correct": 0}
+
+    def compute(a: int, b: int) -> tuple:
+        x = attack_inputs(classifier, images[a:b], resolution)
+        y = labels[a:b].to(device)
+        x_adv = attack(x, y).detach()
+        zero_grad = zero_grad_count(source, x, y)
+        with torch.no_grad():
+            preds = [target(x).argmax(1).cpu(), target(x_adv).argmax(1).cpu()]
             if craft_on is not None:
-                s_clean.append(sc)
-                s_adv.append(sa)
-            d = (x_adv - x).abs().flatten(1).amax(1)
-            stats["max_linf"] = max(stats["max_linf"], float(d.max()))
-            stats["min"], stats["max"] = min(stats["min"], float(x_adv.min())), max(stats["max"], float(x_adv.max()))
-            stats["nan"] += int(torch.isnan(x_adv).sum())
-            clean.append(c.cpu())
-            adv.append(a.cpu())
-            if keep_adv:
-                kept.append(x_adv.cpu())
-            correct += int((a.cpu() == y.cpu()).sum())
-            advance(len(y), robust=correct / (i + len(y)))
-            i += len(y)
+                preds += [craft_on(x).argmax(1).cpu(), craft_on(x_adv).argmax(1).cpu()]
+        return x, x_adv, zero_grad, preds
+
+    def consume(a: int, b: int, out: tuple) -> None:
+        x, x_adv, zero_grad, preds = out
+        for store, p in zip((clean, adv, s_clean, s_adv), preds, strict=False):
+            store.append(p)
+        stats["zero_grad"] += zero_grad
+        stats["max_linf"] = max(stats["max_linf"], float((x_adv - x).abs().max()))
+        stats["min"], stats["max"] = min(stats["min"], float(x_adv.min())), max(stats["max"], float(x_adv.max()))
+        stats["nan"] += int(torch.isnan(x_adv).sum())
+        if keep_adv:
+            kept.append(x_adv.cpu())
+        stats["correct"] += int((preds[1] == labels[a:b]).sum())
+        advance(b - a, robust=stats["correct"] / b)
+
+    t0, n = time.perf_counter(), images.shape[0]
+    with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress) as advance:
+        batch_size = run_batches(n, batch_size, compute, consume)
+    stats.pop("correct")
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
