@@ -20,7 +20,7 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     """
     from clipguard.attacks.advset import quantize as quantize_fn
     from clipguard.attacks.advset import save_adv_set
-    from clipguard.attacks.robust import run_attack
+    from clipguard.attacks.robust import attack_inputs, run_attack
     from clipguard.robust_eval import robust_entry
 
     base, eps_list = attack_config(cfg)
@@ -39,7 +39,10 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     if quantize:
         clean = p.data.images
         if tuple(adv.shape[-2:]) != tuple(clean.shape[-2:]):  # model resolution: clip around the resized clean
-            clean = torch.round(p.classifier.resize(clean.float().to(p.clip.device) / 255).cpu() * 255).to(torch.uint8)
+            bs = cfg.batch_size
+            with torch.no_grad():  # in batches, converted on the device: a whole dataset at 224 px is GBs
+                clean = torch.cat([torch.round(attack_inputs(p.classifier, clean[i:i + bs], "model").cpu() * 255)
+                                   .to(torch.uint8) for i in range(0, clean.shape[0], bs)])
         adv = quantize_fn(adv, clean, base.eps.value)
     attack = {**base.to_record(), "resolution": resolution, "precision": cfg.attack_precision,
               "surrogate": cfg.surrogate}

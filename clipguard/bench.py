@@ -123,7 +123,8 @@ def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = 
             hashes[cid] = h = config_hash(cell, hashes)
             rpath = record_path(out_dir, cid)
             if (only and cid not in only) or _done(rpath, h):
-                summary.append({"cell": cid, "kind": cell["kind"], "status": "skipped", "seconds": 0.0,
+                status = "not selected" if only and cid not in only else "skipped"
+                summary.append({"cell": cid, "kind": cell["kind"], "status": status, "seconds": 0.0,
                                 "record": str(rpath)})
                 advance(1, cell=cid)
                 continue

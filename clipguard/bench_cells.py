@@ -21,8 +21,8 @@ def uap_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
 
     cid = opts["_cell"]
     fit_keys = {f.name for f in fields(UAPFitConfig)}
-    unknown = sorted(k for k in opts if not k.startswith("_") and k not in fit_keys
-                     and not k.startswith(UAP_EVAL_PREFIX))
+    eval_keys = {UAP_EVAL_PREFIX + f.name for f in fields(UAPEvalConfig)}
+    unknown = sorted(k for k in opts if not k.startswith("_") and k not in fit_keys and k not in eval_keys)
     if unknown:
         raise ClipguardError(f"suite cell {cid!r}: option(s) {', '.join(unknown)} unknown for a uap cell")
     path = out_dir / "uaps" / f"{cid}.safetensors"

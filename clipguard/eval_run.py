@@ -36,8 +36,21 @@ class EvalConfig:
     adv_set: str | None = None  # evaluate on a saved adversarial set instead of attacking
 
 
+def validate_eval(cfg: EvalConfig) -> None:
+    """Option combinations and attack settings, checked before anything loads (CLI, bench cells, library)."""
+    from clipguard.errors import ClipguardError
+
+    if cfg.attack and cfg.adv_set:
+        raise ClipguardError("--attack and --adv-set exclude each other: attack now, or evaluate a saved set")
+    if cfg.surrogate and not cfg.attack:
+        raise ClipguardError("--surrogate needs --attack (e.g. --attack pgd --surrogate toy-cnn)")
+    if cfg.attack:
+        attack_config(cfg)
+
+
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
-    """Clean zero-shot evaluation; returns a ``clipguard.result/1`` record."""
+    """Clean zero-shot evaluation (robust too with ``attack``); returns a ``clipguard.result/1`` record."""
+    validate_eval(cfg)
     p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
                 prompts_file=cfg.prompts, templates=cfg.templates, device=cfg.device, precision=cfg.precision,
                 image_column=cfg.image_column, label_column=cfg.label_column, adapter=cfg.adapter)
@@ -123,13 +136,10 @@ def _load_matching_adv_set(p, cfg: EvalConfig):
 
 
 def _adv_set_section(p, cfg: EvalConfig, adv, clean_logits) -> dict:
-    import torch
 
-    if adv.images.dtype == torch.uint8:  # quantized set: the uint8 path clean images take
-        logits = predict_logits(p.classifier, adv.images, batch_size=cfg.batch_size, precision="fp32",
-                                progress=False)[0]
-    else:
-        logits = _predict_pixels(p, adv.pixels(), cfg.batch_size)
+    # The same classifier, batching and precision as the clean pass, so both predictions compare like for like.
+    logits = predict_logits(p.classifier, adv.images, batch_size=cfg.batch_size, precision=p.clip.precision,
+                            progress=False)[0]
     labels = p.data.labels
     clean_correct = clean_logits.argmax(1) == labels
     adv_pred = logits.argmax(1)
@@ -138,13 +148,3 @@ def _adv_set_section(p, cfg: EvalConfig, adv, clean_logits) -> dict:
                         "attack_success_rate": fooled.sum().item() / max(int(clean_correct.sum()), 1)},
             "adv_set": {"path": str(cfg.adv_set),
                         **{k: adv.manifest.get(k) for k in ("attack", "source", "quantized")}}}
-
-
-def _predict_pixels(p, pixels, batch_size: int):
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, pixels.shape[0], batch_size):
-            out.append(p.classifier(pixels[i:i + batch_size].to(p.clip.device)).float().cpu())
-    return torch.cat(out)

@@ -19,9 +19,12 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
-def to_pixels(batch_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float [0, 1] on ``device`` (the conversion happens on the device)."""
-    return batch_uint8.to(device, non_blocking=True).float().div_(255)
+def to_pixels(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float [0, 1] on ``device`` (converted on the device); float input is taken as
+    [0, 1] pixels already (saved adversarial sets)."""
+    if batch.dtype != torch.uint8:
+        return batch.to(device, non_blocking=True).float()
+    return batch.to(device, non_blocking=True).float().div_(255)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -51,7 +54,7 @@ def run_batches(n: int, batch_size: int, compute, consume) -> int:
 @torch.no_grad()
 def predict_logits(classifier, images: torch.Tensor, *, batch_size: int = 256, precision: str = "fp32",
                    progress: bool = True, description: str = "clean") -> tuple[torch.Tensor, dict]:
-    """Logits (N, C) fp32 on CPU for uint8 ``images``; halves the batch on out-of-memory.
+    """Logits (N, C) fp32 on CPU for uint8 (or [0, 1] float) ``images``; halves the batch on out-of-memory.
 
     Returns (logits, timings) where timings = {"wall_s", "images_per_s", "batch_size"}.
     """

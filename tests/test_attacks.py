@@ -166,3 +166,19 @@ def test_attack_png_grid(cli, tmp_path):
     assert code == 0, err
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 8 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_library_refuses_conflicting_options_before_loading():
+    from clipguard.eval_run import EvalConfig, run_eval
+
+    with pytest.raises(ClipguardError, match="exclude each other"):
+        run_eval(EvalConfig(attack="pgd", adv_set="x.safetensors"), progress=False)
+    with pytest.raises(ClipguardError, match="needs --attack"):
+        run_eval(EvalConfig(surrogate="toy-cnn"), progress=False)
+
+
+def test_apgd_restarts_run_inside_apgd(toy_prepared):
+    p = toy_prepared
+    x, y = p.data.images[:10], p.data.labels[:10]
+    run = run_attack(p.classifier, x, y, AttackConfig("apgd", parse_eps("2/255"), steps=3, restarts=2), progress=False)
+    assert run.stats["max_linf"] <= 2 / 255 + 1e-6

@@ -32,9 +32,6 @@ class AdvSet:
     labels: torch.Tensor  # int64 (N,)
     manifest: dict
 
-    def pixels(self) -> torch.Tensor:
-        return self.images.float() / 255 if self.images.dtype == torch.uint8 else self.images.float()
-
 
 def save_adv_set(path, images: torch.Tensor, labels: torch.Tensor, manifest: dict) -> None:
     from safetensors.torch import save_file

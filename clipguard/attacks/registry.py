@@ -57,7 +57,8 @@ def _pgd(model: nn.Module, cfg: AttackConfig) -> AttackFn:
 def _apgd(model: nn.Module, cfg: AttackConfig) -> AttackFn:
     import torchattacks
 
-    return torchattacks.APGD(model, norm="Linf", eps=cfg.eps.value, steps=cfg.steps, n_restarts=1,
+    # APGD reseeds itself on every call, so restarts go through its own n_restarts (each from a new point).
+    return torchattacks.APGD(model, norm="Linf", eps=cfg.eps.value, steps=cfg.steps, n_restarts=cfg.restarts,
                              seed=cfg.seed, loss="ce")
 
 
@@ -72,7 +73,7 @@ def _autoattack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
 _ATTACKS: dict[str, Callable[[nn.Module, AttackConfig], AttackFn]] = {
     "fgsm": _fgsm, "pgd": _pgd, "apgd": _apgd, "autoattack": _autoattack,
 }
-_RESTARTABLE = {"pgd", "apgd"}
+_RESTARTABLE = {"pgd"}  # wrapped below; APGD restarts internally
 
 
 def list_attacks() -> list[str]:
@@ -89,8 +90,8 @@ def check_attack_name(name: str) -> None:
 def build_attack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
     """An ``(x, y) -> x_adv`` function for ``cfg`` against ``model`` (a [0,1] -> logits classifier).
 
-    With ``restarts > 1`` (PGD, APGD) each restart starts from a new random point and a sample keeps the
-    first adversarial example that fools the model (worst case over restarts).
+    With ``restarts > 1`` (PGD here, APGD internally) each restart starts from a new random point and a sample
+    keeps the first adversarial example that fools the model (worst case over restarts).
     """
     check_attack_name(cfg.name)
     if cfg.steps < 1:

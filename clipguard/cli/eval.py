@@ -41,23 +41,14 @@ def eval_command(
     """Zero-shot accuracy of MODEL on DATASET; with --attack, robust accuracy too (eps in [0,1] pixels)."""
     c.check_positive("--limit", limit)
     c.check_positive("--batch-size", batch_size)
-    from clipguard.eval_run import EvalConfig, attack_config, run_eval
+    from clipguard.eval_run import EvalConfig, run_eval, validate_eval
 
     cfg = EvalConfig(model=model, dataset=dataset, split=split, limit=limit, seed=seed, prompts=prompts,
                      templates=templates, batch_size=batch_size, device=device, precision=precision,
                      image_column=image_column, label_column=label_column, adapter=adapter, attack=attack,
                      eps=eps, alpha=alpha, steps=steps, restarts=restarts, resolution=resolution,
                      attack_precision=attack_precision, surrogate=surrogate, sanity=sanity, adv_set=adv_set)
-    if attack and adv_set:
-        from clipguard.errors import ClipguardError
-
-        raise ClipguardError("--attack and --adv-set exclude each other: attack now, or evaluate a saved set")
-    if attack:
-        attack_config(cfg)  # validate eps/steps/attack name before loading anything
-    elif surrogate:
-        from clipguard.errors import ClipguardError
-
-        raise ClipguardError("--surrogate needs --attack (e.g. --attack pgd --surrogate toy-cnn)")
+    validate_eval(cfg)  # fail fast, before anything loads
     record = run_eval(cfg, progress=not json_out)
     c.emit(record, out=out, as_json=json_out, table=eval_table)
 
