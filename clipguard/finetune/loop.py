@@ -125,12 +125,15 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     from clipguard.progress import progress_bar
 
     images, labels = p.data.images, p.data.labels
+    # PGD perturbs at the model's input size, as TeCoA/FARE do; a transfer surrogate (e.g. a CIFAR ResNet)
+    # sees the dataset's own size, as in `eval --surrogate`; the classifier resizes either way.
+    resolution = "native" if surrogate is not None else "model"
     start_step, losses, seen, t0 = step, [], 0, time.perf_counter()
     remaining = (cfg.epochs - epoch) * n - position * bs
     with progress_bar(remaining, f"finetune {cfg.method}/{cfg.objective}", enabled=progress) as advance:
         while step < total:
             idx = order[position * bs:(position + 1) * bs]
-            x = attack_inputs(model, images[idx], "model")  # [0, 1] at the model's input size, as TeCoA/FARE
+            x = attack_inputs(model, images[idx], resolution)
             y = labels[idx].to(dev)
             # Craft in eval mode (no dropout): a fresh adversary against the weights as they are now.
             model.eval()
