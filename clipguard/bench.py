@@ -26,7 +26,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 from clipguard.errors import ClipguardError
@@ -38,10 +37,11 @@ META_KEYS = ("id", "kind", "label")
 
 
 def _eval_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
+    from clipguard.bench_cells import typed
     from clipguard.eval_run import EvalConfig, run_eval
 
-    opts = {k: v for k, v in opts.items() if not k.startswith("_")}
-    return run_eval(EvalConfig(**_known(EvalConfig, opts)), progress=progress)
+    cfg = typed(EvalConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
+    return run_eval(cfg, progress=progress)
 
 
 def _uap_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
@@ -59,14 +59,6 @@ def _finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
 CELL_KINDS: dict[str, Callable[[dict, Path, bool], dict]] = {
     "eval": _eval_cell, "uap": _uap_cell, "finetune": _finetune_cell,
 }
-
-
-def _known(cls, opts: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(opts) - names)
-    if unknown:
-        raise ClipguardError(f"suite cell option(s) {', '.join(unknown)} unknown for {cls.__name__}")
-    return opts
 
 
 def load_suite(path) -> tuple[dict, list[dict]]:

@@ -103,3 +103,16 @@ def test_gate_rule_matching_nothing_fails(bench, tmp_path, cli):
     root, _, _ = bench
     code, _, err = cli("gate", "--records", root / "out", "--rules", _rules(tmp_path, "fooling_rate <= 0.5"))
     assert code == 1 and "no record matches" in err
+
+
+def test_suite_option_of_the_wrong_type_is_one_clear_error(tmp_path):
+    from clipguard.bench import run_suite
+    from clipguard.errors import ClipguardError
+
+    suite = tmp_path / "bad.toml"
+    suite.write_text('[[cell]]\nid = "c1"\nmodel = "toy"\nlimit = "abc"\n')
+    with pytest.raises(ClipguardError, match="'c1'.*limit = 'abc'"):
+        run_suite(suite, tmp_path / "out", progress=False)
+    suite.write_text('[[cell]]\nid = "c2"\nkind = "finetune"\nepochs = 1.5\n')
+    with pytest.raises(ClipguardError, match="'c2'.*epochs = 1.5"):
+        run_suite(suite, tmp_path / "out", progress=False)
