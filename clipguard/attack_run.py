@@ -7,7 +7,7 @@ from dataclasses import asdict
 import torch
 
 from clipguard.eval_run import EvalConfig, attack_config
-from clipguard.prepare import prepare
+from clipguard.prepare import prepare_for
 from clipguard.results import make_record
 
 
@@ -24,9 +24,7 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     from clipguard.robust_eval import robust_entry
 
     base, eps_list = attack_config(cfg)
-    p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, prompts_file=cfg.prompts,
-                templates=cfg.templates, device=cfg.device, precision=cfg.precision, adapter=cfg.adapter,
-                image_column=cfg.image_column, label_column=cfg.label_column)
+    p = prepare_for(cfg)
     surrogate, resolution = None, cfg.resolution
     if cfg.surrogate:
         from clipguard.attacks.surrogates import build_surrogate

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from clipguard.bench_cells import eval_cell, finetune_cell, uap_cell
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import read_toml
 from clipguard.results import write_record
@@ -36,28 +37,9 @@ log = logging.getLogger(__name__)
 META_KEYS = ("id", "kind", "label")
 
 
-def _eval_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.bench_cells import typed
-    from clipguard.eval_run import EvalConfig, run_eval
-
-    cfg = typed(EvalConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
-    return run_eval(cfg, progress=progress)
-
-
-def _uap_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.bench_cells import uap_cell
-
-    return uap_cell(opts, out_dir, progress)
-
-
-def _finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.bench_cells import finetune_cell
-
-    return finetune_cell(opts, out_dir, progress)
-
-
+# Each kind: (options, out_dir, progress) -> record. bench_cells imports no torch at module level.
 CELL_KINDS: dict[str, Callable[[dict, Path, bool], dict]] = {
-    "eval": _eval_cell, "uap": _uap_cell, "finetune": _finetune_cell,
+    "eval": eval_cell, "uap": uap_cell, "finetune": finetune_cell,
 }
 
 

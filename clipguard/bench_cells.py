@@ -1,4 +1,4 @@
-"""Bench cell kinds that chain library calls: a UAP cell (fit, then evaluate on the held-out split) and a
+"""Bench cell kinds: an eval cell (one `clipguard eval`), a UAP cell (fit, then evaluate on the held-out split) and a
 fine-tune cell (train an adapter into OUT/adapters/<cell>, whose record holds the final clean + robust numbers)."""
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ def typed(cls, opts: dict, cell: str):
 def _split(opts: dict, cls, prefix: str = "") -> dict:
     names = {f.name for f in fields(cls)}
     return {k[len(prefix):]: v for k, v in opts.items() if k.startswith(prefix) and k[len(prefix):] in names}
+
+
+def eval_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
+    from clipguard.eval_run import EvalConfig, run_eval
+
+    cfg = typed(EvalConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
+    return run_eval(cfg, progress=progress)
 
 
 def uap_cell(opts: dict, out_dir: Path, progress: bool) -> dict:

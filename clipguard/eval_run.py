@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from clipguard.evaluate import classification_metrics, predict_logits
-from clipguard.prepare import prepare
+from clipguard.prepare import prepare_for
 from clipguard.results import make_record
 
 
@@ -51,9 +51,7 @@ def validate_eval(cfg: EvalConfig) -> None:
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Clean zero-shot evaluation (robust too with ``attack``); returns a ``clipguard.result/1`` record."""
     validate_eval(cfg)
-    p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed,
-                prompts_file=cfg.prompts, templates=cfg.templates, device=cfg.device, precision=cfg.precision,
-                image_column=cfg.image_column, label_column=cfg.label_column, adapter=cfg.adapter)
+    p = prepare_for(cfg)
     adv = _load_matching_adv_set(p, cfg) if cfg.adv_set else None
     logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.batch_size,
                                      precision=p.clip.precision, progress=progress)
@@ -76,24 +74,22 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
 
 def attack_config(cfg) -> tuple:
     """(base AttackConfig, eps list) from CLI strings, validated; shared by eval and attack."""
-    from clipguard.attacks.registry import AttackConfig, check_attack_name
+    from clipguard.attacks.registry import AttackConfig, check_attack
     from clipguard.attacks.robust import RESOLUTIONS
     from clipguard.errors import ClipguardError
     from clipguard.specs import parse_eps, parse_eps_list
 
-    check_attack_name(cfg.attack)
+    base = AttackConfig(cfg.attack, steps=cfg.steps, restarts=cfg.restarts, seed=cfg.seed)
+    check_attack(base)
     eps_list = parse_eps_list(cfg.eps)
     alpha = parse_eps(cfg.alpha, name="--alpha", allow_zero=False) if cfg.alpha else None
-    for name, v in (("--steps", cfg.steps), ("--restarts", cfg.restarts)):
-        if v < 1:
-            raise ClipguardError(f"{name} {v} must be at least 1")
     if cfg.resolution not in RESOLUTIONS:
         raise ClipguardError(f"--resolution {cfg.resolution!r}: use model or native")
     if cfg.surrogate:
         from clipguard.attacks.surrogates import check_surrogate_spec
 
         check_surrogate_spec(cfg.surrogate)
-    return AttackConfig(cfg.attack, eps_list[0], alpha, cfg.steps, cfg.restarts, cfg.seed), eps_list
+    return replace(base, eps=eps_list[0], alpha=alpha), eps_list
 
 
 def _attack_section(p, cfg: EvalConfig, progress: bool) -> dict:

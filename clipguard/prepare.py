@@ -16,12 +16,24 @@ class Prepared:
     classifier: object  # ZeroShotClassifier
 
 
+# Config field -> prepare() argument, for configs that carry the shared options (eval, attack, uap, finetune).
+_SHARED = {"split": "split", "limit": "limit", "seed": "seed", "prompts": "prompts_file", "templates": "templates",
+           "device": "device", "precision": "precision", "image_column": "image_column",
+           "label_column": "label_column", "adapter": "adapter"}
+
+
+def prepare_for(cfg, **overrides) -> Prepared:
+    """:func:`prepare` from a command's config: every shared field it has is passed on, ``overrides`` win."""
+    kw = {arg: getattr(cfg, field) for field, arg in _SHARED.items() if hasattr(cfg, field)}
+    return prepare(cfg.model, cfg.dataset, **{**kw, **overrides})
+
+
 def prepare(model: str, dataset: str, *, split: str = "test", limit: int | None = None, seed: int = 0,
             prompts_file: str | None = None, templates: str = "seed", device: str = "auto",
             precision: str = "auto", image_column: str | None = None, label_column: str | None = None,
             adapter: str | None = None) -> Prepared:
     """Load everything a zero-shot run needs; errors are ClipguardErrors naming the bad option."""
-    from clipguard.data.registry import load_dataset
+    from clipguard.data.registry import check_limit, load_dataset
     from clipguard.models.classifier import ZeroShotClassifier
     from clipguard.models.loader import load_clip
     from clipguard.prompts import load_prompts
@@ -30,8 +42,7 @@ def prepare(model: str, dataset: str, *, split: str = "test", limit: int | None 
 
     mspec = parse_model_spec(model)  # parse both specs before any slow loading: fail fast
     dspec = parse_dataset_spec(dataset, image_column=image_column, label_column=label_column)
-    if limit is not None and limit < 1:
-        raise ClipguardError(f"--limit {limit} must be a positive number of images (or omitted for all)")
+    check_limit(limit)
     clip = load_clip(mspec, device=device, precision=precision)
     data = load_dataset(dspec, split=split, limit=limit, seed=seed)
     prompts = load_prompts(data.name, prompts_file=prompts_file, templates=templates,

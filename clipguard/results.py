@@ -6,7 +6,6 @@ mean_per_class_recall}``) so its tools read our records.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -76,10 +75,3 @@ def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: di
 
 def write_record(path: str | Path, record: dict) -> Path:
     return atomic_write_json(path, record)
-
-
-def read_record(path: str | Path) -> dict:
-    rec = json.loads(Path(path).read_text())
-    if rec.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a {SCHEMA} record")
-    return rec

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from clipguard.errors import ClipguardError
-from clipguard.prepare import prepare
+from clipguard.prepare import prepare_for
 from clipguard.results import make_record
 
 
@@ -87,9 +87,7 @@ def resolve_target(name: str | None, classnames: list[str]) -> int | None:
 
 
 def _prepare(cfg):
-    return prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, prompts_file=cfg.prompts,
-                   templates=cfg.templates, device=cfg.device, precision="fp32", image_column=cfg.image_column,
-                   label_column=cfg.label_column, adapter=cfg.adapter)
+    return prepare_for(cfg, precision="fp32")  # UAPs are fitted and scored in fp32
 
 
 def _inputs(p, resolution: str):

@@ -80,11 +80,15 @@ def list_attacks() -> list[str]:
     return list(_ATTACKS)
 
 
-def check_attack_name(name: str) -> None:
-    if name not in _ATTACKS:
-        close = suggest(name, list(_ATTACKS))
+def check_attack(cfg: AttackConfig) -> None:
+    """A known attack name and at least one step and one restart, as one-line ClipguardErrors."""
+    if cfg.name not in _ATTACKS:
+        close = suggest(cfg.name, list(_ATTACKS))
         hint = f" (did you mean {close}?)" if close else ""
-        raise ClipguardError(f"--attack {name!r} is unknown{hint}: choose from {', '.join(_ATTACKS)}")
+        raise ClipguardError(f"--attack {cfg.name!r} is unknown{hint}: choose from {', '.join(_ATTACKS)}")
+    for name, value in (("--steps", cfg.steps), ("--restarts", cfg.restarts)):
+        if value < 1:
+            raise ClipguardError(f"{name} {value} must be at least 1")
 
 
 def build_attack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
@@ -93,11 +97,7 @@ def build_attack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
     With ``restarts > 1`` (PGD here, APGD internally) each restart starts from a new random point and a sample
     keeps the first adversarial example that fools the model (worst case over restarts).
     """
-    check_attack_name(cfg.name)
-    if cfg.steps < 1:
-        raise ClipguardError(f"--steps {cfg.steps} must be at least 1")
-    if cfg.restarts < 1:
-        raise ClipguardError(f"--restarts {cfg.restarts} must be at least 1")
+    check_attack(cfg)
     attack = _ATTACKS[cfg.name](model, cfg)
     if cfg.restarts == 1 or cfg.name not in _RESTARTABLE:
         return attack

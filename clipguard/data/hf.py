@@ -11,7 +11,7 @@ from clipguard.errors import ClipguardError
 from clipguard.specs import DatasetSpec
 
 
-def _guess_column(features, wanted: str, kinds: tuple[str, ...]) -> str | None:
+def _guess_column(features, kinds: tuple[str, ...]) -> str | None:
     for name, feat in features.items():
         if type(feat).__name__ in kinds:
             return name
@@ -33,8 +33,8 @@ def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> Imag
             f"({type(e).__name__}); offline? set HF_DATASETS_CACHE to a cache that holds it, "
             "or export it as folders and use --dataset imagefolder:PATH"
         ) from None
-    img_col = spec.image_column or _guess_column(ds.features, "image", ("Image",))
-    lab_col = spec.label_column or _guess_column(ds.features, "label", ("ClassLabel",))
+    img_col = spec.image_column or _guess_column(ds.features, ("Image",))
+    lab_col = spec.label_column or _guess_column(ds.features, ("ClassLabel",))
     for opt, col in (("--image-column", img_col), ("--label-column", lab_col)):
         if col is None or col not in ds.features:
             raise ClipguardError(

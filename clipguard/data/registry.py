@@ -44,6 +44,11 @@ def list_dataset_kinds() -> list[str]:
     return sorted(_LOADERS)
 
 
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ClipguardError(f"--limit {limit} must be a positive number of images (or omitted for all)")
+
+
 def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | None = None, seed: int = 0,
                  image_column: str | None = None, label_column: str | None = None) -> ImageSet:
     """Load images as uint8 tensors.
@@ -56,8 +61,7 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
     Raises:
         ClipguardError: unknown spec, missing path, bad limit, unreachable hub.
     """
-    if limit is not None and limit < 1:
-        raise ClipguardError(f"--limit {limit} must be a positive number of images (or omitted for all)")
+    check_limit(limit)
     if isinstance(spec, str):
         spec = parse_dataset_spec(spec, image_column=image_column, label_column=label_column)
     ds = _LOADERS[spec.kind](spec, split, limit, seed)

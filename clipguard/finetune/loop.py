@@ -54,7 +54,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     from clipguard.finetune.objectives import get_objective
     from clipguard.models.adapters import save_adapter
     from clipguard.models.classifier import ZeroShotClassifier
-    from clipguard.prepare import prepare
+    from clipguard.prepare import prepare_for
     from clipguard.specs import parse_eps
 
     validate(cfg)
@@ -69,8 +69,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     alpha = parse_eps(cfg.alpha).value if cfg.alpha else eps  # TeCoA: step = eps, from a random start
 
     # ---- base model, training data, frozen class text embeddings (from the store)
-    p = prepare(cfg.model, cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, prompts_file=cfg.prompts,
-                templates=cfg.templates, device=cfg.device, precision=cfg.precision)
+    p = prepare_for(cfg)
     clip, dev = p.clip, p.clip.device
     frozen = p.classifier  # the untouched base model: FARE's f0
     torch.manual_seed(cfg.seed)  # adapter init, random starts and dropout all follow the seed
