@@ -27,14 +27,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from clipguard.attacks.registry import AttackConfig
-    from clipguard.attacks.robust import run_attack
+    from clipguard.attacks.runner import run_attack
+    from clipguard.data.prompts import load_prompts
     from clipguard.data.registry import load_dataset
     from clipguard.models.classifier import ZeroShotClassifier
     from clipguard.models.loader import load_clip, resolve_device
-    from clipguard.prompts import load_prompts
-    from clipguard.results import environment, write_record
+    from clipguard.models.text_embeddings import get_text_embeddings
+    from clipguard.records.schema import environment, write_record
     from clipguard.specs import parse_eps
-    from clipguard.text_store import get_text_embeddings
 
     dev = resolve_device(args.device)
     kind = "cuda" if dev.type == "cuda" else "cpu"

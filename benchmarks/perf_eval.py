@@ -51,13 +51,14 @@ def main() -> None:
     import open_clip
     from clip_benchmark.metrics import zeroshot_classification as zc
 
+    from clipguard.data.prompts import load_prompts
     from clipguard.data.registry import load_dataset
-    from clipguard.evaluate import classification_metrics, predict_logits
     from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.inference import predict_logits
     from clipguard.models.loader import load_clip
-    from clipguard.prompts import load_prompts
-    from clipguard.results import environment, write_record
-    from clipguard.text_store import compute_text_embeddings
+    from clipguard.models.text_embeddings import compute_text_embeddings
+    from clipguard.records.metrics import classification_metrics
+    from clipguard.records.schema import environment, write_record
 
     clip = load_clip(args.model, device=args.device)
     data = load_dataset(args.dataset, split="test", limit=args.n)

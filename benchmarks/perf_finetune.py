@@ -1,7 +1,7 @@
 """Training throughput of ``clipguard finetune``, per method: images/s through the full training step.
 
 One step = craft a fresh adversarial batch (``--attack-steps`` PGD iterations against the model being
-trained) + one AdamW update, exactly the loop of ``run_finetune``. For each method a one-step warm-up run
+trained) + one AdamW update, exactly the training loop (``finetune.loop.train``). For each method a one-step warm-up
 comes first; then a run of ``--steps`` optimizer steps (no checkpoints inside) is timed by the loop itself
 (images / loop wall time). Device and precision as in the CLI: cuda > mps > cpu, bf16 autocast on a
 capable GPU, fp32 otherwise. The final evaluation is cut to a few images and is not part of the timing.
@@ -19,14 +19,14 @@ import torch
 
 
 def _run(args, method: str, steps: int, out: str) -> dict:
-    from clipguard.finetune.config import FinetuneConfig
-    from clipguard.finetune.loop import run_finetune
+    from clipguard.finetune.config import finetune_config
+    from clipguard.tasks.finetune import run_finetune
 
     lr = {"lora": 1e-2, "vpt": 5e-2, "full": 1e-3}[method]  # toy-scale rates; throughput does not depend on them
-    cfg = FinetuneConfig(model=args.model, dataset=args.dataset, split="train", limit=steps * args.batch_size,
-                         method=method, objective=args.objective, eps=args.eps, steps=args.attack_steps, epochs=1,
-                         batch_size=args.batch_size, lr=lr, device=args.device, out=out, save_every=0, eval_limit=4,
-                         eval_batch_size=4, eval_steps=1)
+    cfg = finetune_config(model=args.model, dataset=args.dataset, split="train", limit=steps * args.batch_size,
+                          method=method, objective=args.objective, eps=args.eps, steps=args.attack_steps, epochs=1,
+                          batch_size=args.batch_size, lr=lr, device=args.device, run_dir=out, save_every=0,
+                          eval_limit=4, eval_batch_size=4, eval_steps=1)
     return run_finetune(cfg, progress=False)
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from clipguard.results import environment, write_record
+    from clipguard.records.schema import environment, write_record
 
     results, rec = [], None
     with tempfile.TemporaryDirectory(prefix="perf_finetune-") as tmp:

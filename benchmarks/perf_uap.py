@@ -18,13 +18,15 @@ import torch
 
 
 def _fit_one(p, method: str, args, n: int) -> dict:
-    from clipguard.attacks.robust import attack_inputs
-    from clipguard.attacks.uap import UAPConfig, fit_uap, predict, random_control
+    from clipguard.attacks.uap.core import UAPConfig, predict, random_control, universal_attack
+    from clipguard.attacks.uap.fit import check_uap_config, fit_uap
     from clipguard.data.registry import load_dataset
+    from clipguard.models.inference import attack_inputs
     from clipguard.specs import parse_eps
 
     cfg = UAPConfig(eps=parse_eps(args.eps), norm=args.norm, method=method, target_fooling=1.0,
-                    epochs=args.epochs, batch_size=args.batch_size).validate()
+                    epochs=args.epochs, batch_size=args.batch_size)
+    check_uap_config(cfg)
     inputs = lambda b: attack_inputs(p.classifier, b, "model")  # noqa: E731
     images = p.data.images[:n]
     warm = UAPConfig(eps=cfg.eps, norm=cfg.norm, method=method, epochs=1, batch_size=args.batch_size)
@@ -32,8 +34,9 @@ def _fit_one(p, method: str, args, n: int) -> dict:
             progress=False)
     fit = fit_uap(p.classifier, images, cfg, inputs, progress=False)
     test = load_dataset(args.dataset, split="test", limit=args.n_test)
-    clean, adv, rand = predict(p.classifier, test.images, inputs, None, fit.delta.to(p.clip.device),
-                               random_control(fit.delta.to(p.clip.device), cfg.norm), batch_size=args.batch_size)
+    v = fit.delta.to(p.clip.device)
+    clean, adv, rand = predict(p.classifier, test.images, inputs, None, universal_attack(v),
+                               universal_attack(random_control(v, cfg.norm)), batch_size=args.batch_size)
     return {"method": method, "n": n, "epochs": len(fit.history), "images_seen": fit.timings["images_seen"],
             "fit_s": fit.timings["fit_s"], "images_per_s": fit.timings["images_per_s"],
             "fitting_fooling_rate": (fit.adv_pred != fit.clean_pred).float().mean().item(),
@@ -61,11 +64,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from clipguard.prepare import prepare
-    from clipguard.results import environment, write_record
+    from clipguard.records.schema import environment, write_record
+    from clipguard.run_options import RunOptions
+    from clipguard.tasks.prepare import prepare
 
-    p = prepare(args.model, args.dataset, split=args.split, limit=max(args.n, args.n_deepfool), device=args.device,
-                precision="fp32")
+    p = prepare(RunOptions(model=args.model, dataset=args.dataset, split=args.split,
+                           limit=max(args.n, args.n_deepfool), device=args.device, precision="fp32"))
     t0 = time.perf_counter()
     runs = []
     for method in args.methods.split(","):

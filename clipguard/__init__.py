@@ -1,3 +1,95 @@
-"""clipguard: measure and improve the adversarial robustness of CLIP zero-shot classifiers."""
+"""clipguard: measure and improve the adversarial robustness of CLIP zero-shot classifiers.
+
+The public Python API, for notebooks and for scripts that compare clipguard with other tools (everything
+else may move between releases):
+
+- :func:`load_classifier` -- a CLIP zero-shot classifier as an ``nn.Module``: [0, 1] images at the model's
+  input size in, (N, C) logits out. Attack it with any library that takes [0, 1] images (torchattacks,
+  AutoAttack): eps is then in pixel units.
+- :func:`load_images` -- a dataset's uint8 images and labels exactly as the commands see them.
+- :func:`evaluate` -- ``clipguard eval`` as a call: options in, the JSON record (a dict) out.
+
+Example:
+    >>> import clipguard
+    >>> clf = clipguard.load_classifier("toy", dataset="toy", device="cpu")
+    >>> data = clipguard.load_images("toy", split="test", limit=100)
+    >>> logits = clf(clipguard.to_model_input(clf, data.images))
+    >>> rec = clipguard.evaluate(model="toy", dataset="toy", limit=100, attack="pgd", eps="4/255")
+    >>> rec["metrics"]["acc1"], rec["metrics"]["robust_acc"]
+
+Importing clipguard does not import torch; each function does when called.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+__all__ = ["ClipguardError", "RunOptions", "evaluate", "load_classifier", "load_images", "to_model_input",
+           "__version__"]
+
+from clipguard.errors import ClipguardError
+from clipguard.run_options import RunOptions
+
+
+def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, templates: list[str] | None = None,
+                    dataset: str | None = None, template_set: str = "seed", prompts: str | None = None,
+                    adapter: str | None = None, device: str = "auto"):
+    """A CLIP zero-shot classifier as an ``nn.Module`` (eval mode, frozen, fp32 weights).
+
+    Args:
+        model: model spec (``ViT-B-32:openai``, ``ARCH:/path/weights.safetensors``, ``hf-hub:ORG/NAME``, ``toy``).
+        classnames: the classes, e.g. ``["cat", "dog"]``; or give ``dataset`` to use ``prompts/<dataset>.json``.
+        templates: prompt templates with ``{c}`` (default ``["a photo of a {c}."]``) when ``classnames`` is given.
+        dataset: a dataset spec whose class names and template set ``template_set`` (or ``prompts`` file) to use.
+        adapter: an adapter directory made by ``clipguard finetune``.
+        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+
+    Returns:
+        A ``ZeroShotClassifier``: ``(N, 3, H, W)`` floats in [0, 1] -> ``(N, C)`` logits. It resizes inputs of
+        another size itself; to reproduce the commands exactly, feed :func:`to_model_input` of uint8 images.
+
+    Raises:
+        ClipguardError: bad spec, neither or both of ``classnames`` and ``dataset``, adapter for another model.
+    """
+    from clipguard.data.prompts import load_prompts
+    from clipguard.models.adapters import load_adapter
+    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.loader import load_clip
+    from clipguard.models.text_embeddings import get_text_embeddings
+    from clipguard.specs import parse_dataset_spec
+
+    if (classnames is None) == (dataset is None):
+        raise ClipguardError("load_classifier needs exactly one of classnames=[...] or dataset='...'")
+    if dataset is not None:
+        p = load_prompts(parse_dataset_spec(dataset).name, prompts_file=prompts, templates=template_set)
+        classnames, templates = p.classnames, p.templates
+    clip = load_clip(model, device=device, precision="fp32")
+    visual = load_adapter(adapter, clip) if adapter else None
+    text = get_text_embeddings(clip, list(classnames), list(templates or ["a photo of a {c}."]))
+    return ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()
+
+
+def load_images(dataset: str = "toy", *, split: str = "test", limit: int | None = None, seed: int = 0,
+                image_column: str | None = None, label_column: str | None = None):
+    """A dataset as the commands load it: an ``ImageSet`` with ``.images`` (uint8 (N, 3, H, W)), ``.labels``
+    (int64 (N,)) and ``.classnames``; ``limit`` keeps a seeded, class-stratified subset."""
+    from clipguard.data.registry import load_dataset
+
+    return load_dataset(dataset, split=split, limit=limit, seed=seed, image_column=image_column,
+                        label_column=label_column)
+
+
+def to_model_input(classifier, images):
+    """uint8 (or [0, 1] float) images -> [0, 1] floats on the classifier's device at its input size: what the
+    commands feed the classifier and perturb (``--resolution model``)."""
+    from clipguard.models.inference import attack_inputs
+
+    return attack_inputs(classifier, images, "model")
+
+
+def evaluate(*, progress: bool = False, **options) -> dict:
+    """``clipguard eval`` as a call: the same options (``model``, ``dataset``, ``split``, ``limit``, ``attack``,
+    ``eps``, ``steps``, ``adapter``, ``device``, ...; ``eps`` as text such as ``"8/255"``) in, the
+    ``clipguard.result/1`` record out."""
+    from clipguard.tasks.eval import eval_config, run_eval
+
+    return run_eval(eval_config(**options), progress=progress)

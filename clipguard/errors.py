@@ -8,3 +8,9 @@ class ClipguardError(Exception):
     """
 
     exit_code = 2
+
+
+def check_positive(name: str, value: int | None, what: str = "a positive integer") -> None:
+    """``value`` (when given) must be >= 1: ``--limit 0`` is a one-line error naming the option."""
+    if value is not None and value < 1:
+        raise ClipguardError(f"{name} {value} must be {what}")

@@ -6,13 +6,13 @@ suggests the fix; the CLI turns it into exit code 2.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 from clipguard.errors import ClipguardError
+from clipguard.registry import suggest
 
 # ---------------------------------------------------------------------------------------------- eps
 
@@ -109,11 +109,6 @@ def parse_model_spec(text: str) -> ModelSpec:
     if "/" in tag or tag.endswith(_WEIGHT_SUFFIXES) or Path(tag).exists():
         return ModelSpec(kind="file", arch=arch, path=tag, text=t)
     return ModelSpec(kind="pretrained", arch=arch, tag=tag, text=t)
-
-
-def suggest(name: str, choices: list[str], n: int = 5) -> str:
-    """A ", "-joined list of the close matches of ``name`` among ``choices`` (may be empty)."""
-    return ", ".join(difflib.get_close_matches(name, choices, n=n, cutoff=0.5))
 
 
 # ------------------------------------------------------------------------------------------- dataset

@@ -23,9 +23,10 @@ def toy_clip():
 @pytest.fixture(scope="session")
 def toy_prepared():
     """Toy CLIP + toy test split (first 300, stratified) + classifier, shared read-only."""
-    from clipguard.prepare import prepare
+    from clipguard.run_options import RunOptions
+    from clipguard.tasks.prepare import prepare
 
-    return prepare("toy", "toy", split="test", limit=300, device="cpu", precision="fp32")
+    return prepare(RunOptions(model="toy", dataset="toy", split="test", limit=300, device="cpu", precision="fp32"))
 
 
 @pytest.fixture

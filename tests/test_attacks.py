@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipguard.attacks.registry import AttackConfig, build_attack, list_attacks
-from clipguard.attacks.robust import run_attack
+from clipguard.attacks.runner import run_attack
 from clipguard.errors import ClipguardError
 from clipguard.specs import parse_eps
 
@@ -120,7 +120,7 @@ def test_saved_set_round_trips(cli, tmp_path):
     for quant in (False, True):
         adv = tmp_path / f"adv{int(quant)}.safetensors"
         rec_path = tmp_path / f"craft{int(quant)}.json"
-        code, _, err = cli("attack", *args, "--eps", "8/255", "--steps", "5", "--out", adv, "--record", rec_path,
+        code, _, err = cli("attack", *args, "--eps", "8/255", "--steps", "5", "--adv-set", adv, "--out", rec_path,
                            *(["--quantize"] if quant else []))
         assert code == 0, err
         crafted = json.loads(rec_path.read_text())
@@ -155,13 +155,13 @@ def test_bad_attack_input_is_one_line_exit_2(cli, args, needle):
 
 def test_adv_set_for_another_dataset_size_is_refused(cli, tmp_path):
     adv = tmp_path / "a.safetensors"
-    assert cli("attack", "--limit", "20", "--steps", "1", "--out", adv)[0] == 0
+    assert cli("attack", "--limit", "20", "--steps", "1", "--adv-set", adv)[0] == 0
     code, _, err = cli("eval", "--limit", "30", "--adv-set", adv)
     assert code == 2 and "20 images" in err and "30 images" in err and len(err.strip().splitlines()) == 1
 
 
 def test_attack_png_grid(cli, tmp_path):
-    code, _, err = cli("attack", "--limit", "10", "--steps", "2", "--out", tmp_path / "a.safetensors",
+    code, _, err = cli("attack", "--limit", "10", "--steps", "2", "--adv-set", tmp_path / "a.safetensors",
                        "--png", tmp_path / "png")
     assert code == 0, err
     pngs = sorted((tmp_path / "png").glob("*.png"))
@@ -169,7 +169,7 @@ def test_attack_png_grid(cli, tmp_path):
 
 
 def test_library_refuses_conflicting_options_before_loading():
-    from clipguard.eval_run import EvalConfig, run_eval
+    from clipguard.tasks.eval import EvalConfig, run_eval
 
     with pytest.raises(ClipguardError, match="exclude each other"):
         run_eval(EvalConfig(attack="pgd", adv_set="x.safetensors"), progress=False)

@@ -85,7 +85,7 @@ def test_eval_toy_record_and_cache_hit(cli, tmp_path, fresh_cache, monkeypatch):
 
 
 def test_cache_ls_and_rm(cli, fresh_cache, toy_clip):
-    from clipguard.text_store import get_text_embeddings
+    from clipguard.models.text_embeddings import get_text_embeddings
 
     e = get_text_embeddings(toy_clip, ["red circle"], ["a photo of a {c}."])
     code, out, _ = cli("cache", "ls", "--json")

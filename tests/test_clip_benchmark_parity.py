@@ -21,11 +21,12 @@ class _Images(torch.utils.data.Dataset):
 
 def test_random_vit_b32_predictions_equal_clip_benchmark(monkeypatch):
     zc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
-    from clipguard.evaluate import classification_metrics, predict_logits
+    from clipguard.data.prompts import load_prompts
     from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.inference import predict_logits
     from clipguard.models.loader import load_clip
-    from clipguard.prompts import load_prompts
-    from clipguard.text_store import compute_text_embeddings
+    from clipguard.models.text_embeddings import compute_text_embeddings
+    from clipguard.records.metrics import classification_metrics
 
     # clip-benchmark 1.6.2's accuracy() breaks on numpy >= 2.4 (0-d array -> float): patch it here only.
     def accuracy(output, target, topk=(1,)):

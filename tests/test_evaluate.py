@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from clipguard.evaluate import classification_metrics, run_batches
+from clipguard.models.inference import run_batches
+from clipguard.records.metrics import classification_metrics
 
 
 def test_run_batches_halves_on_out_of_memory_and_covers_everything():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipguard.errors import ClipguardError
-from clipguard.finetune.config import FinetuneConfig
+from clipguard.finetune.config import finetune_config
 
 # The toy acceptance setting: PGD 4/255 (2 steps) training, PGD-10 4/255 evaluation on 300 held-out images.
 TRAIN = ["--model", "toy", "--dataset", "toy", "--eps", "4/255", "--epochs", "3", "--batch-size", "64"]
@@ -30,7 +30,7 @@ def one_thread():
 def _finetune(out, *args) -> dict:
     from clipguard.cli.app import run
 
-    assert run(["finetune", *TRAIN, *EVAL, "--out", str(out), "--json", *args]) == 0
+    assert run(["finetune", *TRAIN, *EVAL, "--run-dir", str(out), "--json", *args]) == 0
     return json.loads((out / "record.json").read_text())
 
 
@@ -73,7 +73,7 @@ def test_eval_with_adapter_reproduces_the_record(lora_run, cli):
 def test_attack_loads_the_adapter(lora_run, cli, tmp_path):
     out, _ = lora_run
     code, stdout, err = cli("attack", "--model", "toy", "--adapter", out, "--limit", "20", "--attack", "fgsm",
-                            "--eps", "4/255", "--out", tmp_path / "adv.safetensors", "--device", "cpu", "--json")
+                            "--eps", "4/255", "--adv-set", tmp_path / "adv.safetensors", "--device", "cpu", "--json")
     assert code == 0, err
     assert json.loads(stdout)["config"]["adapter"] == str(out)
 
@@ -81,7 +81,7 @@ def test_attack_loads_the_adapter(lora_run, cli, tmp_path):
 def test_uap_loads_the_adapter(lora_run, cli, tmp_path):
     out, _ = lora_run
     code, stdout, err = cli("uap", "fit", "--model", "toy", "--adapter", out, "--limit", "64", "--epochs", "1",
-                            "--out", tmp_path / "uap.safetensors", "--device", "cpu", "--json")
+                            "--uap", tmp_path / "uap.safetensors", "--device", "cpu", "--json")
     assert code == 0, err
     assert json.loads(stdout)["adapter"] == str(out)
 
@@ -95,7 +95,7 @@ def test_resume_with_a_changed_config_is_refused(lora_run, cli):
 
 def test_an_existing_run_is_not_overwritten(lora_run, cli):
     out, _ = lora_run
-    code, _, err = cli("finetune", *TRAIN, *EVAL, "--out", out)
+    code, _, err = cli("finetune", *TRAIN, *EVAL, "--run-dir", out)
     assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
 
 
@@ -109,7 +109,7 @@ def test_an_existing_run_is_not_overwritten(lora_run, cli):
     (["--lora-dropout", "1.5"], "--lora-dropout"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
-    code, _, err = cli("finetune", "--out", tmp_path / "x", *args)
+    code, _, err = cli("finetune", "--run-dir", tmp_path / "x", *args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], err
     assert not (tmp_path / "x").exists()  # refused before anything ran
@@ -119,10 +119,10 @@ def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from clipguard.finetune.checkpoint import TrainState
-    from clipguard.finetune.loop import run_finetune
+    from clipguard.tasks.finetune import run_finetune
 
     # 4 steps per epoch, checkpoints at steps 3 and 6: the kill lands mid-epoch, the resume crosses an epoch.
-    cfg = FinetuneConfig(**TINY, save_every=3, out=str(tmp_path / "a"))
+    cfg = finetune_config(**TINY, save_every=3, run_dir=str(tmp_path / "a"))
     run_finetune(cfg, progress=False)
 
     class Killed(Exception):
@@ -136,13 +136,13 @@ def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
             raise Killed
         return path
 
-    b = replace(cfg, out=str(tmp_path / "b"))
+    b = replace(cfg, run_dir=str(tmp_path / "b"))
     monkeypatch.setattr(TrainState, "to_disk", killed_after_step_3)
     with pytest.raises(Killed):
         run_finetune(b, progress=False)
     monkeypatch.undo()
     assert not (tmp_path / "b" / "manifest.json").exists()
-    rec = run_finetune(replace(b, resume=b.out), progress=False)
+    rec = run_finetune(replace(b, resume=b.run_dir), progress=False)
     assert rec["finetune"]["train"]["resumed_from_step"] == 3 and rec["finetune"]["train"]["steps"] == 8
     wa, wb = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "b"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -153,9 +153,9 @@ def test_vpt_gains_5_points_training_only_the_tokens(tmp_path, monkeypatch):
     """VPT gains far less than LoRA per second on the toy: 10 tokens reach +2..+5 points only after ~40
     epochs (README), so this test uses 50 tokens for 5 epochs (measured +10 and +11 points on two seeds)."""
     import clipguard.models.adapters as adapters
-    from clipguard.finetune.loop import run_finetune
     from clipguard.models.loader import load_clip
     from clipguard.models.vpt import PromptedVisual
+    from clipguard.tasks.finetune import run_finetune
 
     seen = {}
     real = adapters.save_adapter
@@ -165,8 +165,8 @@ def test_vpt_gains_5_points_training_only_the_tokens(tmp_path, monkeypatch):
         return real(d, visual, **kw)
 
     monkeypatch.setattr(adapters, "save_adapter", spy)
-    cfg = FinetuneConfig(method="vpt", vpt_tokens=50, lr=5e-2, epochs=5, batch_size=64, eps="4/255", device="cpu",
-                         eval_limit=300, eval_batch_size=100, eval_base=True, out=str(tmp_path))
+    cfg = finetune_config(method="vpt", vpt_tokens=50, lr=5e-2, epochs=5, batch_size=64, eps="4/255", device="cpu",
+                          eval_limit=300, eval_batch_size=100, eval_base=True, run_dir=str(tmp_path))
     rec = run_finetune(cfg, progress=False)
     base, m = rec["base_metrics"], rec["metrics"]
     assert m["robust_acc"] - base["robust_acc"] >= 0.05 and m["acc1"] >= 0.70, (base, m)
@@ -180,10 +180,10 @@ def test_vpt_gains_5_points_training_only_the_tokens(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import clipguard.finetune.objectives as obj
-    from clipguard.finetune.loop import run_finetune
+    from clipguard.tasks.finetune import run_finetune
 
     calls = {"n": 0}
-    tecoa = obj.get_objective("tecoa")
+    tecoa = obj.OBJECTIVES.get("tecoa")
 
     def poisoned(clf, x, y, ref):
         loss = tecoa.loss(clf, x, y, ref)
@@ -193,26 +193,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setitem(obj._OBJECTIVES, "tecoa", obj.Objective("tecoa", poisoned, False, ""))
+    monkeypatch.setitem(obj.OBJECTIVES._entries, "tecoa", obj.Objective("tecoa", poisoned, False, ""))
     with pytest.raises(ClipguardError, match=r"step 6/8.*last good checkpoint \(step 4\)"):
-        run_finetune(FinetuneConfig(**TINY, save_every=2, out=str(tmp_path)), progress=False)
+        run_finetune(finetune_config(**TINY, save_every=2, run_dir=str(tmp_path)), progress=False)
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 4
     assert not (tmp_path / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("objective,attack,surrogate", [("fare", "pgd", None), ("ce", "transfer", "clip:toy@seed1")])
 def test_objectives_and_transfer_run(tmp_path, objective, attack, surrogate):
-    from clipguard.finetune.loop import run_finetune
+    from clipguard.tasks.finetune import run_finetune
 
-    cfg = FinetuneConfig(**{**TINY, "epochs": 1}, objective=objective, train_attack=attack, surrogate=surrogate,
-                         out=str(tmp_path))
+    cfg = finetune_config(**{**TINY, "epochs": 1}, objective=objective, train_attack=attack, surrogate=surrogate,
+                          run_dir=str(tmp_path))
     rec = run_finetune(cfg, progress=False)
     train = rec["finetune"]["train"]
     assert train["steps"] == 4 and train["loss_last10"] is not None and rec["finetune"]["objective"] == objective
 
 
 def test_cli_builds_the_config(monkeypatch, cli, tmp_path):
-    import clipguard.finetune.loop as loop
+    import clipguard.tasks.finetune as loop
 
     got = {}
 
@@ -225,6 +225,6 @@ def test_cli_builds_the_config(monkeypatch, cli, tmp_path):
                        "--eps", "4/255", "--lr", "0.02", "--json")
     assert code == 0, err
     cfg = got["cfg"]
-    assert cfg.out == str(tmp_path) and cfg.resume == str(tmp_path) and cfg.lora_targets == ["c_fc", "c_proj"]
-    assert (cfg.eps, cfg.lr, cfg.method, cfg.split) == ("4/255", 0.02, "lora", "train")
+    assert cfg.run_dir == str(tmp_path) and cfg.resume == str(tmp_path) and cfg.lora_targets == ["c_fc", "c_proj"]
+    assert (cfg.eps, cfg.lr, cfg.method, cfg.run.split) == ("4/255", 0.02, "lora", "train")
     assert json.loads((tmp_path / "record.json").read_text())["schema"] == "clipguard.result/1"

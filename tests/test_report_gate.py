@@ -30,7 +30,7 @@ surrogate = "clip:toy@seed1"
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from clipguard.bench import run_suite
+    from clipguard.tasks.bench import run_suite
 
     root = tmp_path_factory.mktemp("bench")
     suite = root / "mini.toml"
@@ -40,7 +40,7 @@ def bench(tmp_path_factory):
 
 
 def test_suite_runs_then_skips_then_reruns_only_changed_cells(bench):
-    from clipguard.bench import run_suite
+    from clipguard.tasks.bench import run_suite
 
     root, suite, first = bench
     assert [s["status"] for s in first] == ["ran", "ran"]
@@ -106,8 +106,8 @@ def test_gate_rule_matching_nothing_fails(bench, tmp_path, cli):
 
 
 def test_suite_option_of_the_wrong_type_is_one_clear_error(tmp_path):
-    from clipguard.bench import run_suite
     from clipguard.errors import ClipguardError
+    from clipguard.tasks.bench import run_suite
 
     suite = tmp_path / "bad.toml"
     suite.write_text('[[cell]]\nid = "c1"\nmodel = "toy"\nlimit = "abc"\n')

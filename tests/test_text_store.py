@@ -1,6 +1,6 @@
 import torch
 
-from clipguard import text_store
+from clipguard.models import text_embeddings as text_store
 
 
 def test_store_hits_second_time_and_is_atomic(toy_clip, fresh_cache):

@@ -27,15 +27,15 @@ def one_thread():
 
 def _fit(tmp, name: str, *args: str) -> tuple[str, dict]:
     out, rec = tmp / f"{name}.safetensors", tmp / f"{name}.json"
-    code = run(["uap", "fit", "--model", "toy", "--dataset", "toy", "--split", "train", "--out", str(out),
-                "--device", "cpu", "--record", str(rec), "--json", *args])
+    code = run(["uap", "fit", "--model", "toy", "--dataset", "toy", "--split", "train", "--uap", str(out),
+                "--device", "cpu", "--out", str(rec), "--json", *args])
     assert code == 0
     return str(out), json.loads(rec.read_text())
 
 
 @pytest.fixture(scope="module")
 def sgd_uap(tmp_path_factory):
-    """The acceptance command: clipguard uap fit --model toy --dataset toy --split train --eps 16/255 --out u.st"""
+    """The acceptance command: clipguard uap fit --model toy --dataset toy --split train --eps 16/255 --uap u.st"""
     return _fit(tmp_path_factory.mktemp("uap"), "u", "--eps", "16/255")
 
 
@@ -48,10 +48,10 @@ def _eval(cli, tmp_path, uap: str, *args: str) -> dict:
 
 
 def _fooling(p, v: torch.Tensor) -> float:
-    from clipguard.attacks.uap import predict
+    from clipguard.attacks.uap.core import predict, universal_attack
 
     inputs = lambda b: b.float() / 255  # noqa: E731 (toy: native size == model input size)
-    clean, adv = predict(p.classifier, p.data.images, inputs, None, v)
+    clean, adv = predict(p.classifier, p.data.images, inputs, None, universal_attack(v))
     return (clean != adv).float().mean().item()
 
 
@@ -69,7 +69,7 @@ def test_sgd_uap_fools_held_out_images(cli, tmp_path, sgd_uap, toy_prepared):
     assert rec["uap"]["transfer"] is False and rec["checks_passed"]
     assert sorted(p.split("/")[-1] for p in rec["pngs"]) == ["uap_grid.png", "uap_perturbation.png"]
     # Independently of the record: random +-eps sign patterns (the same L-inf norm) barely fool.
-    from clipguard.attacks.uapfile import UAPFile
+    from clipguard.attacks.uap.file import UAPFile
 
     v = UAPFile.from_disk(path).delta
     uap_rate = _fooling(toy_prepared, v)
@@ -82,7 +82,7 @@ def test_sgd_uap_fools_held_out_images(cli, tmp_path, sgd_uap, toy_prepared):
 def test_saved_uap_within_eps_and_reloads_bit_identically(sgd_uap, tmp_path):
     from safetensors.torch import load_file
 
-    from clipguard.attacks.uapfile import UAPFile, tensor_digest
+    from clipguard.attacks.uap.file import UAPFile, tensor_digest
 
     path, fit = sgd_uap
     a, b = UAPFile.from_disk(path), UAPFile.from_disk(path)
@@ -99,7 +99,7 @@ def test_saved_uap_within_eps_and_reloads_bit_identically(sgd_uap, tmp_path):
 
 
 def test_l2_uap_within_eps(tmp_path):
-    from clipguard.attacks.uapfile import UAPFile
+    from clipguard.attacks.uap.file import UAPFile
 
     path, fit = _fit(tmp_path, "l2", "--norm", "l2", "--eps", "1", "--epochs", "4", "--limit", "512",
                      "--batch-size", "64")
@@ -124,8 +124,8 @@ def test_targeted_uap(cli, tmp_path):
 
 
 def test_uap_of_another_size_is_resized_and_stays_in_the_ball(cli, tmp_path, sgd_uap):
-    from clipguard.attacks.uap import Norm, fit_to
-    from clipguard.attacks.uapfile import UAPFile
+    from clipguard.attacks.uap.core import Norm, fit_to
+    from clipguard.attacks.uap.file import UAPFile
 
     src = UAPFile.from_disk(sgd_uap[0])
     small = UAPFile(torch.nn.functional.avg_pool2d(src.delta, 2).contiguous(), dict(src.manifest))
@@ -140,7 +140,7 @@ def test_uap_of_another_size_is_resized_and_stays_in_the_ball(cli, tmp_path, sgd
 def _bad_shape_file(tmp_path, src_path: str, shape) -> str:
     from safetensors.torch import save_file
 
-    from clipguard.attacks.uapfile import UAPFile, tensor_digest
+    from clipguard.attacks.uap.file import UAPFile, tensor_digest
 
     src, t = UAPFile.from_disk(src_path), torch.zeros(shape)
     manifest = {**src.manifest, "shape": list(shape), "sha256": tensor_digest(t)}
@@ -152,7 +152,7 @@ def _bad_shape_file(tmp_path, src_path: str, shape) -> str:
 @pytest.mark.parametrize("case", ["eps0", "eps_neg", "norm_l3", "target", "shape_aspect", "shape_channels",
                                   "not_a_uap"])
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, sgd_uap, case):
-    fit = ["uap", "fit", "--out", tmp_path / "x.safetensors", "--device", "cpu", "--limit", "20"]
+    fit = ["uap", "fit", "--uap", tmp_path / "x.safetensors", "--device", "cpu", "--limit", "20"]
     ev = ["uap", "eval", "--device", "cpu", "--limit", "20", "--uap"]
     args, needle = {
         "eps0": ([*fit, "--eps", "0"], "must be > 0"),
@@ -171,7 +171,7 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, sgd_uap, case):
 
 
 def test_fit_command_passes_its_options(cli, monkeypatch):
-    import clipguard.uap_run as ur
+    import clipguard.tasks.uap as ur
 
     seen = {}
 
@@ -180,12 +180,12 @@ def test_fit_command_passes_its_options(cli, monkeypatch):
         return {"fake": True}
 
     monkeypatch.setattr(ur, "run_uap_fit", fake)
-    code, out, err = cli("uap", "fit", "--out", "v.safetensors", "--model", "toy@seed1", "--eps", "8/255", "--norm",
+    code, out, err = cli("uap", "fit", "--uap", "v.safetensors", "--model", "toy@seed1", "--eps", "8/255", "--norm",
                          "l2", "--method", "deepfool", "--target-fooling", "0.7", "--epochs", "4", "--batch-size",
                          "32", "--target-class", "red circle", "--resolution", "native", "--json")
     assert code == 0, err
     assert json.loads(out) == {"fake": True}
-    assert seen["cfg"] == ur.UAPFitConfig(out="v.safetensors", model="toy@seed1", eps="8/255", norm="l2",
-                                          method="deepfool", target_fooling=0.7, epochs=4, batch_size=32,
-                                          target_class="red circle", resolution="native")
+    assert seen["cfg"] == ur.uap_fit_config(uap="v.safetensors", model="toy@seed1", eps="8/255", norm="l2",
+                                            method="deepfool", target_fooling=0.7, epochs=4, batch_size=32,
+                                            target_class="red circle", resolution="native")
     assert seen["progress"] is False

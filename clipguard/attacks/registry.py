@@ -1,7 +1,11 @@
-"""Attack registry over torchattacks: ``list_attacks()`` / ``build_attack(name, model, config)``.
+"""The attack contract and the attack registry over torchattacks: ``ATTACKS`` / ``build_attack(model, config)``.
 
-Every attack gets the :class:`~clipguard.models.classifier.ZeroShotClassifier` unchanged ([0, 1] pixels
-in, (N, C) logits out), so eps and alpha are always in [0, 1] pixel units.
+The one attack contract (torchattacks' own shape): an :data:`Attack` takes images in [0, 1] and their
+labels and returns adversarial images in [0, 1] of the same shape. Every attack gets a [0, 1] -> (N, C)
+logits module (the :class:`~clipguard.models.classifier.ZeroShotClassifier` unchanged, a surrogate, or a
+training objective seen as logits), so eps and alpha are always in [0, 1] pixel units. Evaluation
+(``attacks.runner``), the fine-tuning adversary (``finetune.adversary``) and a fitted UAP
+(``attacks.uap.fit.universal_attack``) all hand out this contract.
 """
 
 from __future__ import annotations
@@ -13,16 +17,17 @@ import torch
 from torch import nn
 
 from clipguard.errors import ClipguardError
-from clipguard.specs import Eps, parse_eps, suggest
+from clipguard.registry import Registry
+from clipguard.specs import Eps, parse_eps
 
-AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x in [0,1], labels) -> x_adv
+Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x in [0,1], labels) -> x_adv in [0,1]
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """One white-box attack setting. L-inf threat model, [0, 1] pixel units throughout."""
 
-    name: str = "pgd"  # a key of list_attacks()
+    name: str = "pgd"  # a name in ATTACKS
     eps: Eps = parse_eps("8/255")  # L-inf radius, [0, 1] pixel units
     alpha: Eps | None = None  # PGD step size, [0, 1] pixel units; None = eps / 4
     steps: int = 10  # iterations (PGD, APGD)
@@ -42,19 +47,26 @@ class AttackConfig:
                 "steps": self.steps, "restarts": self.restarts, "seed": self.seed}
 
 
-def _fgsm(model: nn.Module, cfg: AttackConfig) -> AttackFn:
+ATTACKS: Registry[Callable[[nn.Module, AttackConfig], Attack]] = Registry("--attack")
+_RESTARTABLE = {"pgd"}  # wrapped in build_attack; APGD restarts internally
+
+
+@ATTACKS.register("fgsm")
+def _fgsm(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
     return torchattacks.FGSM(model, eps=cfg.eps.value)
 
 
-def _pgd(model: nn.Module, cfg: AttackConfig) -> AttackFn:
+@ATTACKS.register("pgd")
+def _pgd(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
     return torchattacks.PGD(model, eps=cfg.eps.value, alpha=cfg.alpha_value, steps=cfg.steps, random_start=True)
 
 
-def _apgd(model: nn.Module, cfg: AttackConfig) -> AttackFn:
+@ATTACKS.register("apgd")
+def _apgd(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
     # APGD reseeds itself on every call, so restarts go through its own n_restarts (each from a new point).
@@ -62,7 +74,8 @@ def _apgd(model: nn.Module, cfg: AttackConfig) -> AttackFn:
                              seed=cfg.seed, loss="ce")
 
 
-def _autoattack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
+@ATTACKS.register("autoattack")
+def _autoattack(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
     n_classes = int(model.text_embeddings.shape[0])
@@ -70,35 +83,26 @@ def _autoattack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
                                    n_classes=n_classes, seed=cfg.seed)
 
 
-_ATTACKS: dict[str, Callable[[nn.Module, AttackConfig], AttackFn]] = {
-    "fgsm": _fgsm, "pgd": _pgd, "apgd": _apgd, "autoattack": _autoattack,
-}
-_RESTARTABLE = {"pgd"}  # wrapped below; APGD restarts internally
-
-
 def list_attacks() -> list[str]:
-    return list(_ATTACKS)
+    return ATTACKS.names()
 
 
 def check_attack(cfg: AttackConfig) -> None:
     """A known attack name and at least one step and one restart, as one-line ClipguardErrors."""
-    if cfg.name not in _ATTACKS:
-        close = suggest(cfg.name, list(_ATTACKS))
-        hint = f" (did you mean {close}?)" if close else ""
-        raise ClipguardError(f"--attack {cfg.name!r} is unknown{hint}: choose from {', '.join(_ATTACKS)}")
+    ATTACKS.check(cfg.name)
     for name, value in (("--steps", cfg.steps), ("--restarts", cfg.restarts)):
         if value < 1:
             raise ClipguardError(f"{name} {value} must be at least 1")
 
 
-def build_attack(model: nn.Module, cfg: AttackConfig) -> AttackFn:
+def build_attack(model: nn.Module, cfg: AttackConfig) -> Attack:
     """An ``(x, y) -> x_adv`` function for ``cfg`` against ``model`` (a [0,1] -> logits classifier).
 
     With ``restarts > 1`` (PGD here, APGD internally) each restart starts from a new random point and a sample
     keeps the first adversarial example that fools the model (worst case over restarts).
     """
     check_attack(cfg)
-    attack = _ATTACKS[cfg.name](model, cfg)
+    attack = ATTACKS.get(cfg.name)(model, cfg)
     if cfg.restarts == 1 or cfg.name not in _RESTARTABLE:
         return attack
 

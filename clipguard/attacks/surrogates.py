@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from clipguard.errors import ClipguardError
+from clipguard.registry import Registry
 
 # Input normalisation of known torch.hub repositories (they expect normalised tensors).
 HUB_NORMALISATION = {
@@ -34,6 +35,11 @@ class Normalised(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
+# Spec form (an exact name, or a prefix ending in ":") -> (spec, prepared) -> [0, 1] -> logits module.
+SURROGATES: Registry[Callable[[str, object], nn.Module]] = Registry("--surrogate")
+
+
+@SURROGATES.register("toy-cnn")
 def _toy_cnn(spec: str, prepared) -> nn.Module:
     from clipguard.models.toy import load_toy_cnn
 
@@ -42,16 +48,18 @@ def _toy_cnn(spec: str, prepared) -> nn.Module:
     return load_toy_cnn(device=str(prepared.clip.device))
 
 
+@SURROGATES.register("clip:")
 def _clip(spec: str, prepared) -> nn.Module:
     from clipguard.models.classifier import ZeroShotClassifier
     from clipguard.models.loader import load_clip
-    from clipguard.text_store import get_text_embeddings
+    from clipguard.models.text_embeddings import get_text_embeddings
 
     clip = load_clip(spec[len("clip:"):], device=str(prepared.clip.device), precision="fp32")
     text = get_text_embeddings(clip, prepared.prompts.classnames, prepared.prompts.templates)
     return ZeroShotClassifier.from_clip(clip, text.embeddings).eval()
 
 
+@SURROGATES.register("hub:")
 def _hub(spec: str, prepared) -> nn.Module:
     rest = spec[len("hub:"):]
     if rest.count(":") != 1 or rest.split(":")[0].count("/") != 1:
@@ -75,15 +83,14 @@ def _torchscript(spec: str, prepared) -> nn.Module:
         raise ClipguardError(f"--surrogate {spec!r}: not a loadable TorchScript file ({type(e).__name__})") from None
 
 
-_SURROGATES: dict[str, Callable[[str, object], nn.Module]] = {
-    "toy-cnn": _toy_cnn, "clip:": _clip, "hub:": _hub,
-}
+def _form(spec: str) -> str | None:
+    """The registered form ``spec`` belongs to (an exact name or a ``prefix:``), else None."""
+    return next((k for k in SURROGATES if spec == k or (k.endswith(":") and spec.startswith(k))), None)
 
 
 def check_surrogate_spec(spec: str) -> None:
     """Fail fast (before any model loads) on a spec that names no known surrogate form."""
-    known = any(spec == k or (k.endswith(":") and spec.startswith(k)) for k in _SURROGATES)
-    if not known and not Path(spec).is_file():
+    if _form(spec) is None and not Path(spec).is_file():
         raise ClipguardError(
             f"--surrogate {spec!r} is unknown: use toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY "
             "or a TorchScript file path"
@@ -92,13 +99,9 @@ def check_surrogate_spec(spec: str) -> None:
 
 def build_surrogate(spec: str, prepared) -> nn.Module:
     """A frozen, eval-mode [0, 1] -> logits surrogate whose classes match ``prepared``'s dataset."""
-    for prefix, make in _SURROGATES.items():
-        if spec == prefix or (prefix.endswith(":") and spec.startswith(prefix)):
-            model = make(spec, prepared)
-            break
-    else:
-        check_surrogate_spec(spec)
-        model = _torchscript(spec, prepared)
+    check_surrogate_spec(spec)
+    form = _form(spec)
+    model = SURROGATES.get(form)(spec, prepared) if form else _torchscript(spec, prepared)
     model = model.eval().requires_grad_(False)
     n_classes = len(prepared.prompts.classnames)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""The ``clipguard`` command. Importing this module must not import torch (``--help`` stays fast)."""
+"""The ``clipguard`` command: registers the commands, nothing more. Importing this module must not import
+torch (``--help`` stays fast); each command imports its library call when it runs."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enab
 app.command("eval")(eval_command)
 app.command("attack")(attack_command)
 app.command("finetune")(finetune_command)
-app.add_typer(cache_cli.app, name="cache")
 app.add_typer(uap_cli.app, name="uap")
 app.add_typer(bench_app, name="bench")
 app.command("report")(report_command)
 app.command("gate")(gate_command)
+app.add_typer(cache_cli.app, name="cache")
 
 
 def run(argv: list[str] | None = None) -> int:

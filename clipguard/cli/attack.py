@@ -2,58 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from clipguard.cli import common as c
+from clipguard.cli import options as o
+from clipguard.cli.output import artefact_path, emit
+from clipguard.run_options import RunOptions
 
 
+@o.run_options(batch_size=128)
 def attack_command(
-    out: Annotated[str, typer.Option("--out", "-o", help="Adversarial set to write (.safetensors).")],
-    model: c.ModelOpt = "toy",
-    dataset: c.DatasetOpt = "toy",
-    split: c.SplitOpt = "test",
-    limit: c.LimitOpt = None,
-    seed: c.SeedOpt = 0,
-    prompts: c.PromptsOpt = None,
-    templates: c.TemplatesOpt = "seed",
-    batch_size: c.BatchOpt = 128,
-    device: c.DeviceOpt = "auto",
-    precision: c.PrecisionOpt = "auto",
-    adapter: c.AdapterOpt = None,
-    attack: Annotated[str, typer.Option(help="fgsm, pgd, apgd or autoattack (L-inf).")] = "pgd",
-    eps: Annotated[str, typer.Option(help="L-inf radius in [0, 1] pixel units (8/255 or 0.0314).")] = "8/255",
-    alpha: c.AlphaOpt = None,
-    steps: c.StepsOpt = 10,
-    restarts: c.RestartsOpt = 1,
-    resolution: c.ResolutionOpt = "model",
-    attack_precision: c.AttackPrecisionOpt = "fp32",
-    surrogate: c.SurrogateOpt = None,
-    quantize: Annotated[bool, typer.Option(help="Store uint8 pixels (k/255), clipped to stay within eps.")] = False,
-    png: Annotated[str | None, typer.Option(help="Write picture grids (clean | perturbation | adversarial) "
-                                            "to this folder.")] = None,
-    record: Annotated[str | None, typer.Option(help="Also write the JSON record to this file.")] = None,
-    json_out: c.JsonOpt = False,
+    run: RunOptions,
+    adv_set: Annotated[str | None, typer.Option(help="Adversarial set to write (.safetensors), for `eval "
+                                                "--adv-set`.", rich_help_panel=o.OUTPUT)] = None,
+    attack: Annotated[str, typer.Option(help="fgsm, pgd, apgd or autoattack (L-inf).",
+                                        rich_help_panel=o.ATTACK)] = "pgd",
+    eps: Annotated[str, typer.Option(help="L-inf radius in [0, 1] pixel units (8/255 or 0.0314).",
+                                     rich_help_panel=o.ATTACK)] = "8/255",
+    alpha: o.AlphaOpt = None,
+    steps: o.StepsOpt = 10,
+    restarts: o.RestartsOpt = 1,
+    resolution: o.ResolutionOpt = "model",
+    surrogate: o.SurrogateOpt = None,
+    attack_precision: o.AttackPrecisionOpt = "fp32",
+    quantize: Annotated[bool, typer.Option(help="Store uint8 pixels (k/255), clipped to stay within eps.",
+                                           rich_help_panel=o.OUTPUT)] = False,
+    png: o.PngOpt = None,
+    out: o.OutOpt = None,
+    record: o.RecordOpt = None,
+    json_out: o.JsonOpt = False,
 ) -> None:
     """Craft adversarial examples (eps in [0, 1] pixel units) and save them for `eval --adv-set`."""
-    c.check_positive("--limit", limit)
-    c.check_positive("--batch-size", batch_size)
-    from pathlib import Path
-
-    from clipguard.attack_run import run_craft
     from clipguard.errors import ClipguardError
-    from clipguard.eval_run import EvalConfig, attack_config
+    from clipguard.tasks.craft import run_craft
+    from clipguard.tasks.eval import EvalConfig, attack_config
 
+    adv_set, out = artefact_path(adv_set, out, record, option="--adv-set")
     if "," in eps:
         raise ClipguardError(f"--eps {eps!r}: attack crafts one set, give one eps (sweeps are for `eval`)")
-    cfg = EvalConfig(model=model, dataset=dataset, split=split, limit=limit, seed=seed, prompts=prompts,
-                     templates=templates, batch_size=batch_size, device=device, precision=precision, adapter=adapter,
-                     attack=attack, eps=eps, alpha=alpha, steps=steps, restarts=restarts, resolution=resolution,
-                     attack_precision=attack_precision, surrogate=surrogate)
+    cfg = EvalConfig(run=run.check(), attack=attack, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+                     resolution=resolution, attack_precision=attack_precision, surrogate=surrogate)
     attack_config(cfg)
-    rec = run_craft(cfg, out, quantize=quantize, png_dir=png, progress=not json_out)
-    c.emit(rec, out=Path(record) if record else None, as_json=json_out, table=attack_table)
+    rec = run_craft(cfg, adv_set, quantize=quantize, png_dir=png, progress=not json_out)
+    emit(rec, out=Path(out) if out else None, as_json=json_out, table=attack_table)
 
 
 def attack_table(rec: dict):

@@ -18,7 +18,7 @@ def ls(json_out: Annotated[bool, typer.Option("--json", help="Print entries as J
     from rich.console import Console
     from rich.table import Table
 
-    from clipguard.text_store import list_entries, text_dir
+    from clipguard.models.text_embeddings import list_entries, text_dir
 
     entries = list_entries()
     if json_out:
@@ -38,7 +38,7 @@ def rm(keys: Annotated[list[str] | None, typer.Argument(help="Key prefixes to re
        all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False) -> None:
     """Remove cached entries by key prefix, or all with --all."""
     from clipguard.errors import ClipguardError
-    from clipguard.text_store import remove_entries
+    from clipguard.models.text_embeddings import remove_entries
 
     if not keys and not all_:
         raise ClipguardError("cache rm: name key prefixes (see `clipguard cache ls`) or pass --all")

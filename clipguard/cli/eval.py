@@ -1,4 +1,4 @@
-"""``clipguard eval``: zero-shot accuracy of a CLIP model on a dataset."""
+"""``clipguard eval``: zero-shot accuracy of a CLIP model on a dataset; robust accuracy with --attack."""
 
 from __future__ import annotations
 
@@ -6,54 +6,41 @@ from typing import Annotated
 
 import typer
 
-from clipguard.cli import common as c
+from clipguard.cli import options as o
+from clipguard.cli.output import checks_line, emit
+from clipguard.run_options import RunOptions
 
 
+@o.run_options()
 def eval_command(
-    model: c.ModelOpt = "toy",
-    dataset: c.DatasetOpt = "toy",
-    split: c.SplitOpt = "test",
-    limit: c.LimitOpt = None,
-    seed: c.SeedOpt = 0,
-    prompts: c.PromptsOpt = None,
-    templates: c.TemplatesOpt = "seed",
-    batch_size: c.BatchOpt = 256,
-    device: c.DeviceOpt = "auto",
-    precision: c.PrecisionOpt = "auto",
-    image_column: c.ImageColOpt = None,
-    label_column: c.LabelColOpt = None,
-    adapter: c.AdapterOpt = None,
-    attack: c.AttackOpt = None,
-    eps: c.EpsOpt = "8/255",
-    alpha: c.AlphaOpt = None,
-    steps: c.StepsOpt = 10,
-    restarts: c.RestartsOpt = 1,
-    resolution: c.ResolutionOpt = "model",
-    attack_precision: c.AttackPrecisionOpt = "fp32",
-    surrogate: c.SurrogateOpt = None,
+    run: RunOptions,
+    attack: o.AttackOpt = None,
+    eps: o.EpsOpt = "8/255",
+    alpha: o.AlphaOpt = None,
+    steps: o.StepsOpt = 10,
+    restarts: o.RestartsOpt = 1,
+    resolution: o.ResolutionOpt = "model",
+    surrogate: o.SurrogateOpt = None,
     sanity: Annotated[bool, typer.Option(help="Also run the costly sanity checks (eps sweep monotone, PGD vs "
-                                         "FGSM, doubled steps, 5 restarts).")] = False,
+                                         "FGSM, doubled steps, 5 restarts).", rich_help_panel=o.ATTACK)] = False,
     adv_set: Annotated[str | None, typer.Option(help="Evaluate on a saved adversarial set (from `clipguard "
-                                                "attack`) instead of attacking.")] = None,
-    out: c.OutOpt = None,
-    json_out: c.JsonOpt = False,
+                                                "attack`) instead of attacking.", rich_help_panel=o.ATTACK)] = None,
+    attack_precision: o.AttackPrecisionOpt = "fp32",
+    out: o.OutOpt = None,
+    json_out: o.JsonOpt = False,
 ) -> None:
     """Zero-shot accuracy of MODEL on DATASET; with --attack, robust accuracy too (eps in [0,1] pixels)."""
-    c.check_positive("--limit", limit)
-    c.check_positive("--batch-size", batch_size)
-    from clipguard.eval_run import EvalConfig, run_eval, validate_eval
+    from clipguard.tasks.eval import EvalConfig, run_eval, validate_eval
 
-    cfg = EvalConfig(model=model, dataset=dataset, split=split, limit=limit, seed=seed, prompts=prompts,
-                     templates=templates, batch_size=batch_size, device=device, precision=precision,
-                     image_column=image_column, label_column=label_column, adapter=adapter, attack=attack,
-                     eps=eps, alpha=alpha, steps=steps, restarts=restarts, resolution=resolution,
-                     attack_precision=attack_precision, surrogate=surrogate, sanity=sanity, adv_set=adv_set)
+    cfg = EvalConfig(run=run, attack=attack, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+                     resolution=resolution, attack_precision=attack_precision, surrogate=surrogate, sanity=sanity,
+                     adv_set=adv_set)
     validate_eval(cfg)  # fail fast, before anything loads
-    record = run_eval(cfg, progress=not json_out)
-    c.emit(record, out=out, as_json=json_out, table=eval_table)
+    emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table)
 
 
 def eval_table(rec: dict):
+    from rich.console import Group
     from rich.table import Table
 
     t = Table(title=f"{rec['model_spec']} on {rec['data']['spec']} ({rec['data']['split']}, n={rec['data']['n']})")
@@ -75,11 +62,7 @@ def eval_table(rec: dict):
             row = [e["eps"], f"{e['robust_acc']:.4f}", f"{e['attack_success_rate']:.4f}", f"{e['images_per_s']:,.1f}"]
             row += [f"{e['surrogate_clean_acc']:.4f}", f"{e['surrogate_robust_acc']:.4f}"] if transfer else []
             r.add_row(*row)
-        failed = [f"{c['name']}@{c.get('eps', '')}" for c in rec["checks"] if not c["passed"]]
-        note = "all integrity checks passed" if not failed else "FAILED checks: " + ", ".join(failed)
-        from rich.console import Group
-
-        return Group(t, r, note)
+        return Group(t, r, checks_line(rec))
     if "robust_acc" in m:
         t.add_section()
         t.add_row("robust", f"{m['robust_acc']:.4f}", "attack success", f"{m['attack_success_rate']:.4f}", "")

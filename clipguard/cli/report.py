@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from clipguard.cli.options import JsonOpt
 
 bench_app = typer.Typer(help="Run benchmark suites (benchmarks/*.toml).", no_args_is_help=True)
 
@@ -15,14 +18,18 @@ def bench_run(
     suite: Annotated[Path, typer.Argument(help="Suite TOML, e.g. benchmarks/toy.toml.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for records/ and adapters/.")],
     only: Annotated[list[str] | None, typer.Option(help="Run only these cell ids (repeatable).")] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Run every cell of SUITE whose record is missing or stale; done cells are skipped (resumable)."""
     from rich.console import Console
     from rich.table import Table
 
-    from clipguard.bench import run_suite
+    from clipguard.tasks.bench import run_suite
 
-    summary = run_suite(suite, out, only=only)
+    summary = run_suite(suite, out, only=only, progress=not json_out)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+        return
     t = Table(title=f"{suite} -> {out}")
     for col in ("cell", "kind", "status", "seconds"):
         t.add_column(col)
@@ -37,6 +44,7 @@ def report_command(
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write a CSV (CLIP_benchmark's columns first).")] \
         = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Tables, robust-vs-eps curves, clean-vs-robust scatter and integrity summary from records (no recompute)."""
     from clipguard.errors import ClipguardError
@@ -47,6 +55,10 @@ def report_command(
     info = build_report(records, out, html_out=html, csv_out=csv)
     if not info["records"]:
         raise ClipguardError(f"report: no clipguard.result/1 records under {str(records)!r}")
+    if json_out:
+        typer.echo(json.dumps({**info, "out": str(out), "html": str(html) if html else None,
+                               "csv": str(csv) if csv else None}, indent=2, default=str))
+        return
     typer.echo(f"{info['records']} records -> {out}" + (f", {html}" if html else "") + (f", {csv}" if csv else "")
                + f" ({len(info['plots'])} plots)")
 
@@ -56,22 +68,31 @@ def gate_command(
     rules: Annotated[Path, typer.Option("--rules", help="TOML with rules = [\"robust_acc(attack=pgd, eps=1/255) "
                                         ">= 0.40\", \"clean_acc1 >= 0.85\"].")],
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML for CI systems.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the outcomes as JSON to this file.")] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Exit 0 when every rule holds, 1 when any fails (one line each), 2 for a malformed rule."""
     from clipguard.errors import ClipguardError
-    from clipguard.fsutil import atomic_write_text
+    from clipguard.fsutil import atomic_write_json, atomic_write_text
+    from clipguard.records.rows import load_records, rows
     from clipguard.report.gate import evaluate_rule, junit_xml, load_rules
-    from clipguard.report.records import load_records, rows
 
     parsed = load_rules(rules)
     if not records.is_dir():
         raise ClipguardError(f"--records {str(records)!r} is not a folder")
     rs = rows(load_records(records))
     outcomes = [evaluate_rule(r, rs) for r in parsed]
-    for o in outcomes:
-        typer.echo(o.message, err=not o.passed)
     if junit:
         atomic_write_text(junit, junit_xml(outcomes))
     failed = sum(not o.passed for o in outcomes)
-    typer.echo(f"gate: {len(outcomes) - failed} of {len(outcomes)} rules hold")
+    summary = {"passed": not failed, "rules": [{"rule": o.rule.text, "passed": o.passed, "message": o.message,
+                                                "checked": o.checked} for o in outcomes]}
+    if out:
+        atomic_write_json(out, summary)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for o in outcomes:
+            typer.echo(o.message, err=not o.passed)
+        typer.echo(f"gate: {len(outcomes) - failed} of {len(outcomes)} rules hold")
     raise typer.Exit(1 if failed else 0)

@@ -2,96 +2,72 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from clipguard.cli import common as c
+from clipguard.cli import options as o
+from clipguard.cli.output import artefact_path, checks_line, emit
+from clipguard.run_options import RunOptions
 
 app = typer.Typer(help="Universal adversarial perturbations: fit one image-agnostic delta on a split, then "
                        "measure its fooling rate on any model. eps in [0, 1] pixel units, 8/255 accepted.",
                   no_args_is_help=True)
 
 PngOpt = Annotated[str | None, typer.Option(help="Write the perturbation (scaled to be visible) and a grid of "
-                                            "clean vs perturbed images with their predictions to this folder.")]
+                                            "clean vs perturbed images with their predictions to this folder.",
+                                            rich_help_panel=o.OUTPUT)]
 
 
 @app.command("fit")
+@o.run_options(split="train", batch_size=128, exclude=("precision",), help={"split": "Dataset split to fit on."})
 def fit(
-    out: Annotated[str, typer.Option("--out", "-o", help="UAP file to write (.safetensors).")],
-    model: c.ModelOpt = "toy",
-    dataset: c.DatasetOpt = "toy",
-    split: Annotated[str, typer.Option(help="Dataset split to fit on.")] = "train",
-    limit: c.LimitOpt = None,
-    seed: c.SeedOpt = 0,
-    prompts: c.PromptsOpt = None,
-    templates: c.TemplatesOpt = "seed",
-    batch_size: c.BatchOpt = 128,
-    device: c.DeviceOpt = "auto",
-    adapter: c.AdapterOpt = None,
-    image_column: c.ImageColOpt = None,
-    label_column: c.LabelColOpt = None,
+    run: RunOptions,
+    uap: Annotated[str | None, typer.Option(help="UAP file to write (.safetensors), for `uap eval --uap`.",
+                                            rich_help_panel=o.OUTPUT)] = None,
     eps: Annotated[str, typer.Option(help="Radius of the UAP in [0, 1] pixel units, 8/255 accepted (max |v| "
-                                     "for linf, ||v||_2 for l2).")] = "10/255",
-    norm: Annotated[str, typer.Option(help="Threat model: linf or l2.")] = "linf",
+                                     "for linf, ||v||_2 for l2).", rich_help_panel=o.ATTACK)] = "10/255",
+    norm: Annotated[str, typer.Option(help="Threat model: linf or l2.", rich_help_panel=o.ATTACK)] = "linf",
     method: Annotated[str, typer.Option(help="sgd (projected sign-gradient ascent over mini-batches, fast) or "
-                                        "deepfool (Moosavi-Dezfooli et al. 2017).")] = "sgd",
+                                        "deepfool (Moosavi-Dezfooli et al. 2017).", rich_help_panel=o.ATTACK)] = "sgd",
     target_fooling: Annotated[float, typer.Option(help="Stop once the fitting-set fooling rate reaches this "
-                                                  "share.")] = 0.8,
-    epochs: Annotated[int, typer.Option(help="At most this many passes over the fitting set.")] = 10,
-    step: Annotated[str | None, typer.Option(help="sgd step per batch in [0, 1] pixel units (default eps/10).")] = None,
+                                                  "share.", rich_help_panel=o.ATTACK)] = 0.8,
+    epochs: Annotated[int, typer.Option(help="At most this many passes over the fitting set.",
+                                        rich_help_panel=o.ATTACK)] = 10,
+    step: Annotated[str | None, typer.Option(help="sgd step per batch in [0, 1] pixel units (default eps/10).",
+                                             rich_help_panel=o.ATTACK)] = None,
     target_class: Annotated[str | None, typer.Option(help="Targeted UAP: success = the prediction becomes this "
-                                                     "class name.")] = None,
-    resolution: c.ResolutionOpt = "model",
+                                                     "class name.", rich_help_panel=o.ATTACK)] = None,
+    resolution: o.ResolutionOpt = "model",
     png: PngOpt = None,
-    record: Annotated[str | None, typer.Option(help="Also write the JSON record to this file.")] = None,
-    json_out: c.JsonOpt = False,
+    out: o.OutOpt = None,
+    record: o.RecordOpt = None,
+    json_out: o.JsonOpt = False,
 ) -> None:
-    """Fit a universal adversarial perturbation (eps in [0, 1] pixel units) and save it."""
-    c.check_positive("--limit", limit)
-    c.check_positive("--batch-size", batch_size)
-    from clipguard.uap_run import UAPFitConfig, run_uap_fit, uap_config
+    """Fit a universal adversarial perturbation (eps in [0, 1] pixel units) and save it (runs in fp32)."""
+    from clipguard.tasks.uap import UAPFitConfig, run_uap_fit, uap_config
 
-    cfg = UAPFitConfig(out=out, model=model, dataset=dataset, split=split, limit=limit, seed=seed, prompts=prompts,
-                       templates=templates, device=device, image_column=image_column, label_column=label_column,
-                       adapter=adapter, eps=eps, norm=norm, method=method, target_fooling=target_fooling,
-                       epochs=epochs, batch_size=batch_size, step=step, target_class=target_class,
-                       resolution=resolution, png=png)
+    uap, out = artefact_path(uap, out, record, option="--uap")
+    cfg = UAPFitConfig(uap=uap, run=run, eps=eps, norm=norm, method=method, target_fooling=target_fooling,
+                       epochs=epochs, step=step, target_class=target_class, resolution=resolution, png=png)
     uap_config(cfg)  # validate eps, norm, method, ... before loading anything
-    rec = run_uap_fit(cfg, progress=not json_out)
-    c.emit(rec, out=Path(record) if record else None, as_json=json_out, table=uap_table)
+    emit(run_uap_fit(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table)
 
 
 @app.command("eval")
+@o.run_options(exclude=("precision",))
 def eval_(
-    uap: Annotated[str, typer.Option(help="UAP file from `clipguard uap fit`.")],
-    model: c.ModelOpt = "toy",
-    dataset: c.DatasetOpt = "toy",
-    split: c.SplitOpt = "test",
-    limit: c.LimitOpt = None,
-    seed: c.SeedOpt = 0,
-    prompts: c.PromptsOpt = None,
-    templates: c.TemplatesOpt = "seed",
-    batch_size: c.BatchOpt = 256,
-    device: c.DeviceOpt = "auto",
-    adapter: c.AdapterOpt = None,
-    image_column: c.ImageColOpt = None,
-    label_column: c.LabelColOpt = None,
+    run: RunOptions,
+    uap: Annotated[str, typer.Option(help="UAP file from `clipguard uap fit`.", rich_help_panel=o.ATTACK)],
     png: PngOpt = None,
-    out: c.OutOpt = None,
-    json_out: c.JsonOpt = False,
+    out: o.OutOpt = None,
+    json_out: o.JsonOpt = False,
 ) -> None:
     """Fooling rate and accuracy with/without a UAP on any model (another model gives the transfer number)."""
-    c.check_positive("--limit", limit)
-    c.check_positive("--batch-size", batch_size)
-    from clipguard.uap_run import UAPEvalConfig, run_uap_eval
+    from clipguard.tasks.uap import UAPEvalConfig, run_uap_eval
 
-    cfg = UAPEvalConfig(uap=uap, model=model, dataset=dataset, split=split, limit=limit, seed=seed, prompts=prompts,
-                        templates=templates, batch_size=batch_size, device=device, image_column=image_column,
-                        label_column=label_column, adapter=adapter, png=png)
-    rec = run_uap_eval(cfg, progress=not json_out)
-    c.emit(rec, out=out, as_json=json_out, table=uap_table)
+    cfg = UAPEvalConfig(uap=uap, run=run.check(), png=png)
+    emit(run_uap_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table)
 
 
 def uap_table(rec: dict):
@@ -110,7 +86,6 @@ def uap_table(rec: dict):
     for col in [*cols, "img/s"]:
         t.add_column(col, justify="right")
     t.add_row(*(f"{x:.4f}" for x in cols.values()), f"{rec['timings']['images_per_s']:,.1f}")
-    failed = [ch["name"] for ch in rec.get("checks", []) if not ch["passed"]]
     from rich.console import Group
 
-    return Group(t, "all integrity checks passed" if not failed else "FAILED checks: " + ", ".join(failed))
+    return Group(t, checks_line(rec))

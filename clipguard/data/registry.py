@@ -1,4 +1,4 @@
-"""Dataset registry: a dict of loaders behind ``load_dataset(spec, split, limit, seed)``."""
+"""Dataset sources: the registry ``SOURCES`` (spec kind -> loader) behind ``load_dataset(spec, split, limit, seed)``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ from collections.abc import Callable
 import torch
 
 from clipguard.data.base import ImageSet, stratified_indices
-from clipguard.errors import ClipguardError
+from clipguard.errors import ClipguardError, check_positive
+from clipguard.registry import Registry
 from clipguard.specs import DatasetSpec, parse_dataset_spec
 
+SOURCES: Registry[Callable[..., ImageSet]] = Registry("--dataset")  # kind -> (spec, split, limit, seed) -> ImageSet
 
+
+@SOURCES.register("toy")
 def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> ImageSet:
     from clipguard.data import toy
 
@@ -25,28 +29,22 @@ def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> Im
                     indices=idx.tolist() if limit else None)
 
 
+@SOURCES.register("hf")
 def _load_hf(spec, split, limit, seed):
     from clipguard.data.hf import load_hf
 
     return load_hf(spec, split, limit, seed)
 
 
+@SOURCES.register("imagefolder")
 def _load_folder(spec, split, limit, seed):
     from clipguard.data.folder import load_folder
 
     return load_folder(spec, split, limit, seed)
 
 
-_LOADERS: dict[str, Callable[..., ImageSet]] = {"toy": _load_toy, "hf": _load_hf, "imagefolder": _load_folder}
-
-
 def list_dataset_kinds() -> list[str]:
-    return sorted(_LOADERS)
-
-
-def check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise ClipguardError(f"--limit {limit} must be a positive number of images (or omitted for all)")
+    return sorted(SOURCES.names())
 
 
 def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | None = None, seed: int = 0,
@@ -61,10 +59,10 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
     Raises:
         ClipguardError: unknown spec, missing path, bad limit, unreachable hub.
     """
-    check_limit(limit)
+    check_positive("--limit", limit, "a positive number of images (or omitted for all)")
     if isinstance(spec, str):
         spec = parse_dataset_spec(spec, image_column=image_column, label_column=label_column)
-    ds = _LOADERS[spec.kind](spec, split, limit, seed)
+    ds = SOURCES.get(spec.kind)(spec, split, limit, seed)
     if len(ds) == 0:
         raise ClipguardError(f"--dataset {spec.text!r} split {split!r} holds no images")
     assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4, "datasets hold uint8 (N, 3, H, W)"

@@ -1,9 +1,15 @@
-"""Training adversaries: ``list_train_attacks()`` / ``build_train_attack(name, ...)``.
+"""Training adversaries: ``TRAIN_ATTACKS`` / ``build_train_attack(name, ...)``.
 
-A small L-inf PGD on δ in [0, 1] pixel units (random start, sign steps, projection onto the eps-ball and
-[0, 1]) that asks autograd for δ's gradient only, so no parameter gradient is ever accumulated while
-crafting. ``pgd`` maximises the training objective against the model being trained (fresh every step;
-the caller puts the model in eval mode); ``transfer`` maximises a fixed surrogate's cross-entropy.
+Both use the PGD of :mod:`clipguard.attacks.registry` (torchattacks: L-inf, random start, sign steps,
+projection onto the eps-ball and [0, 1], gradients to the images only), through the common attack
+contract ``(x, y) -> x_adv``. ``pgd`` maximises the training objective against the model being trained
+(fresh every step; torchattacks runs the model in eval mode while crafting); ``transfer`` maximises a
+fixed surrogate's cross-entropy.
+
+PGD maximises a cross-entropy, so the objective is handed to it as logits: per image ``[0, loss_i]``
+against class 0, whose cross-entropy is ``softplus(loss_i)``. softplus is increasing, so every sign-gradient
+step (and so the whole attack) is the one that ascends the objective itself, whatever the objective (TeCoA's
+cross-entropy, FARE's feature distance).
 """
 
 from __future__ import annotations
@@ -12,61 +18,58 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clipguard.errors import ClipguardError
+from clipguard.attacks.registry import Attack, AttackConfig, build_attack
+from clipguard.registry import Registry
+from clipguard.specs import Eps
 
 Adversary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, y, ref) -> x_adv
 
 
-def pgd_linf(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, alpha: float,
-             steps: int) -> torch.Tensor:
-    """Maximise ``loss_fn(x + δ)`` over ||δ||∞ <= eps with x + δ in [0, 1]; returns detached x + δ.
+class ObjectiveLogits(nn.Module):
+    """Logits ``[0, loss_i]`` (N, 2) whose cross-entropy against class 0 is ``softplus(loss_i)``: the training
+    objective of one batch (labels ``y`` and reference features ``ref`` fixed) as a classifier to attack."""
 
-    Shape:
-        x: (N, 3, H, W) in [0, 1] -> same shape.
+    def __init__(self, clf: nn.Module, objective, y: torch.Tensor, ref: torch.Tensor | None,
+                 autocast: Callable[[], AbstractContextManager]):
+        super().__init__()
+        self.clf, self.objective, self.y, self.ref, self.autocast = clf, objective, y, ref, autocast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = self.objective.loss(self.clf, x, self.y, self.ref).float()
+        return torch.stack([torch.zeros_like(loss), loss], dim=1)
+
+
+def _pgd(clf: nn.Module, objective, surrogate, cfg: AttackConfig, autocast) -> Adversary:
+    def craft(x, y, ref):
+        target = ObjectiveLogits(clf, objective, y, ref, autocast).train(clf.training)  # torchattacks restores it
+        return build_attack(target, cfg)(x, torch.zeros_like(y))
+    return craft
+
+
+def _transfer(clf: nn.Module, objective, surrogate, cfg: AttackConfig, autocast) -> Adversary:
+    attack: Attack = build_attack(surrogate, cfg)
+
+    def craft(x, y, ref):
+        with autocast():
+            return attack(x, y)
+    return craft
+
+
+TRAIN_ATTACKS: Registry[Callable[..., Adversary]] = Registry("--train-attack")
+TRAIN_ATTACKS.register("pgd", _pgd)
+TRAIN_ATTACKS.register("transfer", _transfer)
+
+
+def build_train_attack(name: str, clf: nn.Module, objective, *, surrogate: nn.Module | None, eps: Eps,
+                       alpha: Eps, steps: int, autocast: Callable[[], AbstractContextManager]) -> Adversary:
+    """An ``(x, y, ref) -> x_adv`` function; ``autocast`` makes the precision context of a forward pass.
+
+    eps = 0 returns the clean images (no attack: plain fine-tuning on clean inputs).
     """
-    if eps == 0:
-        return x.detach()
-    delta = (torch.rand_like(x) * 2 - 1) * eps  # random start, uses the global (checkpointed) RNG
-    delta = (x + delta).clamp(0, 1) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_fn(x + delta), delta)  # gradient to δ only
-        delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
-
-
-def _pgd(clf: nn.Module, objective, surrogate, eps, alpha, steps, autocast) -> Adversary:
-    def craft(x, y, ref):
-        def loss(xa):
-            with autocast():
-                return objective.loss(clf, xa, y, ref)
-        return pgd_linf(loss, x, eps, alpha, steps)
-    return craft
-
-
-def _transfer(clf: nn.Module, objective, surrogate, eps, alpha, steps, autocast) -> Adversary:
-    def craft(x, y, ref):
-        def loss(xa):
-            with autocast():
-                return F.cross_entropy(surrogate(xa).float(), y)
-        return pgd_linf(loss, x, eps, alpha, steps)
-    return craft
-
-
-_ATTACKS: dict[str, Callable[..., Adversary]] = {"pgd": _pgd, "transfer": _transfer}
-
-
-def list_train_attacks() -> list[str]:
-    return list(_ATTACKS)
-
-
-def build_train_attack(name: str, clf: nn.Module, objective, *, surrogate: nn.Module | None, eps: float,
-                       alpha: float, steps: int, autocast: Callable[[], AbstractContextManager]) -> Adversary:
-    """An ``(x, y, ref) -> x_adv`` function; ``autocast`` makes the precision context of a forward pass."""
-    if name not in _ATTACKS:
-        raise ClipguardError(f"--train-attack {name!r} is unknown: choose from {', '.join(_ATTACKS)}")
-    return _ATTACKS[name](clf, objective, surrogate, eps, alpha, steps, autocast)
+    make = TRAIN_ATTACKS.get(name)
+    if eps.value == 0:
+        return lambda x, y, ref: x.detach()
+    return make(clf, objective, surrogate, AttackConfig("pgd", eps, alpha, steps), autocast)

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 
-from clipguard.errors import ClipguardError
+from clipguard.errors import ClipguardError, check_positive
+from clipguard.run_options import RUN_FIELDS, RunOptions, flat, split_run
+
+
+def _train_run() -> RunOptions:
+    return RunOptions(split="train", batch_size=128)
 
 
 @dataclass
 class FinetuneConfig:
-    # --- what to train on
-    model: str = "toy"  # base model spec (ViT-B-32:openai, ARCH:/path, hf-hub:ORG/NAME, toy)
-    dataset: str = "toy"  # dataset spec (toy, cifar10, hf:ORG/NAME, imagefolder:PATH)
-    split: str = "train"  # training split
-    limit: int | None = None  # training images kept (seeded, stratified); None = all
-    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
-    templates: str = "seed"  # template set for the frozen class text embeddings
-    seed: int = 0  # seeds init, data order, training attacks, --limit and the final evaluation
+    # --- what to train on: model, dataset, split (train), limit, seed, prompts, device, precision, batch size
+    # (images per optimizer step). The seed also seeds init, data order, training attacks and the final
+    # evaluation; precision is the autocast of training and clean passes (auto = bf16 on a capable GPU).
+    run: RunOptions = field(default_factory=_train_run)
     # --- what trains
     method: str = "lora"  # lora | vpt | full (finetune.methods)
     lora_r: int = 8  # LoRA rank
@@ -35,15 +36,12 @@ class FinetuneConfig:
     steps: int = 2  # training PGD iterations per batch
     # --- optimisation
     epochs: int = 1  # passes over the training split
-    batch_size: int = 128  # images per optimizer step
     lr: float | None = None  # AdamW peak learning rate; None = the method's default (for pretrained CLIP)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (0: do not pull weights towards zero)
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to 0
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    precision: str = "auto"  # autocast for training and clean passes: auto = bf16 on a capable GPU, else fp32
-    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     # --- checkpoints and output
-    out: str = "runs/finetune"  # run directory: adapter + manifest, checkpoint, record.json
+    run_dir: str = "runs/finetune"  # run directory: adapter + manifest, checkpoint, record.json
     save_every: int = 50  # optimizer steps between checkpoints; 0 = only at the end
     resume: str | None = None  # continue the run whose checkpoint is in this directory
     # --- final evaluation on a held-out split (PGD, same eps)
@@ -55,12 +53,19 @@ class FinetuneConfig:
 
 
 # Fields that do not change the training trajectory: a resumed run may change them freely.
-UNHASHED = frozenset({"out", "resume", "save_every", "device", "eval_split", "eval_limit", "eval_steps",
+UNHASHED = frozenset({"run_dir", "resume", "save_every", "device", "eval_split", "eval_limit", "eval_steps",
                       "eval_batch_size", "eval_base"})
 
 
+def finetune_config(**opts) -> FinetuneConfig:
+    """A FinetuneConfig from flat keyword options (a suite cell, a script): RunOptions fields go to ``run``."""
+    run, rest = split_run(opts)
+    return FinetuneConfig(run=RunOptions(**{**vars(_train_run()), **run}), **rest)
+
+
 def hashed_fields(cfg: FinetuneConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in UNHASHED}
+    """The config as one flat dict without the fields that do not change the training trajectory."""
+    return {k: v for k, v in flat(cfg).items() if k not in UNHASHED}
 
 
 def config_hash(cfg: FinetuneConfig) -> str:
@@ -70,41 +75,32 @@ def config_hash(cfg: FinetuneConfig) -> str:
 
 def config_diff(old: dict, new: dict) -> list[str]:
     """``["lr 0.01 -> 0.02", ...]`` for the hashed fields that differ."""
-    keys = [f.name for f in fields(FinetuneConfig) if f.name not in UNHASHED]
+    keys = [k for k in (*RUN_FIELDS, *(f.name for f in fields(FinetuneConfig))) if k not in UNHASHED and k != "run"]
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def _choose(option: str, value: str, choices: list[str]) -> None:
-    from clipguard.specs import suggest
-
-    if value not in choices:
-        close = suggest(value, choices)
-        hint = f" (did you mean {close}?)" if close else ""
-        raise ClipguardError(f"{option} {value!r} is unknown{hint}: choose from {', '.join(choices)}")
 
 
 def validate(cfg: FinetuneConfig) -> None:
     """Check every option before anything slow is loaded; one ClipguardError naming the bad option."""
-    from clipguard.finetune.adversary import list_train_attacks
-    from clipguard.finetune.methods import list_methods
-    from clipguard.finetune.objectives import list_objectives
-    from clipguard.specs import parse_dataset_spec, parse_eps, parse_model_spec
+    from clipguard.finetune.adversary import TRAIN_ATTACKS
+    from clipguard.finetune.methods import METHODS
+    from clipguard.finetune.objectives import OBJECTIVES
+    from clipguard.specs import parse_eps
 
-    _choose("--method", cfg.method, list_methods())
-    _choose("--objective", cfg.objective, list_objectives())
-    _choose("--train-attack", cfg.train_attack, list_train_attacks())
-    parse_model_spec(cfg.model)
-    parse_dataset_spec(cfg.dataset)
+    METHODS.check(cfg.method)
+    OBJECTIVES.check(cfg.objective)
+    TRAIN_ATTACKS.check(cfg.train_attack)
+    cfg.run.check()
+    if cfg.run.adapter:
+        raise ClipguardError("finetune trains a new adapter on the base model: --adapter is not an input here "
+                             "(evaluate an adapter with `clipguard eval --adapter DIR`)")
     parse_eps(cfg.eps)
     if cfg.alpha is not None:
         parse_eps(cfg.alpha, name="--alpha", allow_zero=False)
     positive = {"--vpt-tokens": cfg.vpt_tokens, "--lora-r": cfg.lora_r, "--steps": cfg.steps,
-                "--epochs": cfg.epochs, "--batch-size": cfg.batch_size, "--eval-steps": cfg.eval_steps,
-                "--eval-batch-size": cfg.eval_batch_size, "--limit": 1 if cfg.limit is None else cfg.limit,
-                "--eval-limit": 1 if cfg.eval_limit is None else cfg.eval_limit}
+                "--epochs": cfg.epochs, "--eval-steps": cfg.eval_steps, "--eval-batch-size": cfg.eval_batch_size,
+                "--eval-limit": cfg.eval_limit}
     for name, v in positive.items():
-        if v < 1:
-            raise ClipguardError(f"{name} {v} must be a positive integer")
+        check_positive(name, v)
     if cfg.lr is not None and not cfg.lr > 0:
         raise ClipguardError(f"--lr {cfg.lr} must be a positive learning rate (e.g. 1e-4)")
     checks = [("--lora-dropout", cfg.lora_dropout, 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
@@ -115,7 +111,7 @@ def validate(cfg: FinetuneConfig) -> None:
     for name, v, ok, what in checks:
         if not ok:
             raise ClipguardError(f"{name} {v} must be {what}")
-    if cfg.precision == "fp16":
+    if cfg.run.precision == "fp16":
         raise ClipguardError("--precision fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
     if cfg.train_attack == "transfer" and not cfg.surrogate:
         raise ClipguardError("--train-attack transfer needs --surrogate (e.g. clip:toy@seed1 or toy-cnn)")

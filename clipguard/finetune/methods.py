@@ -1,4 +1,4 @@
-"""What trains: ``list_methods()`` / ``get_method(name)``.
+"""What trains: the registry ``METHODS``.
 
 Each method turns the frozen base image tower into the module that trains, leaving the base untouched
 (LoRA and full work on a copy; VPT shares the frozen tower and adds tokens). Only the parameters that
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clipguard.errors import ClipguardError
+from clipguard.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,13 @@ def _full(visual: nn.Module, cfg) -> nn.Module:
     return copy.deepcopy(visual).requires_grad_(True)
 
 
-_METHODS: dict[str, Method] = {m.name: m for m in [
+METHODS: Registry[Method] = Registry("--method")
+for _m in [
     Method("lora", _lora, 5e-4, "peft LoRA on the image tower (default: the visual attention modules)"),
     Method("vpt", _vpt, 1e-3, "learnable prompt tokens after the class token; the tower stays frozen"),
     Method("full", _full, 1e-5, "all image-tower weights"),
-]}
-
-
-def list_methods() -> list[str]:
-    return list(_METHODS)
-
-
-def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ClipguardError(f"--method {name!r} is unknown: choose from {', '.join(_METHODS)}")
-    return _METHODS[name]
+]:
+    METHODS.register(_m.name, _m)
 
 
 def trainable_state(module: nn.Module) -> dict:

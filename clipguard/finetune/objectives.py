@@ -1,7 +1,7 @@
-"""Fine-tuning objectives: ``list_objectives()`` / ``get_objective(name)``.
+"""Fine-tuning objectives: the registry ``OBJECTIVES``.
 
-Each objective is one loss over adversarial pixels: the training adversary maximises it (PGD on δ)
-and the optimizer minimises it, as TeCoA and FARE do.
+Each objective is one loss per image over adversarial pixels: the training adversary maximises it (PGD on δ)
+and the optimizer minimises its batch mean, as TeCoA and FARE do.
 
 - tecoa: cross-entropy over ``logit_scale * cos(image, class text)`` with the frozen text embeddings
   (Mao et al., "Understanding Zero-Shot Adversarial Robustness for Large-Scale Models", ICLR 2023).
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clipguard.errors import ClipguardError
+from clipguard.registry import Registry
 
-# (classifier, x_adv in [0, 1], labels, reference features or None) -> scalar loss (mean over the batch)
+# (classifier, x_adv in [0, 1], labels, reference features or None) -> (N,) loss per image
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -34,31 +34,23 @@ class Objective:
 
 
 def _tecoa(clf, x, y, ref):
-    return F.cross_entropy(clf(x).float(), y)
+    return F.cross_entropy(clf(x).float(), y, reduction="none")
 
 
 def _ce(clf, x, y, ref):
     cosine = clf.features(x) @ clf.text_embeddings.to(x.dtype).T
-    return F.cross_entropy(cosine.float(), y)
+    return F.cross_entropy(cosine.float(), y, reduction="none")
 
 
 def _fare(clf, x, y, ref):
     feats = clf.visual(clf.preprocess(x)).float()
-    return (feats - ref).pow(2).sum(dim=1).mean()
+    return (feats - ref).pow(2).sum(dim=1)
 
 
-_OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
+OBJECTIVES: Registry[Objective] = Registry("--objective")
+for _o in [
     Objective("tecoa", _tecoa, False, "cross-entropy over logit_scale x cosine to the class text embeddings"),
     Objective("ce", _ce, False, "cross-entropy over plain cosine logits (no temperature)"),
     Objective("fare", _fare, True, "unsupervised: squared L2 to the frozen encoder's clean features"),
-]}
-
-
-def list_objectives() -> list[str]:
-    return list(_OBJECTIVES)
-
-
-def get_objective(name: str) -> Objective:
-    if name not in _OBJECTIVES:
-        raise ClipguardError(f"--objective {name!r} is unknown: choose from {', '.join(_OBJECTIVES)}")
-    return _OBJECTIVES[name]
+]:
+    OBJECTIVES.register(_o.name, _o)

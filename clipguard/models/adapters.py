@@ -20,6 +20,7 @@ from torch import nn
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write, atomic_write_json
 from clipguard.models.vpt import PromptedVisual
+from clipguard.registry import Registry
 
 SCHEMA = "clipguard.adapter/1"
 MANIFEST = "manifest.json"
@@ -162,9 +163,10 @@ def _load_full(d: Path, base: nn.Module) -> nn.Module:
     return visual
 
 
-_FORMATS: dict[str, tuple[Callable, Callable]] = {
-    "lora": (_save_lora, _load_lora), "vpt": (_save_vpt, _load_vpt), "full": (_save_full, _load_full),
-}
+FORMATS: Registry[tuple[Callable, Callable]] = Registry("adapter method")  # method -> (save, load)
+FORMATS.register("lora", (_save_lora, _load_lora))
+FORMATS.register("vpt", (_save_vpt, _load_vpt))
+FORMATS.register("full", (_save_full, _load_full))
 
 
 def save_adapter(adapter_dir: str | Path, visual: nn.Module, *, method: str, clip, info: dict | None = None) -> Path:
@@ -174,7 +176,7 @@ def save_adapter(adapter_dir: str | Path, visual: nn.Module, *, method: str, cli
     """
     d = Path(adapter_dir)
     d.mkdir(parents=True, exist_ok=True)
-    files = _FORMATS[method][0](d, visual)
+    files = FORMATS.get(method)[0](d, visual)
     manifest = {"schema": SCHEMA, "method": method,
                 "base": {"spec": clip.spec.text, "fingerprint": clip.fingerprint, "arch": clip.info.get("arch")},
                 "files": files, "trainable_params": trainable_parameters(visual),
@@ -193,7 +195,7 @@ def read_manifest(adapter_dir: str | Path) -> dict:
                              "`clipguard finetune` (or its training has not finished)") from None
     except json.JSONDecodeError as e:
         raise ClipguardError(f"--adapter {str(d)!r}: {MANIFEST} is not valid JSON ({e})") from None
-    if manifest.get("schema") != SCHEMA or manifest.get("method") not in _FORMATS:
+    if manifest.get("schema") != SCHEMA or manifest.get("method") not in FORMATS:
         raise ClipguardError(f"--adapter {str(d)!r}: {MANIFEST} is not a {SCHEMA} manifest with a known method")
     return manifest
 
@@ -217,5 +219,5 @@ def load_adapter(adapter_dir: str | Path, clip) -> nn.Module:
         raise ClipguardError(
             f"--adapter {str(adapter_dir)!r} was made for base model {base.get('spec')!r} ({base.get('fingerprint')}) "
             f"but --model is {clip.spec.text!r} ({clip.fingerprint}): pass --model {base.get('spec')}")
-    visual = _FORMATS[manifest["method"]][1](Path(adapter_dir), clip.model.visual)
+    visual = FORMATS.get(manifest["method"])[1](Path(adapter_dir), clip.model.visual)
     return visual.to(clip.device).eval().requires_grad_(False)

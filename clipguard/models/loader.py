@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from clipguard.errors import ClipguardError
-from clipguard.specs import ModelSpec, parse_model_spec, suggest
+from clipguard.models.inference import DTYPES
+from clipguard.registry import suggest
+from clipguard.specs import ModelSpec, parse_model_spec
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -42,7 +43,7 @@ class LoadedClip:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.precision]
+        return DTYPES[self.precision]
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -14,8 +14,6 @@ import functools
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from clipguard.data.toy import TOY_CLASSNAMES, TOY_TEMPLATES, caption_set, class_set, toy_split
+from clipguard.fsutil import atomic_write
 from clipguard.models.toy import (
     TOY_MEAN,
     TOY_MODEL_NAME,
@@ -75,18 +74,12 @@ def _sort_header(path: Path) -> None:
 def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(tmp: str) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
         # safetensors writes metadata in hash order; sorted keys make rebuilds byte-identical.
         _sort_header(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the weights are ordinary committed files
-        os.replace(tmp, path)  # readers never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)  # readers never see a half-written file
 
 
 def _lr_factor(step: int) -> float:

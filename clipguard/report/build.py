@@ -11,8 +11,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from clipguard.fsutil import atomic_write_text
+from clipguard.records.rows import checks_summary, load_records, rows
 from clipguard.report import plots
-from clipguard.report.records import checks_summary, load_records, rows
 
 CSV_COLUMNS = ["dataset", "model", "pretrained", "task", "acc1", "acc5", "mean_per_class_recall", "attack", "eps",
                "robust_acc", "attack_success_rate", "adapter", "cell"]

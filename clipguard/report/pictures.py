@@ -9,12 +9,11 @@ import torch
 
 def adversarial_grid(p, run, out_dir, n: int = 8) -> list[str]:
     """One PNG per example (the first ``n``), each captioned with the predicted classes. Returns paths."""
-    import matplotlib
+    from clipguard.report.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from clipguard.evaluate import to_pixels
+    from clipguard.models.inference import to_pixels
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); the one place that sets it up."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def eps_curves(rows: list[dict], out: Path) -> Path | None:
     series = {k: v for k, v in series.items() if len(v) >= 2}
     if not series:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, pts in sorted(series.items()):
         xs = sorted(pts)
@@ -45,7 +46,7 @@ def clean_vs_robust(points: list[tuple[str, float, float]], title: str, out: Pat
     """Scatter of (label, clean acc1, robust acc) points."""
     if not points:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
     for name, clean, robust in points:
         ax.scatter([clean], [robust], s=40)

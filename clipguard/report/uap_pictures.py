@@ -15,10 +15,9 @@ def uap_pictures(v: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor, clean_
     Shape:
         v: (1, 3, H, W) signed, [0, 1] pixel units; clean, adv: (n, 3, H, W) in [0, 1] on the CPU.
     """
-    import matplotlib
+    from clipguard.report.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

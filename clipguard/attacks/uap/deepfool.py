@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipguard.attacks.uap import FitContext, Norm, hits, perturb, predict, project
+from clipguard.attacks.uap.core import FitContext, Norm, hits, perturb, predict, project, universal_attack
 
 TINY = 1e-4  # added to |f| so a step lands just past the boundary, not on it
 
@@ -96,6 +96,6 @@ def deepfool_uap_epoch(ctx: FitContext, v: torch.Tensor, epoch: int) -> tuple[to
                          steps=cfg.deepfool_steps, overshoot=cfg.overshoot, candidates=cfg.candidates)
             v = project(v + r, cfg.norm, cfg.eps.value)
         ctx.advance(len(idx), fooling=hit / max(seen, 1), epoch=epoch + 1)
-    (adv,) = predict(ctx.model, ctx.images, ctx.inputs, v, batch_size=cfg.batch_size)
+    (adv,) = predict(ctx.model, ctx.images, ctx.inputs, universal_attack(v), batch_size=cfg.batch_size)
     rate = (hits(adv, ctx.reference, target) & ctx.counted).sum().item() / max(int(ctx.counted.sum()), 1)
     return v, rate

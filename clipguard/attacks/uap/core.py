@@ -5,11 +5,11 @@ Fooling rate = share of images whose predicted class changes when ``v`` is added
 *prediction*, not the label, as in Moosavi-Dezfooli et al. 2017). Targeted UAPs count success as
 "the prediction becomes the target class" instead.
 
-Methods (a registry: ``list_uap_methods()``; each runs one epoch over the fitting set):
+Methods (the registry ``UAP_METHODS`` in :mod:`clipguard.attacks.uap.fit`; each runs one epoch over the fitting set):
 - ``sgd``: projected sign-gradient ascent on ``v`` over mini-batches with per-image clipped cross-entropy
-  (the SGD-UAP family, Shafahi et al. 2020), see :mod:`clipguard.attacks.uap_sgd`. Fast on a GPU.
+  (the SGD-UAP family, Shafahi et al. 2020), see :mod:`clipguard.attacks.uap.sgd`. Fast on a GPU.
 - ``deepfool``: the original loop (Moosavi-Dezfooli et al. 2017, "Universal adversarial perturbations"),
-  see :mod:`clipguard.attacks.deepfool`.
+  see :mod:`clipguard.attacks.uap.deepfool`.
 
 Where ``v`` lives: "model" resolution (default) is the model's input size and images are resized to it
 first, as attacks do; "native" is the dataset's own size and the classifier upsamples ``x + v``. Applied
@@ -21,7 +21,6 @@ sqrt(area ratio), so ``v`` keeps its per-pixel energy.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -31,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipguard.errors import ClipguardError
-from clipguard.specs import Eps, parse_eps, suggest
+from clipguard.models.inference import check_resolution
+from clipguard.specs import Eps, parse_eps
 
 NORM_SLACK = 1e-6  # float32 rounding allowed above eps in checks
-RESOLUTIONS = ("model", "native")
 
 
 class Norm(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11; we support 3.10)
@@ -59,7 +58,7 @@ class UAPConfig:
 
     eps: Eps = parse_eps("10/255")  # radius of v: max |v| (linf) or ||v||_2 over the whole of v (l2)
     norm: Norm = Norm.LINF  # linf or l2
-    method: str = "sgd"  # a key of list_uap_methods()
+    method: str = "sgd"  # a name in clipguard.attacks.uap.fit.UAP_METHODS
     target_fooling: float = 0.8  # stop once the fitting-set fooling (or targeted success) rate reaches this
     epochs: int = 10  # at most this many passes over the fitting set
     batch_size: int = 128  # images per gradient step (sgd) or per prediction pass (deepfool)
@@ -80,15 +79,11 @@ class UAPConfig:
         return self.step.value if self.step is not None else self.eps.value / 10
 
     def validate(self) -> UAPConfig:
-        """Raise a one-line ClipguardError for any bad field; returns self."""
+        """Raise a one-line ClipguardError for any bad field but ``method`` (checked by
+        :func:`clipguard.attacks.uap.fit.check_uap_config`, where the methods are registered); returns self."""
         if self.eps.value <= 0:
             raise ClipguardError(f"--eps {self.eps.text} must be > 0 (e.g. 10/255, [0, 1] pixel units)")
-        if self.method not in _METHODS:
-            close = suggest(self.method, list(_METHODS))
-            hint = f" (did you mean {close}?)" if close else ""
-            raise ClipguardError(f"--method {self.method!r} is unknown{hint}: use {' or '.join(_METHODS)}")
-        if self.resolution not in RESOLUTIONS:
-            raise ClipguardError(f"--resolution {self.resolution!r}: use model or native")
+        check_resolution(self.resolution)
         if not 0 < self.target_fooling <= 1:
             raise ClipguardError(f"--target-fooling {self.target_fooling} must be a share in (0, 1], e.g. 0.8")
         for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
@@ -148,6 +143,12 @@ def perturb(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (x + v).clamp(0, 1)
 
 
+def universal_attack(v: torch.Tensor):
+    """``v`` as an attack of the common contract (:data:`clipguard.attacks.registry.Attack`):
+    ``(x, y) -> clamp(x + v, 0, 1)``, the same ``v`` for every image."""
+    return lambda x, y=None: perturb(x, v)
+
+
 def hits(pred: torch.Tensor, reference: torch.Tensor, target: int | None) -> torch.Tensor:
     """Per image: fooled (prediction != reference) or, for a targeted UAP, prediction == target."""
     return pred != reference if target is None else pred == target
@@ -170,42 +171,21 @@ class FitContext:
     generator: torch.Generator  # shuffles the fitting set, seeded by cfg.seed
 
 
-Method = Callable[[FitContext, torch.Tensor, int], tuple[torch.Tensor, float]]  # (ctx, v, epoch) -> (v, rate)
-
-
-def _sgd_epoch(ctx: FitContext, v: torch.Tensor, epoch: int) -> tuple[torch.Tensor, float]:
-    from clipguard.attacks.uap_sgd import sgd_epoch
-
-    return sgd_epoch(ctx, v, epoch)
-
-
-def _deepfool_epoch(ctx: FitContext, v: torch.Tensor, epoch: int) -> tuple[torch.Tensor, float]:
-    from clipguard.attacks.deepfool import deepfool_uap_epoch
-
-    return deepfool_uap_epoch(ctx, v, epoch)
-
-
-_METHODS: dict[str, Method] = {"sgd": _sgd_epoch, "deepfool": _deepfool_epoch}
-
-
-def list_uap_methods() -> list[str]:
-    return list(_METHODS)
-
-
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *deltas: torch.Tensor | None,
+def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: Callable | None,
             batch_size: int = 256, advance: Callable | None = None) -> list[torch.Tensor]:
-    """Predicted classes (N,) on the device for uint8 ``images``, once per delta (``None`` = clean).
+    """Predicted classes (N,) on the device for uint8 ``images``, once per attack (``None`` = clean); an attack
+    is ``(x, y) -> x_adv``, here :func:`universal_attack` of a delta.
 
     ``advance(n, fooling=...)`` reports the running share of images whose prediction under the second
-    delta differs from the first (the fooling rate when called as ``predict(m, x, f, None, v)``).
+    attack differs from the first (the fooling rate when called as ``predict(m, x, f, None, universal_attack(v))``).
     """
-    out: list[list[torch.Tensor]] = [[] for _ in deltas]
+    out: list[list[torch.Tensor]] = [[] for _ in attacks]
     changed = done = 0
     for i in range(0, images.shape[0], batch_size):
         x = inputs(images[i:i + batch_size])
-        for preds, v in zip(out, deltas, strict=True):
-            preds.append(model(perturb(x, v) if v is not None else x).argmax(1))
+        for preds, attack in zip(out, attacks, strict=True):
+            preds.append(model(attack(x, None) if attack is not None else x).argmax(1))
         if advance is not None:
             changed += int((out[1][-1] != out[0][-1]).sum()) if len(out) > 1 else 0
             done += x.shape[0]
@@ -220,69 +200,3 @@ def random_control(v: torch.Tensor, norm: Norm, seed: int = 0) -> torch.Tensor:
     return r * (norm_of(v, norm) / norm_of(r, norm))
 
 
-@dataclass
-class UAPFit:
-    delta: torch.Tensor  # float32 (1, 3, H, W) on the CPU, ||delta|| <= eps
-    clean_pred: torch.Tensor  # (N,) fitting-set predictions without v (CPU)
-    adv_pred: torch.Tensor  # (N,) fitting-set predictions with the final v (CPU)
-    history: list[float]  # per epoch: the rate the method reported (what the stopping rule saw)
-    timings: dict
-
-
-def fit_uap(model: nn.Module, images: torch.Tensor, cfg: UAPConfig, inputs: Callable, *,
-            progress: bool = True) -> UAPFit:
-    """Fit one universal perturbation on uint8 ``images`` (the fitting set).
-
-    Args:
-        model: the target, a [0, 1] -> logits ZeroShotClassifier (fp32).
-        cfg: a validated :class:`UAPConfig` (``target_class`` already an index).
-        inputs: uint8 batch -> [0, 1] pixels on the device at the resolution v lives at.
-
-    Shape:
-        images: uint8 (N, 3, H, W); returned delta: float32 (1, 3, h, w) with (h, w) = inputs' size.
-
-    Stops after ``cfg.epochs`` passes or once an epoch's rate reaches ``cfg.target_fooling``.
-    """
-    from clipguard.progress import progress_bar
-
-    n, t0 = images.shape[0], time.perf_counter()
-    (reference,) = predict(model, images, inputs, None, batch_size=cfg.batch_size)
-    counted = torch.ones_like(reference, dtype=torch.bool)
-    if cfg.target_class is not None:
-        counted = reference != cfg.target_class
-    size = inputs(images[:1]).shape[-2:]
-    v = torch.zeros(1, 3, *size, device=reference.device)
-    history, seen = [], 0
-    desc = f"uap {cfg.method} {cfg.norm.value} eps={cfg.eps.text}"
-    with progress_bar(n * cfg.epochs, desc, enabled=progress) as advance:
-        ctx = FitContext(model, images, reference, inputs, cfg, counted, advance,
-                         torch.Generator().manual_seed(cfg.seed))
-        for epoch in range(cfg.epochs):
-            v, rate = _METHODS[cfg.method](ctx, v, epoch)
-            history.append(round(rate, 4))
-            seen += n
-            if rate >= cfg.target_fooling:
-                break
-    if reference.device.type == "cuda":
-        torch.cuda.synchronize()
-    fit_s = time.perf_counter() - t0
-    (adv,) = predict(model, images, inputs, v, batch_size=cfg.batch_size)
-    timings = {"wall_s": round(time.perf_counter() - t0, 4), "fit_s": round(fit_s, 4), "epochs_run": len(history),
-               "images_seen": seen, "images_per_s": round(seen / fit_s, 2)}
-    return UAPFit(v.detach().float().cpu().contiguous(), reference.cpu(), adv.cpu(), history, timings)
-
-
-def uap_metrics(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor,
-                target: int | None = None) -> dict:
-    """fooling_rate, acc1 (clean), perturbed_acc, attack_success_rate (share of clean-correct images the
-    UAP makes wrong) and, for a targeted UAP, targeted_success_rate over images whose label is not the target."""
-    labels = labels.cpu()
-    correct = clean_pred == labels
-    m = {"fooling_rate": (adv_pred != clean_pred).float().mean().item(),
-         "acc1": correct.float().mean().item(),
-         "perturbed_acc": (adv_pred == labels).float().mean().item(),
-         "attack_success_rate": (correct & (adv_pred != labels)).sum().item() / max(int(correct.sum()), 1)}
-    if target is not None:
-        other = labels != target
-        m["targeted_success_rate"] = (adv_pred[other] == target).float().mean().item() if other.any() else 0.0
-    return m

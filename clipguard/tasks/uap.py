@@ -4,39 +4,33 @@ Both run in fp32 (attack precision). The perturbation is added at the resolution
 "model" (images resized to the model's input size first, as attacks do) or "native" (the dataset's own
 size; the classifier upsamples ``x + v``). A UAP whose size differs from those inputs (evaluated on
 another model or dataset) is resized bicubically and projected back onto its eps-ball; see
-:func:`clipguard.attacks.uap.fit_to`.
+:func:`clipguard.attacks.uap.core.fit_to`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from clipguard.errors import ClipguardError
-from clipguard.prepare import prepare_for
-from clipguard.results import make_record
+from clipguard.records.schema import make_record
+from clipguard.run_options import RunOptions, flat, split_run
+from clipguard.tasks.prepare import prepare
+
+
+def _fit_run() -> RunOptions:
+    return RunOptions(split="train", batch_size=128)
 
 
 @dataclass
 class UAPFitConfig:
-    out: str = "uap.safetensors"  # UAP file to write
-    model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path, hf-hub:ORG/NAME, toy
-    dataset: str = "toy"  # dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, imagefolder:PATH
-    split: str = "train"  # the fitting set
-    limit: int | None = None  # images kept (seeded, stratified); None = all
-    seed: int = 0  # seeds --limit selection and the shuffling of the fitting set
-    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
-    templates: str = "seed"  # template set within the prompts file
-    device: str = "auto"
-    image_column: str | None = None
-    label_column: str | None = None
-    adapter: str | None = None  # LoRA / VPT adapter directory
+    uap: str = "uap.safetensors"  # UAP file to write
+    run: RunOptions = field(default_factory=_fit_run)  # the fitting set (split train) and model; fp32 always
     eps: str = "10/255"  # radius of v, [0, 1] pixel units (linf: max |v|; l2: ||v||_2)
     norm: str = "linf"  # linf | l2
-    method: str = "sgd"  # sgd | deepfool
+    method: str = "sgd"  # a name in clipguard.attacks.uap.fit.UAP_METHODS: sgd | deepfool
     target_fooling: float = 0.8  # stop once the fitting-set fooling rate reaches this share
     epochs: int = 10  # at most this many passes over the fitting set
-    batch_size: int = 128
     step: str | None = None  # sgd step per batch, [0, 1] pixel units; None = eps/10
     target_class: str | None = None  # class name for a targeted UAP; None = untargeted
     resolution: str = "model"  # where v lives: model input size or the dataset's native size
@@ -46,30 +40,35 @@ class UAPFitConfig:
 @dataclass
 class UAPEvalConfig:
     uap: str = "uap.safetensors"  # UAP file from `uap fit`
-    model: str = "toy"  # the target: any model (another one than the UAP's gives the transfer number)
-    dataset: str = "toy"
-    split: str = "test"
-    limit: int | None = None
-    seed: int = 0  # seeds --limit selection and the random sign-pattern control
-    prompts: str | None = None
-    templates: str = "seed"
-    batch_size: int = 256
-    device: str = "auto"
-    image_column: str | None = None
-    label_column: str | None = None
-    adapter: str | None = None
+    run: RunOptions = field(default_factory=RunOptions)  # the target: any model (another one gives the transfer
+    # number); seed also seeds the random sign-pattern control
     png: str | None = None
+
+
+def uap_fit_config(**opts) -> UAPFitConfig:
+    """A UAPFitConfig from flat keyword options (RunOptions fields go to ``run``)."""
+    run, rest = split_run(opts)
+    return UAPFitConfig(run=RunOptions(**{**vars(_fit_run()), **run}), **rest)
+
+
+def uap_eval_config(**opts) -> UAPEvalConfig:
+    """A UAPEvalConfig from flat keyword options (RunOptions fields go to ``run``)."""
+    run, rest = split_run(opts)
+    return UAPEvalConfig(run=RunOptions(**run), **rest)
 
 
 def uap_config(cfg: UAPFitConfig):
     """The validated :class:`~clipguard.attacks.uap.UAPConfig` (target class still unresolved)."""
-    from clipguard.attacks.uap import UAPConfig, parse_norm
+    from clipguard.attacks.uap.core import UAPConfig, parse_norm
+    from clipguard.attacks.uap.fit import check_uap_config
     from clipguard.specs import parse_eps
 
+    cfg.run.check()
     step = parse_eps(cfg.step, name="--step", allow_zero=False) if cfg.step else None
-    return UAPConfig(eps=parse_eps(cfg.eps, allow_zero=False), norm=parse_norm(cfg.norm), method=cfg.method,
-                     target_fooling=cfg.target_fooling, epochs=cfg.epochs, batch_size=cfg.batch_size, step=step,
-                     resolution=cfg.resolution, seed=cfg.seed).validate()
+    return check_uap_config(UAPConfig(eps=parse_eps(cfg.eps, allow_zero=False), norm=parse_norm(cfg.norm),
+                                      method=cfg.method, target_fooling=cfg.target_fooling, epochs=cfg.epochs,
+                                      batch_size=cfg.run.batch_size, step=step, resolution=cfg.resolution,
+                                      seed=cfg.run.seed))
 
 
 def resolve_target(name: str | None, classnames: list[str]) -> int | None:
@@ -78,7 +77,7 @@ def resolve_target(name: str | None, classnames: list[str]) -> int | None:
         return None
     if name in classnames:
         return classnames.index(name)
-    from clipguard.specs import suggest
+    from clipguard.registry import suggest
 
     close = suggest(name, classnames)
     known = ", ".join(classnames[:12]) + (", ..." if len(classnames) > 12 else "")
@@ -87,25 +86,25 @@ def resolve_target(name: str | None, classnames: list[str]) -> int | None:
 
 
 def _prepare(cfg):
-    return prepare_for(cfg, precision="fp32")  # UAPs are fitted and scored in fp32
+    return prepare(cfg.run, precision="fp32")  # UAPs are fitted and scored in fp32
 
 
 def _inputs(p, resolution: str):
-    from clipguard.attacks.robust import attack_inputs
+    from clipguard.models.inference import attack_inputs
 
     return lambda batch: attack_inputs(p.classifier, batch, resolution)
 
 
 def _norm_check(v, norm, eps: float) -> dict:
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap import NORM_SLACK, norm_of
+    from clipguard.attacks.uap.core import NORM_SLACK, norm_of
 
     size = norm_of(v, norm)
     return check("norm_within_eps", size, size <= eps + NORM_SLACK, f"||v||_{norm.value} vs eps {eps:.6g}")
 
 
 def _pictures(p, inputs, v, clean_pred, adv_pred, png_dir, n: int = 8) -> list[str]:
-    from clipguard.attacks.uap import perturb
+    from clipguard.attacks.uap.core import perturb
     from clipguard.report.uap_pictures import uap_pictures
 
     x = inputs(p.data.images[:n]).cpu()
@@ -114,10 +113,10 @@ def _pictures(p, inputs, v, clean_pred, adv_pred, png_dir, n: int = 8) -> list[s
 
 
 def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
-    """Fit a UAP on ``cfg``'s split, save it to ``cfg.out``; returns a ``clipguard.result/1`` record."""
+    """Fit a UAP on ``cfg``'s split, save it to ``cfg.uap``; returns a ``clipguard.result/1`` record."""
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap import fit_uap, uap_metrics
-    from clipguard.attacks.uapfile import UAPFile
+    from clipguard.attacks.uap.file import UAPFile
+    from clipguard.attacks.uap.fit import fit_uap, uap_metrics
 
     ucfg = uap_config(cfg)
     p = _prepare(cfg)
@@ -127,21 +126,21 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     metrics = uap_metrics(p.data.labels, fit.clean_pred, fit.adv_pred, ucfg.target_class)
     attack = {**ucfg.to_record(), "target_class_name": cfg.target_class, "precision": "fp32"}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "adapter": cfg.adapter},
+                "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "adapter": cfg.run.adapter},
                 "data": p.data.to_record(), "attack": attack,
                 "fitting": {**metrics, "history": fit.history, "epochs_run": fit.timings["epochs_run"]}}
     uap = UAPFile(fit.delta, manifest)
-    uap.to_disk(cfg.out)
-    same = UAPFile.from_disk(cfg.out, option="--out").delta.equal(fit.delta)
+    uap.to_disk(cfg.uap)
+    same = UAPFile.from_disk(cfg.uap, option="--uap").delta.equal(fit.delta)
     checks = [_norm_check(fit.delta, ucfg.norm, ucfg.eps.value),
               check("reload_identical", same, same, "the saved file reloads to the same bits")]
     pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) if cfg.png else []
     return make_record("uap_fit", clip=p.clip, dataset=p.data, prompts=p.prompts,
                        metrics={**metrics, "fooling_history": fit.history}, timings=fit.timings, attack=attack,
-                       uap={"path": str(cfg.out), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
+                       uap={"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
                             "linf": float(fit.delta.abs().max()), "l2": float(fit.delta.norm(p=2))},
                        checks=checks, checks_passed=all(c["passed"] for c in checks), pngs=pngs,
-                       text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg))
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg))
 
 
 def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
@@ -150,8 +149,9 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     The record also holds ``random_fooling_rate``: a random sign pattern of the same norm, the chance level.
     """
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap import fit_to, predict, random_control, scaled_eps, uap_metrics
-    from clipguard.attacks.uapfile import UAPFile
+    from clipguard.attacks.uap.core import fit_to, predict, random_control, scaled_eps, universal_attack
+    from clipguard.attacks.uap.file import UAPFile
+    from clipguard.attacks.uap.fit import uap_metrics
     from clipguard.progress import progress_bar
 
     uap = UAPFile.from_disk(cfg.uap)  # a bad file fails before any model loads
@@ -168,8 +168,9 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     with progress_bar(len(p.data), f"uap eval {uap.norm.value} eps={uap.manifest['attack']['eps']['text']}",
                       enabled=progress) as advance:
-        clean, adv, rand = predict(p.classifier, p.data.images, inputs, None, v, random_control(v, uap.norm, cfg.seed),
-                                   batch_size=cfg.batch_size, advance=advance)
+        control = universal_attack(random_control(v, uap.norm, cfg.run.seed))
+        clean, adv, rand = predict(p.classifier, p.data.images, inputs, None, universal_attack(v), control,
+                                   batch_size=cfg.run.batch_size, advance=advance)
     wall = time.perf_counter() - t0
     clean, adv, rand = clean.cpu(), adv.cpu(), rand.cpu()
     metrics = uap_metrics(p.data.labels, clean, adv, target)
@@ -182,10 +183,10 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     info = {"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
             "applied_shape": list(v.shape), "resized": tuple(v.shape) != tuple(uap.delta.shape),
             "source": src, "fitted_on": uap.manifest.get("data"), "fitting": uap.manifest.get("fitting"),
-            "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.adapter}
+            "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.run.adapter}
     pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png else []
     return make_record("uap_evaluation", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings={"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)},
                        attack=uap.manifest["attack"], uap=info, checks=checks,
                        checks_passed=all(c["passed"] for c in checks), warnings=warnings, pngs=pngs,
-                       text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg))
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg))

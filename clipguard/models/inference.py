@@ -1,4 +1,8 @@
-"""Clean zero-shot accuracy over a dataset, in batches, on the classifier's device."""
+"""Running a classifier over a dataset: pixels onto the device, autocast, out-of-memory-safe batches.
+
+``predict_logits`` is the clean pass every command shares; ``run_batches`` is the batch walker that
+attacks use too; ``attack_inputs`` puts uint8 images at the resolution where a perturbation lives.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,19 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
+from clipguard.errors import ClipguardError
 from clipguard.progress import progress_bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESOLUTIONS = ("model", "native")  # where a perturbation lives: the model's input size, or the dataset's own
+
+
+def check_resolution(resolution: str) -> str:
+    if resolution not in RESOLUTIONS:
+        raise ClipguardError(f"--resolution {resolution!r}: use model or native")
+    return resolution
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -17,6 +30,19 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class Autocast(nn.Module):
+    """Runs the wrapped [0, 1] -> logits module under autocast (bf16 attacks, bf16 training) and returns fp32."""
+
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+        self.text_embeddings = getattr(model, "text_embeddings", None)  # AutoAttack reads the class count
+
+    def forward(self, x):
+        with autocast_for(x.device, self.precision):
+            return self.model(x).float()
 
 
 def to_pixels(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -74,13 +100,10 @@ def predict_logits(classifier, images: torch.Tensor, *, batch_size: int = 256, p
     return torch.cat(out), {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size}
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """acc1, acc5 and mean per-class recall, as CLIP_benchmark names them."""
-    labels = labels.cpu()
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    pred = topk[:, 0]
-    acc1 = (pred == labels).float().mean().item()
-    acc5 = (topk == labels[:, None]).any(1).float().mean().item()
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in labels.unique().tolist()]
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+def attack_inputs(classifier, batch_uint8: torch.Tensor, resolution: str) -> torch.Tensor:
+    """[0, 1] pixels where the perturbation lives: the model's input size ("model", as TeCoA/FARE do)
+    or the dataset's own size ("native", the classifier upsamples the perturbed image)."""
+    x = to_pixels(batch_uint8, classifier.text_embeddings.device)
+    if resolution == "model" and tuple(x.shape[-2:]) != classifier.input_size:
+        x = classifier.resize(x)
+    return x

@@ -6,22 +6,21 @@ import torch
 
 from clipguard.attacks import integrity as ic
 from clipguard.attacks.registry import AttackConfig
-from clipguard.attacks.robust import run_attack
+from clipguard.attacks.runner import run_attack
+from clipguard.models.inference import attack_inputs
+from clipguard.records.metrics import accuracy, attack_success_rate
 from clipguard.specs import parse_eps
 
 
 def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
     """Robust accuracy and attack success rate (share of clean-correct images the attack flips)."""
-    correct = run.clean_pred == labels
-    fooled = correct & (run.adv_pred != labels)
     entry = {"attack": cfg.name, "eps": cfg.eps.text, "eps_value": cfg.eps.value,
-             "robust_acc": (run.adv_pred == labels).float().mean().item(),
-             "clean_acc": correct.float().mean().item(),
-             "attack_success_rate": fooled.sum().item() / max(int(correct.sum()), 1),
+             "robust_acc": accuracy(run.adv_pred, labels), "clean_acc": accuracy(run.clean_pred, labels),
+             "attack_success_rate": attack_success_rate(labels, run.clean_pred, run.adv_pred),
              "images_per_s": run.timings["images_per_s"]}
     if run.source_clean_pred is not None:
-        entry["surrogate_clean_acc"] = (run.source_clean_pred == labels).float().mean().item()
-        entry["surrogate_robust_acc"] = (run.source_adv_pred == labels).float().mean().item()
+        entry["surrogate_clean_acc"] = accuracy(run.source_clean_pred, labels)
+        entry["surrogate_robust_acc"] = accuracy(run.source_adv_pred, labels)
     return entry
 
 
@@ -43,8 +42,6 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
     zero = run_attack(p.classifier, images[head], labels[head], base.with_eps(parse_eps("0")),
                       **{**kw, "progress": False})
     checks.append(ic.eps0_check(zero.adv_pred, zero.clean_pred))
-    from clipguard.attacks.robust import attack_inputs
-
     checks.append(ic.deterministic_check(p.classifier, attack_inputs(p.classifier, images[head], resolution)))
     if sanity:
         checks += sanity_checks(p, base, eps_list, entries, kw)
@@ -62,7 +59,7 @@ def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict
 
     def robust(c: AttackConfig) -> float:
         r = run_attack(p.classifier, images, labels, c, **kw)
-        return (r.adv_pred == labels).float().mean().item()
+        return accuracy(r.adv_pred, labels)
 
     if base.name != "fgsm":
         fgsm = robust(AttackConfig("fgsm", top, seed=base.seed))

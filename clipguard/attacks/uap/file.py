@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clipguard.attacks.uap import NORM_SLACK, Norm, norm_of
+from clipguard.attacks.uap.core import NORM_SLACK, Norm, norm_of
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write
 

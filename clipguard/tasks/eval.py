@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from clipguard.evaluate import classification_metrics, predict_logits
-from clipguard.prepare import prepare_for
-from clipguard.results import make_record
+from clipguard.models.inference import predict_logits
+from clipguard.records.metrics import accuracy, attack_success_rate, classification_metrics
+from clipguard.records.schema import make_record
+from clipguard.run_options import RunOptions, flat, split_run
+from clipguard.tasks.prepare import prepare
 
 
 @dataclass
 class EvalConfig:
-    model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path, hf-hub:ORG/NAME, toy
-    dataset: str = "toy"  # dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, imagefolder:PATH
-    split: str = "test"
-    limit: int | None = None  # images kept (seeded, stratified); None = all
-    seed: int = 0  # seeds --limit selection (and attacks)
-    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
-    templates: str = "seed"  # template set within the prompts file
-    batch_size: int = 256
-    device: str = "auto"
-    precision: str = "auto"  # clean-pass autocast: auto = bf16 on capable GPUs, else fp32
-    image_column: str | None = None
-    label_column: str | None = None
-    adapter: str | None = None  # LoRA / VPT adapter directory
+    run: RunOptions = field(default_factory=RunOptions)  # model, dataset, split, limit, prompts, device, ...
     attack: str | None = None  # fgsm | pgd | apgd | autoattack; None = clean only
     eps: str = "8/255"  # L-inf radius in [0, 1] pixel units; a comma list gives a sweep
     alpha: str | None = None  # PGD step, [0, 1] pixel units; None = eps/4
@@ -36,10 +26,17 @@ class EvalConfig:
     adv_set: str | None = None  # evaluate on a saved adversarial set instead of attacking
 
 
+def eval_config(**opts) -> EvalConfig:
+    """An EvalConfig from flat keyword options (a suite cell, a script): RunOptions fields go to ``run``."""
+    run, rest = split_run(opts)
+    return EvalConfig(run=RunOptions(**run), **rest)
+
+
 def validate_eval(cfg: EvalConfig) -> None:
     """Option combinations and attack settings, checked before anything loads (CLI, bench cells, library)."""
     from clipguard.errors import ClipguardError
 
+    cfg.run.check()
     if cfg.attack and cfg.adv_set:
         raise ClipguardError("--attack and --adv-set exclude each other: attack now, or evaluate a saved set")
     if cfg.surrogate and not cfg.attack:
@@ -51,9 +48,9 @@ def validate_eval(cfg: EvalConfig) -> None:
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Clean zero-shot evaluation (robust too with ``attack``); returns a ``clipguard.result/1`` record."""
     validate_eval(cfg)
-    p = prepare_for(cfg)
+    p = prepare(cfg.run)
     adv = _load_matching_adv_set(p, cfg) if cfg.adv_set else None
-    logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.batch_size,
+    logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.run.batch_size,
                                      precision=p.clip.precision, progress=progress)
     metrics = classification_metrics(logits, p.data.labels)
     extra, task = {}, "zeroshot_classification"
@@ -69,22 +66,20 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         extra = _adv_set_section(p, cfg, adv, logits)
         metrics.update(extra.pop("metrics"))
     return make_record(task, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
-                       text_embeddings=p.text.to_record(), adapter=cfg.adapter, config=asdict(cfg), **extra)
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg), **extra)
 
 
 def attack_config(cfg) -> tuple:
     """(base AttackConfig, eps list) from CLI strings, validated; shared by eval and attack."""
     from clipguard.attacks.registry import AttackConfig, check_attack
-    from clipguard.attacks.robust import RESOLUTIONS
-    from clipguard.errors import ClipguardError
+    from clipguard.models.inference import check_resolution
     from clipguard.specs import parse_eps, parse_eps_list
 
-    base = AttackConfig(cfg.attack, steps=cfg.steps, restarts=cfg.restarts, seed=cfg.seed)
+    base = AttackConfig(cfg.attack, steps=cfg.steps, restarts=cfg.restarts, seed=cfg.run.seed)
     check_attack(base)
     eps_list = parse_eps_list(cfg.eps)
     alpha = parse_eps(cfg.alpha, name="--alpha", allow_zero=False) if cfg.alpha else None
-    if cfg.resolution not in RESOLUTIONS:
-        raise ClipguardError(f"--resolution {cfg.resolution!r}: use model or native")
+    check_resolution(cfg.resolution)
     if cfg.surrogate:
         from clipguard.attacks.surrogates import check_surrogate_spec
 
@@ -93,7 +88,7 @@ def attack_config(cfg) -> tuple:
 
 
 def _attack_section(p, cfg: EvalConfig, progress: bool) -> dict:
-    from clipguard.robust_eval import robust_sweep
+    from clipguard.attacks.sweep import robust_sweep
 
     base, eps_list = attack_config(cfg)
     surrogate, resolution = None, cfg.resolution
@@ -102,7 +97,7 @@ def _attack_section(p, cfg: EvalConfig, progress: bool) -> dict:
 
         surrogate = build_surrogate(cfg.surrogate, p)
         resolution = "native"  # the surrogate sees the dataset's images at their own size
-    entries, checks = robust_sweep(p, base, eps_list, batch_size=cfg.batch_size, resolution=resolution,
+    entries, checks = robust_sweep(p, base, eps_list, batch_size=cfg.run.batch_size, resolution=resolution,
                                    precision=cfg.attack_precision, surrogate=surrogate, sanity=cfg.sanity,
                                    progress=progress)
     warnings = []
@@ -134,13 +129,10 @@ def _load_matching_adv_set(p, cfg: EvalConfig):
 def _adv_set_section(p, cfg: EvalConfig, adv, clean_logits) -> dict:
 
     # The same classifier, batching and precision as the clean pass, so both predictions compare like for like.
-    logits = predict_logits(p.classifier, adv.images, batch_size=cfg.batch_size, precision=p.clip.precision,
+    logits = predict_logits(p.classifier, adv.images, batch_size=cfg.run.batch_size, precision=p.clip.precision,
                             progress=False)[0]
-    labels = p.data.labels
-    clean_correct = clean_logits.argmax(1) == labels
-    adv_pred = logits.argmax(1)
-    fooled = clean_correct & (adv_pred != labels)
-    return {"metrics": {"robust_acc": (adv_pred == labels).float().mean().item(),
-                        "attack_success_rate": fooled.sum().item() / max(int(clean_correct.sum()), 1)},
+    labels, adv_pred = p.data.labels, logits.argmax(1)
+    return {"metrics": {"robust_acc": accuracy(adv_pred, labels),
+                        "attack_success_rate": attack_success_rate(labels, clean_logits.argmax(1), adv_pred)},
             "adv_set": {"path": str(cfg.adv_set),
                         **{k: adv.manifest.get(k) for k in ("attack", "source", "quantized")}}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipguard.results import SCHEMA
+from clipguard.records.schema import SCHEMA
 
 CLEAN_METRICS = ("acc1", "acc5", "mean_per_class_recall")
 ROBUST_METRICS = ("robust_acc", "attack_success_rate")

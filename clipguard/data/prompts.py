@@ -17,11 +17,11 @@ DEFAULT_TEMPLATES = {"seed": ["a photo of a {c}."]}
 
 def prompts_dir() -> Path:
     """The shipped prompts: inside the wheel (``clipguard/_prompts``) or the checkout's ``prompts/``."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "_prompts", here.parent / "prompts"):
+    package = Path(__file__).resolve().parents[1]  # clipguard/
+    for cand in (package / "_prompts", package.parent / "prompts"):
         if cand.is_dir():
             return cand
-    return here.parent / "prompts"
+    return package.parent / "prompts"
 
 
 @dataclass(frozen=True)

@@ -10,32 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipguard.attacks.registry import AttackConfig, build_attack
-from clipguard.evaluate import autocast_for, run_batches, to_pixels
+from clipguard.models.inference import Autocast, attack_inputs, run_batches
 from clipguard.progress import progress_bar
-
-RESOLUTIONS = ("model", "native")
-
-
-class Autocast(nn.Module):
-    """Runs the wrapped classifier under autocast (for ``--precision bf16`` attacks) and returns fp32."""
-
-    def __init__(self, model: nn.Module, precision: str):
-        super().__init__()
-        self.model, self.precision = model, precision
-        self.text_embeddings = model.text_embeddings
-
-    def forward(self, x):
-        with autocast_for(x.device, self.precision):
-            return self.model(x).float()
-
-
-def attack_inputs(classifier, batch_uint8: torch.Tensor, resolution: str) -> torch.Tensor:
-    """[0, 1] pixels where the perturbation lives: the model's input size ("model", as TeCoA/FARE do)
-    or the dataset's own size ("native", the classifier upsamples the perturbed image)."""
-    x = to_pixels(batch_uint8, classifier.text_embeddings.device)
-    if resolution == "model" and tuple(x.shape[-2:]) != classifier.input_size:
-        x = classifier.resize(x)
-    return x
 
 
 @dataclass

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
-from clipguard.eval_run import EvalConfig, attack_config
-from clipguard.prepare import prepare_for
-from clipguard.results import make_record
+from clipguard.records.schema import make_record
+from clipguard.run_options import flat
+from clipguard.tasks.eval import EvalConfig, attack_config
+from clipguard.tasks.prepare import prepare
 
 
 def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str | None = None,
@@ -20,24 +19,25 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     """
     from clipguard.attacks.advset import quantize as quantize_fn
     from clipguard.attacks.advset import save_adv_set
-    from clipguard.attacks.robust import attack_inputs, run_attack
-    from clipguard.robust_eval import robust_entry
+    from clipguard.attacks.runner import run_attack
+    from clipguard.attacks.sweep import robust_entry
+    from clipguard.models.inference import attack_inputs
 
     base, eps_list = attack_config(cfg)
-    p = prepare_for(cfg)
+    p = prepare(cfg.run)
     surrogate, resolution = None, cfg.resolution
     if cfg.surrogate:
         from clipguard.attacks.surrogates import build_surrogate
 
         surrogate, resolution = build_surrogate(cfg.surrogate, p), "native"
-    run = run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.batch_size,
+    run = run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.run.batch_size,
                      resolution=resolution, precision=cfg.attack_precision, keep_adv=True, progress=progress,
                      craft_on=surrogate)
     adv = run.adv_images
     if quantize:
         clean = p.data.images
         if tuple(adv.shape[-2:]) != tuple(clean.shape[-2:]):  # model resolution: clip around the resized clean
-            bs = cfg.batch_size
+            bs = cfg.run.batch_size
             with torch.no_grad():  # in batches, converted on the device: a whole dataset at 224 px is GBs
                 clean = torch.cat([torch.round(attack_inputs(p.classifier, clean[i:i + bs], "model").cpu() * 255)
                                    .to(torch.uint8) for i in range(0, clean.shape[0], bs)])
@@ -45,7 +45,7 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     attack = {**base.to_record(), "resolution": resolution, "precision": cfg.attack_precision,
               "surrogate": cfg.surrogate}
     manifest = {"data": p.data.to_record(), "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint,
-                "surrogate": cfg.surrogate, "adapter": cfg.adapter}, "attack": attack, "quantized": quantize}
+                "surrogate": cfg.surrogate, "adapter": cfg.run.adapter}, "attack": attack, "quantized": quantize}
     save_adv_set(out, adv, p.data.labels, manifest)
     entry = robust_entry(run, p.data.labels, base)
     pngs = []
@@ -60,4 +60,4 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
                        surrogate_robust_acc=entry["surrogate_robust_acc"])
     return make_record("attack", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=run.timings, attack=attack, adv_set={"path": str(out), "quantized": quantize},
-                       stats=run.stats, pngs=pngs, config=asdict(cfg))
+                       stats=run.stats, pngs=pngs, config=flat(cfg))

@@ -1,0 +1,112 @@
+"""The CLI's shared options, declared once (Annotated aliases grouped into help panels), and the decorator
+that gives a command the whole RunOptions block. No torch import here: ``clipguard --help`` stays fast."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipguard.run_options import RunOptions
+
+MODEL_DATA, ATTACK, OUTPUT, PERF, TRAIN = "Model & data", "Attack", "Output", "Performance", "Training"
+
+# ---- RunOptions: every command that loads a model and a dataset takes these
+ModelOpt = Annotated[str, typer.Option("--model", "-m", rich_help_panel=MODEL_DATA,
+                                       help="Model spec: ViT-B-32:openai, ARCH:/path/weights.safetensors, "
+                                            "ARCH:none (random init), hf-hub:ORG/NAME, or toy.")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", rich_help_panel=MODEL_DATA,
+                                         help="Dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, or "
+                                              "imagefolder:PATH.")]
+SplitOpt = Annotated[str, typer.Option(help="Dataset split.", rich_help_panel=MODEL_DATA)]
+LimitOpt = Annotated[int | None, typer.Option(help="Keep N images, stratified by class and seeded by --seed.",
+                                              rich_help_panel=MODEL_DATA)]
+SeedOpt = Annotated[int, typer.Option(help="Seed for --limit selection, attacks and training.",
+                                      rich_help_panel=MODEL_DATA)]
+PromptsOpt = Annotated[str | None, typer.Option(help="Prompts JSON overriding prompts/<dataset>.json.",
+                                                rich_help_panel=MODEL_DATA)]
+TemplatesOpt = Annotated[str, typer.Option(help="Template set in the prompts file: seed or openai.",
+                                           rich_help_panel=MODEL_DATA)]
+ImageColOpt = Annotated[str | None, typer.Option(help="Image column of an hf: dataset.", rich_help_panel=MODEL_DATA)]
+LabelColOpt = Annotated[str | None, typer.Option(help="Label column of an hf: dataset.", rich_help_panel=MODEL_DATA)]
+AdapterOpt = Annotated[str | None, typer.Option(help="Adapter directory (LoRA, VPT or full) made by finetune.",
+                                                rich_help_panel=MODEL_DATA)]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.",
+                                        rich_help_panel=PERF)]
+PrecisionOpt = Annotated[str, typer.Option(help="Clean passes: auto (bf16 on capable GPUs, else fp32), fp32, "
+                                                "bf16, fp16.", rich_help_panel=PERF)]
+BatchOpt = Annotated[int, typer.Option(help="Images per batch (halved automatically on GPU out-of-memory).",
+                                       rich_help_panel=PERF)]
+
+_RUN_PARAMS = {"model": ModelOpt, "dataset": DatasetOpt, "split": SplitOpt, "limit": LimitOpt, "seed": SeedOpt,
+               "prompts": PromptsOpt, "templates": TemplatesOpt, "image_column": ImageColOpt,
+               "label_column": LabelColOpt, "adapter": AdapterOpt, "device": DeviceOpt, "precision": PrecisionOpt,
+               "batch_size": BatchOpt}
+
+
+def run_options(*, exclude: tuple[str, ...] = (), help: dict[str, str] | None = None, **defaults):
+    """Give a command the RunOptions block: the options above become its parameters (``defaults`` override the
+    RunOptions defaults, ``help`` a help text, ``exclude`` drops one) and the command receives them as one
+    ``run: RunOptions`` argument."""
+    base = vars(RunOptions())
+
+    def deco(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "run"]
+        added = []
+        for name, ann in _RUN_PARAMS.items():
+            if name in exclude:
+                continue
+            if help and name in help:
+                info = ann.__metadata__[0]
+                ann = Annotated[ann.__origin__, typer.Option(*info.param_decls, help=help[name],
+                                                             rich_help_panel=info.rich_help_panel)]
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                           default=defaults.get(name, base[name])))
+        params = added + own  # "Model & data" comes first in --help
+
+        @functools.wraps(fn)
+        def command(**kw):
+            run = RunOptions(**{**{k: defaults.get(k, base[k]) for k in exclude},
+                                **{k: kw.pop(k) for k in list(kw) if k in _RUN_PARAMS}})
+            return fn(run=run, **kw)
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return deco
+
+
+# ---- attacks (eval, attack)
+AttackOpt = Annotated[str | None, typer.Option(help="Attack: fgsm, pgd, apgd or autoattack (L-inf).",
+                                               rich_help_panel=ATTACK)]
+EpsOpt = Annotated[str, typer.Option(help="L-inf radius in [0, 1] pixel units: 8/255 or 0.0314; a comma list "
+                                          "(0,2/255,4/255,8/255) gives a sweep.", rich_help_panel=ATTACK)]
+AlphaOpt = Annotated[str | None, typer.Option(help="PGD step size in [0, 1] pixel units (default eps/4).",
+                                              rich_help_panel=ATTACK)]
+StepsOpt = Annotated[int, typer.Option(help="Attack iterations (PGD, APGD).", rich_help_panel=ATTACK)]
+RestartsOpt = Annotated[int, typer.Option(help="Random restarts (PGD, APGD); worst case over restarts.",
+                                          rich_help_panel=ATTACK)]
+ResolutionOpt = Annotated[str, typer.Option(help="Where the perturbation lives: model (the model's input size, "
+                                                 "as TeCoA/FARE) or native (the dataset's own size).",
+                                            rich_help_panel=ATTACK)]
+AttackPrecisionOpt = Annotated[str, typer.Option(help="Attack precision: fp32 (default) or bf16 (weaker "
+                                                      "small-eps gradients; recorded as a warning).",
+                                                 rich_help_panel=PERF)]
+SurrogateOpt = Annotated[str | None, typer.Option(help="Transfer attack: craft on toy-cnn, clip:ARCH:TAG, "
+                                                       "clip:toy@seed1, hub:OWNER/REPO:ENTRY or a TorchScript file.",
+                                                  rich_help_panel=ATTACK)]
+
+# ---- output: every command writes its JSON record with --out and prints it with --json
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the JSON record to this file.",
+                                             rich_help_panel=OUTPUT)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON record to stdout instead of a table.",
+                                       rich_help_panel=OUTPUT)]
+RecordOpt = Annotated[Path | None, typer.Option("--record", hidden=True,
+                                                help="Deprecated name of --out (the JSON record).")]
+PngOpt = Annotated[str | None, typer.Option(help="Write picture grids (clean | perturbation | adversarial) to "
+                                                 "this folder.", rich_help_panel=OUTPUT)]

@@ -1,0 +1,55 @@
+"""``RunOptions``: the options every command shares (what model, which images, which prompts, where to run).
+
+Each task config nests one (``cfg.run``); :func:`clipguard.tasks.prepare.prepare` turns it into a loaded
+model, data, prompts, text embeddings and classifier; the CLI declares each of these options once
+(:mod:`clipguard.cli.options`). No torch import here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class RunOptions:
+    model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path/weights.safetensors, ARCH:none, hf-hub:ORG/NAME, toy
+    dataset: str = "toy"  # dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, imagefolder:PATH
+    split: str = "test"  # dataset split
+    limit: int | None = None  # images kept (seeded, stratified by class); None = all
+    seed: int = 0  # seeds --limit selection and everything random downstream (attacks, training)
+    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
+    templates: str = "seed"  # template set within the prompts file
+    image_column: str | None = None  # image column of an hf: dataset (None: the Image feature)
+    label_column: str | None = None  # label column of an hf: dataset (None: the ClassLabel feature)
+    adapter: str | None = None  # LoRA / VPT / full adapter directory made by `clipguard finetune`
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    precision: str = "auto"  # clean passes: auto = bf16 on capable GPUs, else fp32
+    batch_size: int = 256  # images per batch (halved automatically on GPU out-of-memory)
+
+    def check(self) -> RunOptions:
+        """Cheap checks before anything loads: positive --limit / --batch-size, parseable specs."""
+        from clipguard.errors import check_positive
+        from clipguard.specs import parse_dataset_spec, parse_model_spec
+
+        check_positive("--limit", self.limit, "a positive number of images (or omitted for all)")
+        check_positive("--batch-size", self.batch_size)
+        parse_model_spec(self.model)
+        parse_dataset_spec(self.dataset, image_column=self.image_column, label_column=self.label_column)
+        return self
+
+
+RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
+
+
+def split_run(opts: dict) -> tuple[dict, dict]:
+    """A flat dict of options (a suite cell, keyword arguments) -> (RunOptions fields, the rest)."""
+    run = {k: v for k, v in opts.items() if k in RUN_FIELDS}
+    return run, {k: v for k, v in opts.items() if k not in RUN_FIELDS}
+
+
+def flat(cfg) -> dict:
+    """A task config as one flat dict (its ``run`` options inlined): what records and hashes store."""
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    return {**d.pop("run", {}), **d}

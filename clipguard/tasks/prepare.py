@@ -1,0 +1,52 @@
+"""The set-up every command shares: RunOptions -> model + dataset + prompts + cached text embeddings -> classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from clipguard.errors import ClipguardError
+from clipguard.run_options import RunOptions
+
+
+@dataclass
+class Prepared:
+    clip: object  # models.loader.LoadedClip
+    data: object  # data.base.ImageSet
+    prompts: object  # data.prompts.PromptSet
+    text: object  # models.text_embeddings.TextEmbeddings
+    classifier: object  # models.classifier.ZeroShotClassifier ([0, 1] pixels -> logits), eval mode
+
+
+def prepare(run: RunOptions, **overrides) -> Prepared:
+    """Load everything a zero-shot run needs; ``overrides`` replace fields of ``run`` (e.g. ``precision="fp32"``).
+
+    Errors are ClipguardErrors naming the bad option; both specs are parsed before any slow loading.
+    """
+    from clipguard.data.prompts import load_prompts
+    from clipguard.data.registry import load_dataset
+    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.loader import load_clip
+    from clipguard.models.text_embeddings import get_text_embeddings
+    from clipguard.specs import parse_dataset_spec, parse_model_spec
+
+    run = replace(run, **overrides).check()
+    mspec = parse_model_spec(run.model)
+    dspec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
+    clip = load_clip(mspec, device=run.device, precision=run.precision)
+    data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed)
+    prompts = load_prompts(data.name, prompts_file=run.prompts, templates=run.templates,
+                           fallback_classnames=data.classnames)
+    n_classes = len(data.classnames) if data.classnames else int(data.labels.max()) + 1
+    if len(prompts.classnames) != n_classes:
+        raise ClipguardError(
+            f"prompts {prompts.source} name {len(prompts.classnames)} classes but {data.spec} has {n_classes}: "
+            "pass a matching --prompts FILE"
+        )
+    visual = clip.model.visual
+    if run.adapter:
+        from clipguard.models.adapters import load_adapter
+
+        visual = load_adapter(run.adapter, clip)
+    text = get_text_embeddings(clip, prompts.classnames, prompts.templates)
+    classifier = ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()
+    return Prepared(clip, data, prompts, text, classifier)
