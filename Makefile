@@ -21,10 +21,13 @@ demo: install
 	$(BIN)/clipguard eval --model toy --dataset toy --attack pgd --eps 8/255 --steps 10
 
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
+# ruff, and the layer contract in pyproject.toml ([tool.importlinter]; see ARCHITECTURE.md).
 lint: install
 	$(BIN)/ruff check clipguard tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 # Re-train the toy world's committed weights (toy CLIPs with seeds 0 and 1, toy CNN) on CPU.
 toy: install

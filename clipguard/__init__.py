@@ -22,12 +22,12 @@ Importing clipguard does not import torch; each function does when called.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
 __all__ = ["ClipguardError", "RunOptions", "evaluate", "load_classifier", "load_images", "to_model_input",
            "__version__"]
 
 from clipguard.errors import ClipguardError
 from clipguard.run_options import RunOptions
+from clipguard.version import __version__
 
 
 def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, templates: list[str] | None = None,

@@ -62,16 +62,54 @@ def test_report_numbers_equal_the_records(bench, tmp_path):
     base = json.loads((root / "out" / "records" / "base.json").read_text())
     transfer = json.loads((root / "out" / "records" / "transfer.json").read_text())
     header, (row,) = info["header"], info["body"]
-    assert row[0] == "toy CLIP" and row[1] == base["metrics"]["acc1"]
+    assert header[:3] == ["model", "dataset", "clean acc1"]
+    assert row[0] == "toy CLIP" and row[1] == base["dataset"] and row[2] == base["metrics"]["acc1"]
     expected = {f"pgd {e['eps']}": e["robust_acc"] for e in base["metrics"]["robust"] if e["eps_value"] > 0}
     expected["pgd 8/255 from clip:toy@seed1"] = transfer["metrics"]["robust"][0]["robust_acc"]
-    assert dict(zip(header[2:], row[2:], strict=True)) == expected
+    assert dict(zip(header[3:], row[3:], strict=True)) == expected
     md = (tmp_path / "r.md").read_text()
     for v in expected.values():
         assert f"{v:.4f}" in md
     assert len(info["plots"]) >= 2 and all(p.endswith(".png") for p in info["plots"])
     assert "checks passed" in md and "data:image/png;base64," in (tmp_path / "r.html").read_text()
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("dataset,model,pretrained,task,acc1")
+
+
+def _record(dataset: str, acc1: float, robust: dict[str, float]) -> dict:
+    """A hand-written clipguard.result/1 record of the shape rows() reads (no model run)."""
+    eps_value = {"1/255": 1 / 255, "4/255": 4 / 255}
+    return {"schema": "clipguard.result/1", "task": "robustness", "dataset": dataset, "model_spec": "clip:toy",
+            "metrics": {"acc1": acc1, "robust": [{"attack": "pgd", "eps": e, "eps_value": eps_value[e],
+                                                  "robust_acc": v, "attack_success_rate": 1 - v / acc1}
+                                                 for e, v in robust.items()]},
+            "bench": {"label": "toy CLIP", "cell": f"base-{dataset}"}}
+
+
+def test_report_keeps_datasets_of_one_model_apart(tmp_path):
+    from clipguard.records.rows import load_records, rows
+    from clipguard.report.build import _scatter_points, build_report
+    from clipguard.report.plots import eps_series
+
+    recs = tmp_path / "records"
+    recs.mkdir()
+    numbers = {"cifar10": (0.91, {"1/255": 0.62, "4/255": 0.23}),
+               "cifar100": (0.57, {"1/255": 0.31, "4/255": 0.08})}
+    for ds, (acc1, robust) in numbers.items():
+        (recs / f"{ds}.json").write_text(json.dumps(_record(ds, acc1, robust)))
+    info = build_report(recs, tmp_path / "r.md", html_out=tmp_path / "r.html")
+    assert info["header"] == ["model", "dataset", "clean acc1", "pgd 1/255", "pgd 4/255"]
+    assert info["body"] == [["toy CLIP", ds, acc1, robust["1/255"], robust["4/255"]]
+                            for ds, (acc1, robust) in numbers.items()]
+    md = (tmp_path / "r.md").read_text()
+    for ds, (acc1, robust) in numbers.items():
+        assert f"| toy CLIP | {ds} | {acc1:.4f} | {robust['1/255']:.4f} | {robust['4/255']:.4f} |" in md
+    rs = rows(load_records(recs))
+    assert eps_series(rs) == {("toy CLIP", ds, "pgd", None): {1 / 255: robust["1/255"], 4 / 255: robust["4/255"]}
+                              for ds, (_, robust) in numbers.items()}
+    col, pts = _scatter_points(rs)
+    assert sorted(pts) == sorted((f"toy CLIP ({ds})", acc1, robust[col.split()[1]])
+                                 for ds, (acc1, robust) in numbers.items())
+    assert len(info["plots"]) == 2
 
 
 def _rules(tmp_path, *rules):

@@ -189,3 +189,26 @@ def test_fit_command_passes_its_options(cli, monkeypatch):
                                             method="deepfool", target_fooling=0.7, epochs=4, batch_size=32,
                                             target_class="red circle", resolution="native")
     assert seen["progress"] is False
+
+
+def test_uap_bench_cell_evaluates_with_the_cells_own_columns_and_limit(monkeypatch, tmp_path):
+    """A uap cell fits on its split and evaluates on the test split with the same model and data options
+    (columns, limit, prompts...); eval_* keys override one. Regression: columns and limit were dropped."""
+    import clipguard.tasks.uap as ur
+    from clipguard.tasks.bench import CELL_KINDS
+
+    seen = {}
+    monkeypatch.setattr(ur, "run_uap_fit", lambda cfg, progress: seen.setdefault("fit", cfg) and {
+        "metrics": {}, "timings": {}})
+    monkeypatch.setattr(ur, "run_uap_eval", lambda cfg, progress: seen.setdefault("eval", cfg) and {})
+    cell = {"_cell": "u", "model": "toy", "dataset": "hf:me/shapes", "image_column": "picture",
+            "label_column": "kind", "limit": 40, "templates": "openai", "eps": "8/255"}
+    CELL_KINDS.get("uap")(cell, tmp_path, False)
+    fit, ev = seen["fit"].run, seen["eval"].run
+    assert (fit.split, ev.split) == ("train", "test")
+    for opts in (fit, ev):
+        assert (opts.image_column, opts.label_column, opts.limit, opts.templates, opts.dataset) == \
+            ("picture", "kind", 40, "openai", "hf:me/shapes")
+    seen.clear()
+    CELL_KINDS.get("uap")({**cell, "eval_limit": 7, "eval_split": "validation"}, tmp_path, False)
+    assert (seen["eval"].run.limit, seen["eval"].run.split, seen["fit"].run.limit) == (7, "validation", 40)

@@ -23,10 +23,10 @@ def environment(device=None, precision: str | None = None) -> dict:
     import open_clip
     import torch
 
-    import clipguard
+    from clipguard.version import __version__
 
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
-           "clipguard": clipguard.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+           "clipguard": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
            "cpu_threads": torch.get_num_threads(), "precision": precision}
     for mod in ("torchattacks", "peft"):
         try:

@@ -23,20 +23,30 @@ def _col(r: dict) -> str:
     return f"{r['attack']} {r['eps']}{src}"
 
 
+def _key(r: dict) -> tuple:
+    """What a report row is about: (model label, dataset). Numbers of different datasets never share a row."""
+    return r["label"], r.get("dataset")
+
+
+def _is_robust(r: dict) -> bool:
+    return r["metric"] == "robust_acc" and r["attack"] != "uap" and (r["eps_value"] or 0) > 0
+
+
 def reference_table(rs: list[dict]) -> tuple[list[str], list[list]]:
-    """Rows: models; columns: clean acc1, then robust acc per (attack, eps[, surrogate]). Values as recorded."""
+    """Rows: (model, dataset) pairs in first-seen order; columns: clean acc1, then robust acc per
+    (attack, eps[, surrogate]). Values as recorded."""
     clean, robust, cols = {}, defaultdict(dict), []
     for r in rs:
         if r["metric"] == "acc1":
-            clean.setdefault(r["label"], r["value"])
-        elif r["metric"] == "robust_acc" and r["attack"] != "uap" and (r["eps_value"] or 0) > 0:
+            clean.setdefault(_key(r), r["value"])
+        elif _is_robust(r):
             c = _col(r)
-            robust[r["label"]][c] = r["value"]
+            robust[_key(r)][c] = r["value"]
             if c not in cols:
                 cols.append(c)
-    labels = list(dict.fromkeys([r["label"] for r in rs if r["metric"] in ("acc1", "robust_acc")]))
-    header = ["model", "clean acc1", *cols]
-    body = [[lab, clean.get(lab), *[robust[lab].get(c) for c in cols]] for lab in labels]
+    keys = list(dict.fromkeys(_key(r) for r in rs if r["metric"] in ("acc1", "robust_acc")))
+    header = ["model", "dataset", "clean acc1", *cols]
+    body = [[lab, ds, clean.get((lab, ds)), *[robust[(lab, ds)].get(c) for c in cols]] for lab, ds in keys]
     return header, body
 
 
@@ -51,15 +61,21 @@ def _md_table(header, body) -> str:
 
 
 def _scatter_points(rs: list[dict]) -> tuple[str, list]:
-    counts = Counter(_col(r) for r in rs if r["metric"] == "robust_acc" and r["attack"] != "uap"
-                     and (r["eps_value"] or 0) > 0)
+    """(column, [(name, clean acc1, robust acc)]) for the most common robust column; clean and robust values
+    are paired per (model, dataset), and a point is named ``label (dataset)``."""
+    counts = Counter(_col(r) for r in rs if _is_robust(r))
     if not counts:
         return "", []
     col = counts.most_common(1)[0][0]
-    clean = {r["label"]: r["value"] for r in reversed(rs) if r["metric"] == "acc1"}
-    pts = [(r["label"], clean[r["label"]], r["value"]) for r in rs
-           if r["metric"] == "robust_acc" and r["attack"] != "uap" and _col(r) == col and r["label"] in clean]
+    clean = {_key(r): r["value"] for r in reversed(rs) if r["metric"] == "acc1"}
+    pts = [(_name(_key(r)), clean[_key(r)], r["value"]) for r in rs
+           if _is_robust(r) and _col(r) == col and _key(r) in clean]
     return col, pts
+
+
+def _name(key: tuple) -> str:
+    label, dataset = key
+    return label if dataset is None else f"{label} ({dataset})"
 
 
 def csv_text(records: list[dict]) -> str:
@@ -97,8 +113,9 @@ def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
     md = [f"# clipguard report\n\n{len(records)} records from `{folder}`.\n", "## Clean and robust accuracy\n",
           _md_table(header, body), ""]
     if uap_rows:
-        md += ["## Universal perturbations\n", _md_table(["model", "eps", "fooling rate"],
-                                                          [[r["label"], r["eps"], r["value"]] for r in uap_rows]), ""]
+        md += ["## Universal perturbations\n", _md_table(["model", "dataset", "eps", "fooling rate"],
+                                                          [[r["label"], r["dataset"], r["eps"], r["value"]]
+                                                           for r in uap_rows]), ""]
     md += ["## Plots\n"] + [f"![{p.stem}]({assets.name}/{p.name})" for p in pngs]
     md += [f"![uap]({os.path.relpath(Path(p).resolve(), out_md.resolve().parent)})" for p in uap_pngs[:4]]
     n_fail = sum(len(c["failed"]) for c in checks)

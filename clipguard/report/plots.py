@@ -16,14 +16,26 @@ def pyplot():
     return plt
 
 
-def eps_curves(rows: list[dict], out: Path) -> Path | None:
-    """Robust accuracy vs eps (x 255) for each (model, attack) with at least two eps values."""
+def eps_series(rows: list[dict]) -> dict[tuple, dict[float, float]]:
+    """Robust accuracy by eps value per (model label, dataset, attack, surrogate), for series with two or more
+    eps values. Values are copied from rows; datasets never share a series."""
     series = defaultdict(dict)
     for r in rows:
         if r["metric"] == "robust_acc" and r["eps_value"] is not None:
-            key = f"{r['label']} ({r['attack']}" + (f" from {r['surrogate']}" if r.get("surrogate") else "") + ")"
-            series[key][r["eps_value"]] = r["value"]
-    series = {k: v for k, v in series.items() if len(v) >= 2}
+            series[(r["label"], r.get("dataset"), r["attack"], r.get("surrogate"))][r["eps_value"]] = r["value"]
+    return {k: v for k, v in series.items() if len(v) >= 2}
+
+
+def series_name(key: tuple) -> str:
+    """Legend text for an ``eps_series`` key: ``label (dataset, attack[ from surrogate])``."""
+    label, dataset, attack, surrogate = key
+    ctx = ", ".join(str(x) for x in (dataset, attack) if x is not None)
+    return f"{label} ({ctx}" + (f" from {surrogate}" if surrogate else "") + ")"
+
+
+def eps_curves(rows: list[dict], out: Path) -> Path | None:
+    """Robust accuracy vs eps (x 255) for each (model, dataset, attack) with at least two eps values."""
+    series = {series_name(k): v for k, v in eps_series(rows).items()}
     if not series:
         return None
     plt = pyplot()

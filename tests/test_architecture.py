@@ -1,0 +1,93 @@
+"""The codebase's shape: the layer contract (and that it catches an upward import), the public Python API,
+and the CLI conventions every command shares (--out, --json, help panels, deprecated names)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).parent / "lint-imports"
+
+
+def _lint(cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT), "--no-cache"], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_layer_contract_holds_and_fails_on_an_upward_import(tmp_path):
+    ok = _lint(ROOT)
+    assert ok.returncode == 0 and "1 kept, 0 broken" in ok.stdout, ok.stdout + ok.stderr
+    # The same contract on a copy of the package with one upward import (models -> tasks) must break.
+    shutil.copytree(ROOT / "clipguard", tmp_path / "clipguard", ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "clipguard" / "models" / "upward.py").write_text("from clipguard.tasks.eval import run_eval\n")
+    bad = _lint(tmp_path, PYTHONPATH=str(tmp_path))
+    assert bad.returncode != 0, bad.stdout
+    assert "clipguard.models is not allowed to import clipguard.tasks" in bad.stdout
+    assert "clipguard.models.upward -> clipguard.tasks.eval" in bad.stdout
+
+
+def test_public_api_is_documented():
+    code = "import clipguard, pydoc; print(pydoc.render_doc(clipguard, renderer=pydoc.plaintext))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for name in ("load_classifier", "load_images", "evaluate", "to_model_input", "Args:", "Returns:"):
+        assert name in out, name
+
+
+def test_public_api_reproduces_the_eval_command_exactly(cli):
+    import torch
+
+    import clipguard
+
+    code, stdout, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "200", "--device", "cpu",
+                            "--json")
+    assert code == 0, err
+    acc1 = json.loads(stdout)["metrics"]["acc1"]
+    clf = clipguard.load_classifier("toy", dataset="toy", device="cpu")
+    data = clipguard.load_images("toy", split="test", limit=200)
+    with torch.no_grad():
+        pred = clf(clipguard.to_model_input(clf, data.images)).argmax(1)
+    assert (pred == data.labels).float().mean().item() == acc1
+    assert clipguard.evaluate(model="toy", dataset="toy", limit=200, device="cpu")["metrics"]["acc1"] == acc1
+    # A different class list gives a different classifier: the comparison above could fail.
+    other = clipguard.load_classifier("toy", classnames=["red circle", "blue square"], device="cpu")
+    assert other(clipguard.to_model_input(other, data.images[:4])).shape == (4, 2)
+    with pytest.raises(clipguard.ClipguardError, match="exactly one of"):
+        clipguard.load_classifier("toy", device="cpu")
+
+
+COMMANDS = [["eval"], ["attack"], ["uap", "fit"], ["uap", "eval"], ["finetune"], ["bench", "run"], ["report"],
+            ["gate"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_takes_out_and_json(command):
+    out = subprocess.run([sys.executable, "-m", "clipguard.cli.app", *command, "--help"], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0 and "--out" in out.stdout and "--json" in out.stdout, out.stdout
+
+
+def test_eval_help_is_grouped_in_panels_and_finetune_takes_columns():
+    env = {**os.environ, "COLUMNS": "200"}
+    run = [sys.executable, "-m", "clipguard.cli.app"]
+    help_eval = subprocess.run([*run, "eval", "--help"], capture_output=True, text=True, env=env).stdout
+    for panel in ("Model & data", "Attack", "Output", "Performance"):
+        assert f"─ {panel} " in help_eval, panel
+    help_ft = subprocess.run([*run, "finetune", "--help"], capture_output=True, text=True, env=env).stdout
+    assert "--image-column" in help_ft and "--label-column" in help_ft
+
+
+def test_deprecated_output_names_still_work_with_one_line(cli, tmp_path):
+    adv, rec = tmp_path / "adv.safetensors", tmp_path / "rec.json"
+    code, _, err = cli("attack", "--limit", "10", "--steps", "1", "--device", "cpu", "--out", adv, "--record", rec)
+    assert code == 0, err
+    assert adv.is_file() and json.loads(rec.read_text())["task"] == "attack"
+    notes = [line for line in err.splitlines() if line.startswith("Deprecated:")]
+    assert len(notes) == 2 and "--adv-set" in notes[0] and "--out FILE" in notes[1]
+    code, _, err = cli("attack", "--limit", "10", "--device", "cpu", "--out", tmp_path / "r.json")
+    assert code == 2 and "--adv-set" in err and len(err.strip().splitlines()) == 1
