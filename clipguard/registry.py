@@ -65,23 +65,9 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return list(self._entries)
 
-    def items(self) -> Iterator[tuple[str, T]]:
-        return iter(self._entries.items())
-
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
-
-    def help(self, sep: str = ", ") -> str:
-        """The choices as text for ``--help``."""
-        return sep.join(self._entries)
-
-
-def choice_check(option: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
-    """``value`` when it is one of the fixed ``choices`` (a closed vocabulary that needs no registry)."""
-    if value not in choices:
-        raise unknown_choice(option, value, list(choices))
-    return value
 

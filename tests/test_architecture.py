@@ -91,3 +91,24 @@ def test_deprecated_output_names_still_work_with_one_line(cli, tmp_path):
     assert len(notes) == 2 and "--adv-set" in notes[0] and "--out FILE" in notes[1]
     code, _, err = cli("attack", "--limit", "10", "--device", "cpu", "--out", tmp_path / "r.json")
     assert code == 2 and "--adv-set" in err and len(err.strip().splitlines()) == 1
+
+
+def test_registry_names_the_option_and_the_close_matches():
+    from clipguard.errors import ClipguardError
+    from clipguard.registry import Registry
+
+    reg = Registry("--attack")
+    reg.register("pgd", 1)
+
+    @reg.register("fgsm")
+    def _fgsm():
+        return 2
+
+    assert reg.get("pgd") == 1 and reg.get("fgsm") is _fgsm and reg.names() == ["pgd", "fgsm"] and "pgd" in reg
+    with pytest.raises(ClipguardError, match=r"^--attack 'pgdd' is unknown \(did you mean pgd\?\): choose from pgd, "
+                                             r"fgsm$"):
+        reg.get("pgdd")
+    with pytest.raises(ClipguardError, match=r"^--train-attack 'zzz' is unknown: choose from"):
+        reg.check("zzz", "--train-attack")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register("pgd", 3)
