@@ -12,7 +12,7 @@ else may move between releases):
 Example:
     >>> import clipguard
     >>> clf = clipguard.load_classifier("toy", dataset="toy", device="cpu")
-    >>> data = clipguard.load_images("toy", split="test", limit=100)
+    >>> data = clipguard.load_images("toy", split="test", limit=100, size=clf.input_size)
     >>> logits = clf(clipguard.to_model_input(clf, data.images))
     >>> rec = clipguard.evaluate(model="toy", dataset="toy", limit=100, attack="pgd", eps="4/255")
     >>> rec["metrics"]["acc1"], rec["metrics"]["robust_acc"]
@@ -69,12 +69,17 @@ def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, 
 
 
 def load_images(dataset: str = "toy", *, split: str = "test", limit: int | None = None, seed: int = 0,
-                image_column: str | None = None, label_column: str | None = None):
+                size: int | tuple[int, int] | None = None, image_column: str | None = None,
+                label_column: str | None = None):
     """A dataset as the commands load it: an ``ImageSet`` with ``.images`` (uint8 (N, 3, H, W)), ``.labels``
-    (int64 (N,)) and ``.classnames``; ``limit`` keeps a seeded, class-stratified subset."""
+    (int64 (N,)) and ``.classnames``; ``limit`` keeps a seeded, class-stratified subset.
+
+    ``size`` (e.g. ``classifier.input_size``) applies open_clip's eval geometry (bicubic resize of the shorter
+    side, centre crop) once, as ``--resolution model`` does; ``None`` keeps each image's own size (native), which
+    needs a set whose images share one size."""
     from clipguard.data.registry import load_dataset
 
-    return load_dataset(dataset, split=split, limit=limit, seed=seed, image_column=image_column,
+    return load_dataset(dataset, split=split, limit=limit, seed=seed, size=size, image_column=image_column,
                         label_column=label_column)
 
 

@@ -56,3 +56,24 @@ def read_toml(path: str | os.PathLike, what: str, hint: str = "") -> dict:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ClipguardError(f"{what} {str(p)!r} is not valid TOML ({e})") from None
+
+
+def check_writable(path: str | os.PathLike | None, option: str, *, directory: bool = False) -> None:
+    """Fail now, before any compute, when ``path`` cannot be written: a one-line ClipguardError naming ``option``.
+
+    The nearest existing ancestor must be a writable directory (missing folders are created later); a file
+    path must not be an existing directory, a ``directory`` path must not be an existing file.
+    """
+    from clipguard.errors import ClipguardError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and p.is_dir() != directory:
+        kind = "a directory" if p.is_dir() else "a file"
+        raise ClipguardError(f"{option} {str(p)!r} is {kind}: give a {'folder' if directory else 'file'} path")
+    base = p if p.exists() else p.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ClipguardError(f"{option} {str(p)!r} cannot be written ({str(base)!r} is not a writable folder)")

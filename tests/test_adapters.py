@@ -17,14 +17,7 @@ from clipguard.models.adapters import (
 )
 from clipguard.models.vpt import PromptedVisual
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a shared 2-core machine two OpenMP threads make every small op wait on a descheduled thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _randomise_lora(visual: nn.Module, seed: int = 0) -> None:
@@ -44,7 +37,7 @@ def test_vit_b32_lora_wraps_exactly_the_visual_attention():
     base = clip.model.visual
     attn = visual_attention_names(base)
     assert attn == [f"transformer.resblocks.{i}.attn" for i in range(12)]
-    visual, config = apply_lora(copy.deepcopy(base), r=8, alpha=32, dropout=0.1)
+    visual, config = apply_lora(copy.deepcopy(base), r=8, alpha=32)
     wrapped = sorted(n for n, m in visual.named_modules() if isinstance(m, LoraLayer)
                      and isinstance(m.get_base_layer(), nn.MultiheadAttention))
     assert wrapped == sorted(attn)
@@ -85,6 +78,41 @@ def test_bad_lora_targets_are_refused(toy_clip, targets, needle):
 def test_lora_mlp_targets(toy_clip):
     visual, _ = apply_lora(copy.deepcopy(toy_clip.model.visual), r=8, targets=["c_fc", "c_proj"])
     assert trainable_parameters(visual) == 2 * 8 * (64 + 256) * 2  # 2 blocks x (c_fc + c_proj)
+
+
+def _two_train_forwards(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    _randomise_lora(visual)
+    visual.train()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return visual(x), visual(x)
+
+
+def test_lora_dropout_never_applies_on_attention_so_it_is_refused(toy_clip):
+    """peft's MultiheadAttention LoRA merges the LoRA weights into the attention weights for each forward:
+    dropout on the LoRA path never runs (two train-mode passes agree exactly), so asking for it is an error."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    visual = copy.deepcopy(toy_clip.model.visual)
+    targets = visual_attention_names(visual)
+    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=32, lora_dropout=0.5, target_modules=targets), visual)
+    a, b = _two_train_forwards(visual)
+    assert torch.equal(a, b)  # peft took dropout 0.5 and ignored it
+    for t in (None, ["attn"], ["attn", "c_fc"]):
+        with pytest.raises(ClipguardError, match="--lora-dropout 0"):
+            apply_lora(copy.deepcopy(toy_clip.model.visual), dropout=0.5, targets=t)
+    assert apply_lora(copy.deepcopy(toy_clip.model.visual))[1].lora_dropout == 0.0  # the default
+
+
+def test_lora_dropout_applies_on_linear_targets(toy_clip):
+    visual, cfg = apply_lora(copy.deepcopy(toy_clip.model.visual), dropout=0.5, targets=["c_fc", "c_proj"])
+    assert cfg.lora_dropout == 0.5
+    a, b = _two_train_forwards(visual)
+    assert not torch.allclose(a, b)
+    visual.eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(visual(x), visual(x))
 
 
 @pytest.mark.parametrize("pool", ["tok", "avg"])
@@ -148,7 +176,7 @@ def test_lora_adapter_is_peft_format(toy_clip, tmp_path):
 
     save_adapter(tmp_path, _build("lora", toy_clip), method="lora", clip=toy_clip)
     cfg = LoraConfig.from_pretrained(str(tmp_path))
-    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.1)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (8, 32, 0.0)
     assert sorted(cfg.target_modules) == visual_attention_names(toy_clip.model.visual)
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert len(keys) == 8 and all("lora_" in k for k in keys)
@@ -166,3 +194,22 @@ def test_adapter_for_another_base_is_refused_naming_both(toy_clip, tmp_path, cli
 def test_not_an_adapter(toy_clip, tmp_path, make, needle):
     with pytest.raises(ClipguardError, match=needle):
         load_adapter(make(tmp_path), toy_clip)
+
+
+def test_adapter_from_before_weight_digests_matches_its_base_by_name(toy_clip, tmp_path, caplog):
+    """Pretrained tags used to be fingerprinted by name alone (ViT-B-32:openai); now the weights digest follows
+    (ViT-B-32:openai@sha256:...). An older adapter still loads on the same name, with a warning; a digest
+    that differs is refused."""
+    import dataclasses
+
+    old = dataclasses.replace(toy_clip, fingerprint="clipguard-toy:fake")
+    save_adapter(tmp_path, _build("vpt", toy_clip), method="vpt", clip=old)
+    now = dataclasses.replace(toy_clip, fingerprint="clipguard-toy:fake@sha256:" + "1" * 64)
+    with caplog.at_level("WARNING"):
+        load_adapter(tmp_path, now)
+    assert "without a weights digest" in caplog.text
+    save_adapter(tmp_path, _build("vpt", toy_clip), method="vpt", clip=now)
+    with pytest.raises(ClipguardError, match="was made for base model"):
+        load_adapter(tmp_path, dataclasses.replace(toy_clip, fingerprint="clipguard-toy:fake@sha256:" + "2" * 64))
+    with pytest.raises(ClipguardError, match="was made for base model"):
+        load_adapter(tmp_path, dataclasses.replace(toy_clip, fingerprint="clipguard-toy:other@sha256:" + "1" * 64))

@@ -63,7 +63,10 @@ def test_hf_local_parquet_columns(tmp_path):
     d.to_parquet(str(tmp_path / "data" / "test-00000.parquet"))
     ds = load_dataset(f"hf:{tmp_path}", split="test", image_column="picture", label_column="y", limit=3)
     assert ds.images.shape == (3, 3, 8, 8) and ds.classnames == ["a", "b", "c"]
-    assert sorted(ds.labels.tolist()) == [0, 1, 2]
+    assert sorted(ds.labels.tolist()) == [0, 1, 2] and ds.to_record()["preprocess"] == "native"
+    at_model = load_dataset(f"hf:{tmp_path}", split="test", image_column="picture", label_column="y", size=(16, 16))
+    assert at_model.images.shape == (6, 3, 16, 16)
+    assert at_model.to_record()["preprocess"] == "open_clip eval geometry 16x16"
     with pytest.raises(ClipguardError, match="nosuchcol"):
         load_dataset(f"hf:{tmp_path}", split="test", image_column="nosuchcol", label_column="y")
 

@@ -17,14 +17,7 @@ TINY = dict(model="toy", dataset="toy", limit=256, epochs=2, batch_size=64, eps=
             eval_limit=20, eval_batch_size=20, eval_steps=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: with two OpenMP threads every small op can wait on a
-    descheduled thread (measured 100x slower under load); one thread is as fast when idle."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _finetune(out, *args) -> dict:

@@ -15,14 +15,7 @@ from clipguard.cli.app import run
 EPS = 16 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model is tiny: one thread is as fast on an idle machine and avoids the 10-50x slowdown of
-    two spinning OpenMP threads on a shared 2-core machine (measured: 0.25 s vs 10 s for 10 steps)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _fit(tmp, name: str, *args: str) -> tuple[str, dict]:

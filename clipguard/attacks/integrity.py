@@ -17,13 +17,15 @@ def check(name: str, value, passed: bool, detail: str = "") -> dict:
     return {"name": name, "value": value, "passed": bool(passed), "detail": detail}
 
 
-def cheap_checks(run, eps: float, n: int) -> list[dict]:
-    """Checks on one AttackRun: within eps, in [0, 1], finite, gradients not masked."""
+def cheap_checks(run, eps: float, norm: str = "linf") -> list[dict]:
+    """Checks on one AttackRun: within eps in its norm, in [0, 1], finite, gradients not masked (share of the
+    attacked images)."""
     s = run.stats
-    share = s["zero_grad"] / max(n, 1)
+    share = s["zero_grad"] / max(s["attacked"], 1)
+    size = s["max_l2"] if norm == "l2" else s["max_linf"]
+    what = "max ||x_adv - x||_2 per image" if norm == "l2" else "max |x_adv - x|"
     return [
-        check("linf_within_eps", s["max_linf"], s["max_linf"] <= eps + LINF_SLACK,
-              f"max |x_adv - x| vs eps {eps:.6g} (+{LINF_SLACK:g})"),
+        check(f"{norm}_within_eps", size, size <= eps + LINF_SLACK, f"{what} vs eps {eps:.6g} (+{LINF_SLACK:g})"),
         check("in_unit_range", [s["min"], s["max"]], s["min"] >= 0 and s["max"] <= 1, "adversarial pixels in [0, 1]"),
         check("no_nan", s["nan"], s["nan"] == 0, "NaN values in adversarial images"),
         check("zero_grad_share", round(share, 4), share <= ZERO_GRAD_MAX,

@@ -11,7 +11,7 @@ training objective seen as logits), so eps and alpha are always in [0, 1] pixel 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -23,28 +23,84 @@ from clipguard.specs import Eps, parse_eps
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x in [0,1], labels) -> x_adv in [0,1]
 
 
+NORMS = ("linf", "l2")  # threat models; eps is max |delta| (linf) or ||delta||_2 per image (l2), [0, 1] pixel units
+AA_VERSIONS = ("standard", "plus", "rand", "custom")  # the reference AutoAttack's versions
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")  # what --aa-attacks may list (custom)
+_TARGETED = ("apgd-t", "fab-t", "apgd-dlr")  # need >= 4 classes (targeted DLR loss uses the 3rd/4th logit)
+AA_ITERATIONS = 100  # APGD / FAB iterations in every reference version; Square: 5,000 queries
+
+
 @dataclass(frozen=True)
 class AttackConfig:
-    """One white-box attack setting. L-inf threat model, [0, 1] pixel units throughout."""
+    """One white-box attack setting, [0, 1] pixel units throughout. Which fields an attack uses is in
+    :data:`USES`; :meth:`to_record` writes exactly those."""
 
     name: str = "pgd"  # a name in ATTACKS
-    eps: Eps = parse_eps("8/255")  # L-inf radius, [0, 1] pixel units
+    eps: Eps = parse_eps("8/255")  # radius, [0, 1] pixel units (linf: per pixel; l2: per image)
     alpha: Eps | None = None  # PGD step size, [0, 1] pixel units; None = eps / 4
     steps: int = 10  # iterations (PGD, APGD)
     restarts: int = 1  # random restarts (PGD, APGD); a sample counts as broken if any restart breaks it
     seed: int = 0  # seeds random starts
+    norm: str = "linf"  # linf | l2
+    aa_version: str = "standard"  # AutoAttack: standard | plus | rand | custom
+    aa_attacks: tuple[str, ...] | None = None  # AutoAttack custom: which of AA_ATTACKS run, in order
 
     @property
     def alpha_value(self) -> float:
         return self.alpha.value if self.alpha is not None else self.eps.value / 4
 
     def with_eps(self, eps: Eps) -> AttackConfig:
-        return AttackConfig(self.name, eps, self.alpha, self.steps, self.restarts, self.seed)
+        return replace(self, eps=eps)
 
-    def to_record(self) -> dict:
-        alpha = self.alpha.to_record() if self.alpha else {"text": "eps/4", "value": self.alpha_value}
-        return {"name": self.name, "norm": "linf", "eps": self.eps.to_record(), "alpha": alpha,
-                "steps": self.steps, "restarts": self.restarts, "seed": self.seed}
+    def to_record(self, n_classes: int | None = None) -> dict:
+        """The parameters this attack uses, and nothing else (alpha is per eps: it is in each robust entry)."""
+        import torchattacks
+
+        rec = {"name": self.name, "norm": self.norm, "eps": self.eps.to_record(), "seed": self.seed}
+        if self.name == "autoattack":
+            import pyautoattack
+
+            rec.update(library="pyautoattack", library_version=_version(pyautoattack), version=self.aa_version,
+                       attacks=list(aa_attacks_run(self, n_classes)), iterations=AA_ITERATIONS)
+            if n_classes is not None:
+                rec["n_target_classes"] = min(9, n_classes - 1)
+            return rec
+        rec.update(library="torchattacks", library_version=torchattacks.__version__)
+        if "steps" in USES[self.name]:
+            rec["steps"] = self.steps
+        if "restarts" in USES[self.name]:
+            rec["restarts"] = self.restarts
+        return rec
+
+
+def _version(module) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.__name__)
+    except PackageNotFoundError:
+        return getattr(module, "__version__", None)
+
+
+# The options each attack reads: anything else a user sets is refused (one line, exit 2).
+USES: dict[str, frozenset[str]] = {
+    "fgsm": frozenset({"eps", "norm"}),
+    "pgd": frozenset({"eps", "norm", "alpha", "steps", "restarts"}),
+    "apgd": frozenset({"eps", "norm", "steps", "restarts"}),
+    "autoattack": frozenset({"eps", "norm", "aa_version", "aa_attacks"}),
+}
+DEFAULT_STEPS = {"pgd": 10, "apgd": 100}  # APGD: the reference's 100 iterations
+
+
+def aa_attacks_run(cfg: AttackConfig, n_classes: int | None) -> tuple[str, ...]:
+    """The AutoAttack parts that run: the version's list (or --aa-attacks for custom), without the targeted
+    ones on sets with fewer than 4 classes (as FARE's CLIP_benchmark fork does)."""
+    named = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "plus": ("apgd-ce", "apgd-dlr", "fab", "square",
+             "apgd-t", "fab-t"), "rand": ("apgd-ce", "apgd-dlr")}
+    attacks = tuple(cfg.aa_attacks or ()) if cfg.aa_version == "custom" else named[cfg.aa_version]
+    if n_classes is not None and n_classes < 4:
+        attacks = tuple(a for a in attacks if a not in _TARGETED)
+    return attacks
 
 
 ATTACKS: Registry[Callable[[nn.Module, AttackConfig], Attack]] = Registry("--attack")
@@ -55,6 +111,8 @@ _RESTARTABLE = {"pgd"}  # wrapped in build_attack; APGD restarts internally
 def _fgsm(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
+    if cfg.norm == "l2":  # the fast gradient method in L2: one step of size eps along g / ||g||_2
+        return torchattacks.PGDL2(model, eps=cfg.eps.value, alpha=cfg.eps.value, steps=1, random_start=False)
     return torchattacks.FGSM(model, eps=cfg.eps.value)
 
 
@@ -62,7 +120,8 @@ def _fgsm(model: nn.Module, cfg: AttackConfig) -> Attack:
 def _pgd(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
-    return torchattacks.PGD(model, eps=cfg.eps.value, alpha=cfg.alpha_value, steps=cfg.steps, random_start=True)
+    kind = torchattacks.PGDL2 if cfg.norm == "l2" else torchattacks.PGD
+    return kind(model, eps=cfg.eps.value, alpha=cfg.alpha_value, steps=cfg.steps, random_start=True)
 
 
 @ATTACKS.register("apgd")
@@ -70,17 +129,41 @@ def _apgd(model: nn.Module, cfg: AttackConfig) -> Attack:
     import torchattacks
 
     # APGD reseeds itself on every call, so restarts go through its own n_restarts (each from a new point).
-    return torchattacks.APGD(model, norm="Linf", eps=cfg.eps.value, steps=cfg.steps, n_restarts=cfg.restarts,
-                             seed=cfg.seed, loss="ce")
+    return torchattacks.APGD(model, norm="L2" if cfg.norm == "l2" else "Linf", eps=cfg.eps.value, steps=cfg.steps,
+                             n_restarts=cfg.restarts, seed=cfg.seed, loss="ce")
 
 
 @ATTACKS.register("autoattack")
 def _autoattack(model: nn.Module, cfg: AttackConfig) -> Attack:
-    import torchattacks
+    """Croce & Hein's reference AutoAttack (the code RobustBench runs), at the version's own settings."""
+    import logging
 
-    n_classes = int(model.text_embeddings.shape[0])
-    return torchattacks.AutoAttack(model, norm="Linf", eps=cfg.eps.value, version="standard",
-                                   n_classes=n_classes, seed=cfg.seed)
+    from pyautoattack import AutoAttack
+
+    built: dict = {}
+
+    def setup(n_classes: int):
+        # custom = the named parts at the standard version's settings (1 restart, 100 iterations); below 4
+        # classes a version keeps its settings and loses its targeted parts. The record says which ran.
+        aa = AutoAttack(model, norm="L2" if cfg.norm == "l2" else "Linf", eps=cfg.eps.value, seed=cfg.seed,
+                        device=next(model.parameters()).device,
+                        version="standard" if cfg.aa_version == "custom" else cfg.aa_version)
+        aa.attacks_to_run = list(aa_attacks_run(cfg, n_classes))
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = max(1, min(9, n_classes - 1))
+        aa.verbose = False
+        logging.getLogger("auto-attack").setLevel(logging.ERROR)
+        return aa
+
+    def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if "aa" not in built:  # the class count from the model itself (a surrogate has no text embeddings)
+            with torch.no_grad():
+                built["aa"] = setup(int(model(x[:1]).shape[1]))
+        aa = built["aa"]
+        if not aa.attacks_to_run:
+            return x
+        return aa.run_standard_evaluation(x, y, batch_size=x.shape[0])[0]
+
+    return attack
 
 
 def list_attacks() -> list[str]:
@@ -88,11 +171,23 @@ def list_attacks() -> list[str]:
 
 
 def check_attack(cfg: AttackConfig) -> None:
-    """A known attack name and at least one step and one restart, as one-line ClipguardErrors."""
+    """A known attack, norm and AutoAttack version, at least one step and one restart; one-line errors."""
     ATTACKS.check(cfg.name)
+    if cfg.norm not in NORMS:
+        raise ClipguardError(f"--norm {cfg.norm!r} is unknown: use linf or l2")
     for name, value in (("--steps", cfg.steps), ("--restarts", cfg.restarts)):
         if value < 1:
             raise ClipguardError(f"{name} {value} must be at least 1")
+    if cfg.name == "autoattack":
+        if cfg.aa_version not in AA_VERSIONS:
+            raise ClipguardError(f"--aa-version {cfg.aa_version!r} is unknown: choose from {', '.join(AA_VERSIONS)}")
+        if cfg.aa_version == "custom" and not cfg.aa_attacks:
+            raise ClipguardError(f"--aa-version custom needs --aa-attacks, a comma list of {', '.join(AA_ATTACKS)}")
+        if cfg.aa_attacks and cfg.aa_version != "custom":
+            raise ClipguardError(f"--aa-attacks is for --aa-version custom; {cfg.aa_version} runs its own list")
+        bad = [a for a in cfg.aa_attacks or () if a not in AA_ATTACKS]
+        if bad:
+            raise ClipguardError(f"--aa-attacks {bad[0]!r} is unknown: choose from {', '.join(AA_ATTACKS)}")
 
 
 def build_attack(model: nn.Module, cfg: AttackConfig) -> Attack:

@@ -16,17 +16,25 @@ from clipguard.progress import progress_bar
 
 @dataclass
 class AttackRun:
-    clean_pred: torch.Tensor  # (N,) predictions on the unperturbed inputs
-    adv_pred: torch.Tensor  # (N,) predictions on the adversarial inputs
-    stats: dict = field(default_factory=dict)  # max_linf, min, max, nan, zero_grad
+    clean_pred: torch.Tensor  # (N,) predictions on the unperturbed inputs (fp32 target)
+    adv_pred: torch.Tensor  # (N,) predictions on the adversarial inputs (= clean for images not attacked)
+    attacked: torch.Tensor  # (N,) bool: the clean-correct images, the only ones attacked (RobustBench)
+    stats: dict = field(default_factory=dict)  # max_linf, max_l2, min, max, nan, zero_grad, attacked
     timings: dict = field(default_factory=dict)
-    adv_images: torch.Tensor | None = None  # float [0,1] on CPU when keep_adv
+    adv_images: torch.Tensor | None = None  # float [0,1] on CPU when keep_adv (clean for images not attacked)
     source_clean_pred: torch.Tensor | None = None  # surrogate's own predictions (transfer attacks)
     source_adv_pred: torch.Tensor | None = None
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """(N,) bool: attacked (so clean-correct) and still correct: robust accuracy is its mean, <= clean."""
+        return self.attacked & (self.adv_pred == self.clean_pred)
 
 
 def zero_grad_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Images whose cross-entropy input gradient is exactly zero (a sign of masked gradients)."""
+    if x.shape[0] == 0:
+        return 0
     x = x.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
     return int((g.flatten(1).abs().amax(1) == 0).sum())
@@ -34,8 +42,10 @@ def zero_grad_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: AttackConfig, *,
                batch_size: int = 128, resolution: str = "model", precision: str = "fp32", keep_adv: bool = False,
-               progress: bool = True, description: str | None = None, craft_on: nn.Module | None = None) -> AttackRun:
-    """Attack uint8 ``images`` in batches.
+               progress: bool = True, description: str | None = None, craft_on: nn.Module | None = None,
+               correct: torch.Tensor | None = None) -> AttackRun:
+    """Attack uint8 ``images`` in batches, RobustBench's way: a clean pass first, then the attack runs only on
+    the clean-correct images (the others cannot be robust and keep their clean input).
 
     Args:
         classifier: the target, a [0, 1] -> logits ZeroShotClassifier (fp32 by default).
@@ -44,37 +54,48 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
         precision: "fp32" (default) or "bf16"/"fp16" (weaker small-eps gradients; recorded as a warning).
         craft_on: a surrogate to craft on instead of the target (transfer attack); the target then
             classifies the result.
+        correct: (N,) bool, which images count as clean-correct (the record's own clean pass); default: the
+            target's clean predictions here.
     """
     device = classifier.text_embeddings.device
     target = classifier if precision == "fp32" else Autocast(classifier, precision)
     source = craft_on if craft_on is not None else target
     attack = build_attack(source, cfg)
     torch.manual_seed(cfg.seed)
-    clean, adv, kept, s_clean, s_adv = [], [], [], [], []
-    stats = {"max_linf": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0, "correct": 0}
+    clean, adv, hit, kept, s_clean, s_adv = [], [], [], [], [], []
+    stats = {"max_linf": 0.0, "max_l2": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0, "attacked": 0,
+             "correct": 0}
 
     def compute(a: int, b: int) -> tuple:
         x = attack_inputs(classifier, images[a:b], resolution)
         y = labels[a:b].to(device)
-        x_adv = attack(x, y).detach()
-        zero_grad = zero_grad_count(source, x, y)
         with torch.no_grad():
-            preds = [target(x).argmax(1).cpu(), target(x_adv).argmax(1).cpu()]
+            clean_pred = target(x).argmax(1)
+        mask = (clean_pred == y) if correct is None else correct[a:b].to(device) & (clean_pred == y)
+        x_adv = x.clone()
+        if mask.any():
+            x_adv[mask] = attack(x[mask], y[mask]).detach()
+        zero_grad = zero_grad_count(source, x[mask], y[mask])
+        with torch.no_grad():
+            preds = [clean_pred.cpu(), target(x_adv).argmax(1).cpu(), mask.cpu()]
             if craft_on is not None:
                 preds += [craft_on(x).argmax(1).cpu(), craft_on(x_adv).argmax(1).cpu()]
         return x, x_adv, zero_grad, preds
 
     def consume(a: int, b: int, out: tuple) -> None:
         x, x_adv, zero_grad, preds = out
-        for store, p in zip((clean, adv, s_clean, s_adv), preds, strict=False):
+        for store, p in zip((clean, adv, hit, s_clean, s_adv), preds, strict=False):
             store.append(p)
+        delta = (x_adv - x).flatten(1)
         stats["zero_grad"] += zero_grad
-        stats["max_linf"] = max(stats["max_linf"], float((x_adv - x).abs().max()))
+        stats["attacked"] += int(preds[2].sum())
+        stats["max_linf"] = max(stats["max_linf"], float(delta.abs().max()))
+        stats["max_l2"] = max(stats["max_l2"], float(delta.norm(dim=1).max()))
         stats["min"], stats["max"] = min(stats["min"], float(x_adv.min())), max(stats["max"], float(x_adv.max()))
         stats["nan"] += int(torch.isnan(x_adv).sum())
         if keep_adv:
             kept.append(x_adv.cpu())
-        stats["correct"] += int((preds[1] == labels[a:b]).sum())
+        stats["correct"] += int((preds[2] & (preds[1] == labels[a:b])).sum())
         advance(b - a, robust=stats["correct"] / b)
 
     t0, n = time.perf_counter(), images.shape[0]
@@ -84,7 +105,7 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return AttackRun(torch.cat(clean), torch.cat(adv), stats,
+    return AttackRun(torch.cat(clean), torch.cat(adv), torch.cat(hit), stats,
                      {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size},
                      torch.cat(kept) if keep_adv else None,
                      torch.cat(s_clean) if s_clean else None, torch.cat(s_adv) if s_adv else None)

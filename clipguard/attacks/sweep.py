@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from clipguard.attacks import integrity as ic
-from clipguard.attacks.registry import AttackConfig
+from clipguard.attacks.registry import USES, AttackConfig
 from clipguard.attacks.runner import run_attack
 from clipguard.models.inference import attack_inputs
 from clipguard.records.metrics import accuracy, attack_success_rate
@@ -13,11 +15,17 @@ from clipguard.specs import parse_eps
 
 
 def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
-    """Robust accuracy and attack success rate (share of clean-correct images the attack flips)."""
+    """Robust accuracy, RobustBench's way (share of ALL images that are clean-correct and stay correct under the
+    attack, so robust <= clean), and attack success rate (share of the attacked, clean-correct images flipped)."""
+    hit = run.attacked
     entry = {"attack": cfg.name, "eps": cfg.eps.text, "eps_value": cfg.eps.value,
-             "robust_acc": accuracy(run.adv_pred, labels), "clean_acc": accuracy(run.clean_pred, labels),
-             "attack_success_rate": attack_success_rate(labels, run.clean_pred, run.adv_pred),
+             "robust_acc": run.robust.float().mean().item(), "clean_acc": accuracy(run.clean_pred, labels),
+             "attacked": int(hit.sum()),
+             "attack_success_rate": attack_success_rate(labels[hit], run.clean_pred[hit], run.adv_pred[hit]),
              "images_per_s": run.timings["images_per_s"]}
+    if "alpha" in USES[cfg.name]:
+        entry["alpha"] = cfg.alpha.text if cfg.alpha else f"{cfg.eps.value / 4:.6g} (eps/4)"
+        entry["alpha_value"] = cfg.alpha_value
     if run.source_clean_pred is not None:
         entry["surrogate_clean_acc"] = accuracy(run.source_clean_pred, labels)
         entry["surrogate_robust_acc"] = accuracy(run.source_adv_pred, labels)
@@ -25,17 +33,20 @@ def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
 
 
 def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution: str, precision: str,
-                 surrogate=None, sanity: bool = False, progress: bool = True) -> tuple[list[dict], list[dict]]:
-    """Run ``base`` at every eps; returns (robust entries, integrity checks)."""
+                 surrogate=None, sanity: bool = False, progress: bool = True,
+                 correct: torch.Tensor | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Run ``base`` at every eps on the clean-correct images (``correct``: the record's clean pass); returns
+    (robust entries, integrity checks, {eps text: (N,) adversarial predictions})."""
     images, labels = p.data.images, p.data.labels
     kw = dict(batch_size=batch_size, resolution=resolution, precision=precision, progress=progress,
-              craft_on=surrogate)
-    entries, checks = [], []
+              craft_on=surrogate, correct=correct)
+    entries, checks, preds = [], [], {}
     for eps in eps_list:
         cfg = base.with_eps(eps)
         run = run_attack(p.classifier, images, labels, cfg, **kw)
         entries.append(robust_entry(run, labels, cfg))
-        for c in ic.cheap_checks(run, eps.value, len(labels)):
+        preds[eps.text] = run.adv_pred
+        for c in ic.cheap_checks(run, eps.value, base.norm):
             checks.append({**c, "eps": eps.text})
     # eps = 0 through the same attack code must reproduce the clean predictions exactly (first batch).
     head = slice(0, min(len(labels), batch_size))
@@ -45,7 +56,7 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
     checks.append(ic.deterministic_check(p.classifier, attack_inputs(p.classifier, images[head], resolution)))
     if sanity:
         checks += sanity_checks(p, base, eps_list, entries, kw)
-    return entries, checks
+    return entries, checks, preds
 
 
 def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict) -> list[dict]:
@@ -58,16 +69,15 @@ def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict
     acc = next(e["robust_acc"] for e in entries if e["eps"] == top.text)
 
     def robust(c: AttackConfig) -> float:
-        r = run_attack(p.classifier, images, labels, c, **kw)
-        return accuracy(r.adv_pred, labels)
+        return run_attack(p.classifier, images, labels, c, **kw).robust.float().mean().item()
 
     if base.name != "fgsm":
-        fgsm = robust(AttackConfig("fgsm", top, seed=base.seed))
+        fgsm = robust(AttackConfig("fgsm", top, seed=base.seed, norm=base.norm))
         out.append(ic.stronger_check("stronger_than_fgsm", acc, fgsm, f"{base.name} robust acc <= FGSM's"))
     if base.name in ("pgd", "apgd"):
-        doubled = AttackConfig(base.name, top, base.alpha, base.steps * 2, base.restarts, base.seed)
+        doubled = replace(base, eps=top, steps=base.steps * 2)
         out.append(ic.converged_check(acc, robust(doubled)))
-        five = AttackConfig(base.name, top, base.alpha, base.steps, 5, base.seed)
+        five = replace(base, eps=top, restarts=5)
         r5 = robust(five)
         out.append(ic.check("restarts_5_vs_1", {"restarts_1": acc, "restarts_5": r5},
                             r5 <= acc + 1e-12 and acc - r5 <= ic.CONVERGENCE_POINTS,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from clipguard.cli import options as o
-from clipguard.cli.output import artefact_path, emit
+from clipguard.cli.output import artefact_path, check_outputs, emit
 from clipguard.run_options import RunOptions
 
 
@@ -17,13 +17,16 @@ def attack_command(
     run: RunOptions,
     adv_set: Annotated[str | None, typer.Option(help="Adversarial set to write (.safetensors), for `eval "
                                                 "--adv-set`.", rich_help_panel=o.OUTPUT)] = None,
-    attack: Annotated[str, typer.Option(help="fgsm, pgd, apgd or autoattack (L-inf).",
+    attack: Annotated[str, typer.Option(help="fgsm, pgd, apgd (torchattacks) or autoattack (pyautoattack).",
                                         rich_help_panel=o.ATTACK)] = "pgd",
-    eps: Annotated[str, typer.Option(help="L-inf radius in [0, 1] pixel units (8/255 or 0.0314).",
+    eps: Annotated[str, typer.Option(help="Radius in [0, 1] pixel units (8/255 or 0.0314).",
                                      rich_help_panel=o.ATTACK)] = "8/255",
+    norm: o.NormOpt = "linf",
     alpha: o.AlphaOpt = None,
-    steps: o.StepsOpt = 10,
-    restarts: o.RestartsOpt = 1,
+    steps: o.StepsOpt = None,
+    restarts: o.RestartsOpt = None,
+    aa_version: o.AAVersionOpt = None,
+    aa_attacks: o.AAAttacksOpt = None,
     resolution: o.ResolutionOpt = "model",
     surrogate: o.SurrogateOpt = None,
     attack_precision: o.AttackPrecisionOpt = "fp32",
@@ -42,9 +45,11 @@ def attack_command(
     adv_set, out = artefact_path(adv_set, out, record, option="--adv-set")
     if "," in eps:
         raise ClipguardError(f"--eps {eps!r}: attack crafts one set, give one eps (sweeps are for `eval`)")
-    cfg = EvalConfig(run=run.check(), attack=attack, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+    cfg = EvalConfig(run=run.check(), attack=attack, eps=eps, norm=norm, alpha=alpha, steps=steps,
+                     restarts=restarts, aa_version=aa_version, aa_attacks=aa_attacks,
                      resolution=resolution, attack_precision=attack_precision, surrogate=surrogate)
     attack_config(cfg)
+    check_outputs({"--adv-set": adv_set, "--out": out}, {"--png": png})
     rec = run_craft(cfg, adv_set, quantize=quantize, png_dir=png, progress=not json_out)
     emit(rec, out=Path(out) if out else None, as_json=json_out, table=attack_table)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from clipguard.cli import options as o
-from clipguard.cli.output import checks_line, emit
+from clipguard.cli.output import check_outputs, checks_line, emit
 from clipguard.run_options import RunOptions
 
 
@@ -16,9 +16,12 @@ def eval_command(
     run: RunOptions,
     attack: o.AttackOpt = None,
     eps: o.EpsOpt = "8/255",
+    norm: o.NormOpt = "linf",
     alpha: o.AlphaOpt = None,
-    steps: o.StepsOpt = 10,
-    restarts: o.RestartsOpt = 1,
+    steps: o.StepsOpt = None,
+    restarts: o.RestartsOpt = None,
+    aa_version: o.AAVersionOpt = None,
+    aa_attacks: o.AAAttacksOpt = None,
     resolution: o.ResolutionOpt = "model",
     surrogate: o.SurrogateOpt = None,
     sanity: Annotated[bool, typer.Option(help="Also run the costly sanity checks (eps sweep monotone, PGD vs "
@@ -26,16 +29,21 @@ def eval_command(
     adv_set: Annotated[str | None, typer.Option(help="Evaluate on a saved adversarial set (from `clipguard "
                                                 "attack`) instead of attacking.", rich_help_panel=o.ATTACK)] = None,
     attack_precision: o.AttackPrecisionOpt = "fp32",
+    predictions: Annotated[str | None, typer.Option(help="Write per-image results (digest, label, clean and "
+                                                    "adversarial predictions per eps) to this .csv or .parquet.",
+                                                    rich_help_panel=o.OUTPUT)] = None,
     out: o.OutOpt = None,
     json_out: o.JsonOpt = False,
 ) -> None:
     """Zero-shot accuracy of MODEL on DATASET; with --attack, robust accuracy too (eps in [0,1] pixels)."""
     from clipguard.tasks.eval import EvalConfig, run_eval, validate_eval
 
-    cfg = EvalConfig(run=run, attack=attack, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
+    cfg = EvalConfig(run=run, attack=attack, eps=eps, norm=norm, alpha=alpha, steps=steps, restarts=restarts,
+                     aa_version=aa_version, aa_attacks=aa_attacks,
                      resolution=resolution, attack_precision=attack_precision, surrogate=surrogate, sanity=sanity,
-                     adv_set=adv_set)
+                     adv_set=adv_set, predictions=predictions)
     validate_eval(cfg)  # fail fast, before anything loads
+    check_outputs({"--out": out, "--predictions": predictions})
     emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table)
 
 
@@ -47,7 +55,7 @@ def eval_table(rec: dict):
     for col in ("acc1", "acc5", "mean per-class recall", "img/s", "text emb."):
         t.add_column(col, justify="right")
     m = rec["metrics"]
-    t.add_row(f"{m['acc1']:.4f}", f"{m['acc5']:.4f}", f"{m['mean_per_class_recall']:.4f}",
+    t.add_row(f"{m['acc1']:.4f}", "—" if m["acc5"] is None else f"{m['acc5']:.4f}", f"{m['mean_per_class_recall']:.4f}",
               f"{rec['timings']['images_per_s']:,.1f}", rec["text_embeddings"]["cache"])
     if "robust" in m:
         r = Table(title=f"robust accuracy ({rec['attack']['name']}, {rec['attack']['resolution']} resolution"

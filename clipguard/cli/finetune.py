@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from clipguard.cli import options as o
-from clipguard.cli.output import deprecated, emit
+from clipguard.cli.output import check_outputs, deprecated, emit
 from clipguard.run_options import RunOptions
 
 EVAL = "Final evaluation"
@@ -42,7 +42,9 @@ def finetune_command(
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 = off).", rich_help_panel=o.TRAIN)] = 1.0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.", rich_help_panel=o.TRAIN)] = 8,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).", rich_help_panel=o.TRAIN)] = 32,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.", rich_help_panel=o.TRAIN)] = 0.1,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (MLP targets only: on the attention modules "
+                                                "peft merges LoRA each forward, so dropout never applies).",
+                                                rich_help_panel=o.TRAIN)] = 0.0,
     lora_targets: Annotated[str | None, typer.Option(help="Comma list of module names/suffixes for LoRA "
                                                      "(default: the visual attention modules).",
                                                      rich_help_panel=o.TRAIN)] = None,
@@ -82,6 +84,7 @@ def finetune_command(
                          save_every=save_every, resume=resume, eval_split=eval_split, eval_limit=eval_limit,
                          eval_steps=eval_steps, eval_batch_size=eval_batch_size, eval_base=eval_base)
     validate(cfg)  # every option checked before torch or a model loads
+    check_outputs({"--out": out}, {"--run-dir": run_dir})
     record = run_finetune(cfg, progress=not json_out)
     emit(record, out=out or Path(run_dir) / "record.json", as_json=json_out, table=finetune_table)
 

@@ -82,15 +82,24 @@ def run_options(*, exclude: tuple[str, ...] = (), help: dict[str, str] | None = 
 
 
 # ---- attacks (eval, attack)
-AttackOpt = Annotated[str | None, typer.Option(help="Attack: fgsm, pgd, apgd or autoattack (L-inf).",
-                                               rich_help_panel=ATTACK)]
-EpsOpt = Annotated[str, typer.Option(help="L-inf radius in [0, 1] pixel units: 8/255 or 0.0314; a comma list "
-                                          "(0,2/255,4/255,8/255) gives a sweep.", rich_help_panel=ATTACK)]
-AlphaOpt = Annotated[str | None, typer.Option(help="PGD step size in [0, 1] pixel units (default eps/4).",
+AttackOpt = Annotated[str | None, typer.Option(help="Attack: fgsm, pgd, apgd (torchattacks) or autoattack (the "
+                                                    "reference AutoAttack, pyautoattack).", rich_help_panel=ATTACK)]
+EpsOpt = Annotated[str, typer.Option(help="Radius in [0, 1] pixel units: 8/255 or 0.0314 (linf: per pixel; l2: "
+                                          "the image's L2 norm); a comma list (0,2/255,4/255,8/255) gives a sweep.",
+                                     rich_help_panel=ATTACK)]
+NormOpt = Annotated[str, typer.Option(help="Threat model: linf or l2 (every attack).", rich_help_panel=ATTACK)]
+AlphaOpt = Annotated[str | None, typer.Option(help="PGD step size in [0, 1] pixel units (default eps/4; PGD only).",
                                               rich_help_panel=ATTACK)]
-StepsOpt = Annotated[int, typer.Option(help="Attack iterations (PGD, APGD).", rich_help_panel=ATTACK)]
-RestartsOpt = Annotated[int, typer.Option(help="Random restarts (PGD, APGD); worst case over restarts.",
-                                          rich_help_panel=ATTACK)]
+StepsOpt = Annotated[int | None, typer.Option(help="Iterations (PGD: default 10, APGD: default 100; FGSM and "
+                                                   "AutoAttack take none).", rich_help_panel=ATTACK)]
+RestartsOpt = Annotated[int | None, typer.Option(help="Random restarts (PGD, APGD; default 1); worst case over "
+                                                      "restarts.", rich_help_panel=ATTACK)]
+AAVersionOpt = Annotated[str | None, typer.Option(help="AutoAttack version: standard (default: APGD-CE, APGD-T, "
+                                                       "FAB-T, Square, 100 iterations), plus, rand or custom.",
+                                                  rich_help_panel=ATTACK)]
+AAAttacksOpt = Annotated[str | None, typer.Option(help="AutoAttack custom: comma list of apgd-ce, apgd-dlr, fab, "
+                                                       "square, apgd-t, fab-t (e.g. apgd-ce,apgd-t as FARE).",
+                                                  rich_help_panel=ATTACK)]
 ResolutionOpt = Annotated[str, typer.Option(help="Where the perturbation lives: model (the model's input size, "
                                                  "as TeCoA/FARE) or native (the dataset's own size).",
                                             rich_help_panel=ATTACK)]

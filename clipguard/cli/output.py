@@ -39,6 +39,16 @@ def artefact_path(artefact: str | None, out: Path | None, record: Path | None, *
     return artefact, record_path(out, record)
 
 
+def check_outputs(files: dict[str, object] | None = None, folders: dict[str, object] | None = None) -> None:
+    """Every output path writable, checked before anything is computed (``{"--out": path, ...}``)."""
+    from clipguard.fsutil import check_writable
+
+    for option, path in (files or {}).items():
+        check_writable(path, option)
+    for option, path in (folders or {}).items():
+        check_writable(path, option, directory=True)
+
+
 def emit(record: dict, *, out: Path | None, as_json: bool, table) -> None:
     """Write the record (atomically) and print either its JSON or a human table."""
     from rich.console import Console

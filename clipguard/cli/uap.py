@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from clipguard.cli import options as o
-from clipguard.cli.output import artefact_path, checks_line, emit
+from clipguard.cli.output import artefact_path, check_outputs, checks_line, emit
 from clipguard.run_options import RunOptions
 
 app = typer.Typer(help="Universal adversarial perturbations: fit one image-agnostic delta on a split, then "
@@ -51,6 +51,7 @@ def fit(
     cfg = UAPFitConfig(uap=uap, run=run, eps=eps, norm=norm, method=method, target_fooling=target_fooling,
                        epochs=epochs, step=step, target_class=target_class, resolution=resolution, png=png)
     uap_config(cfg)  # validate eps, norm, method, ... before loading anything
+    check_outputs({"--uap": uap, "--out": out}, {"--png": png})
     emit(run_uap_fit(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table)
 
 
@@ -59,6 +60,9 @@ def fit(
 def eval_(
     run: RunOptions,
     uap: Annotated[str, typer.Option(help="UAP file from `clipguard uap fit`.", rich_help_panel=o.ATTACK)],
+    allow_fit_split: Annotated[bool, typer.Option(help="Allow evaluating on the split the UAP was fitted on (not a "
+                                                  "held-out fooling rate; the record says so).",
+                                                  rich_help_panel=o.ATTACK)] = False,
     png: PngOpt = None,
     out: o.OutOpt = None,
     json_out: o.JsonOpt = False,
@@ -66,7 +70,8 @@ def eval_(
     """Fooling rate and accuracy with/without a UAP on any model (another model gives the transfer number)."""
     from clipguard.tasks.uap import UAPEvalConfig, run_uap_eval
 
-    cfg = UAPEvalConfig(uap=uap, run=run.check(), png=png)
+    cfg = UAPEvalConfig(uap=uap, run=run.check(), png=png, allow_fit_split=allow_fit_split)
+    check_outputs({"--out": out}, {"--png": png})
     emit(run_uap_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table)
 
 

@@ -10,7 +10,8 @@ import torch
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, 3, H, W) at the dataset's own resolution; converted to [0, 1] late."""
+    """Images as uint8 (N, 3, H, W), converted to [0, 1] late: at a model's input size (open_clip's eval geometry,
+    applied once at load) or at the dataset's own size; ``info["preprocess"]`` names which (``data.images``)."""
 
     images: torch.Tensor  # uint8 (N, 3, H, W)
     labels: torch.Tensor  # int64 (N,)
@@ -21,7 +22,7 @@ class ImageSet:
     limit: int | None = None
     seed: int = 0
     indices: list[int] | None = None  # positions in the full split, when --limit selected a subset
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # provenance for records: "preprocess", "path", "hf_path"
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -15,9 +15,16 @@ from clipguard.specs import DatasetSpec
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_folder(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> ImageSet:
+def _read(path: Path):
+    """One image file as RGB, decoded and closed (torchvision's ImageFolder loader; a lazy ``Image.open``
+    per file would hold every file open until the stack)."""
     from PIL import Image
 
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def load_folder(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None) -> ImageSet:
     root = Path(spec.path)
     # A split sub-folder (PATH/test/<class>/...) is used when present, else PATH itself holds the classes.
     base = root / split if (root / split).is_dir() else root
@@ -35,7 +42,7 @@ def load_folder(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> 
     labels = np.asarray(labels, dtype=np.int64)
     idx = stratified_indices(labels, limit, seed)
     try:
-        images = to_uint8_chw([Image.open(files[i]) for i in idx])
+        images = to_uint8_chw((_read(files[i]) for i in idx), size, what=f"--dataset {spec.text!r}")
     except OSError as e:
         raise ClipguardError(f"--dataset {spec.text!r}: cannot read an image ({e})") from None
     return ImageSet(images=images, labels=torch.from_numpy(labels[idx]), classnames=classes, spec=spec.text,

@@ -18,7 +18,7 @@ def _guess_column(features, kinds: tuple[str, ...]) -> str | None:
     return None
 
 
-def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> ImageSet:
+def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None) -> ImageSet:
     import datasets
 
     try:
@@ -43,7 +43,7 @@ def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int) -> Imag
     labels = np.asarray(ds[lab_col], dtype=np.int64)
     idx = stratified_indices(labels, limit, seed)
     sub = ds.select(idx.tolist()) if len(idx) < len(ds) else ds
-    images = to_uint8_chw([row[img_col] for row in sub])
+    images = to_uint8_chw((row[img_col] for row in sub), size, what=f"--dataset {spec.text!r}")
     feat = ds.features[lab_col]
     names = list(feat.names) if hasattr(feat, "names") else None
     return ImageSet(images=images, labels=torch.from_numpy(labels[idx]), classnames=names, spec=spec.text,

@@ -1,32 +1,106 @@
-"""PIL / numpy images to one uint8 (N, 3, H, W) tensor."""
+"""PIL / numpy images to one uint8 (N, 3, H, W) tensor, through the one preprocessing protocol.
+
+The protocol (applied once, at load): with a ``size=(H, W)`` every image goes through open_clip's eval
+geometry for that input size (``open_clip.image_transform(size, is_train=False)`` minus ToTensor/Normalize:
+shorter side resized with PIL bicubic, then centre crop); with ``size=None`` images keep their own size.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-# Photos of differing sizes are brought to one size on load (CLIP's own resize + centre crop).
-LOAD_SIZE = 224
+from clipguard.errors import ClipguardError
+
+NATIVE = "native"
 
 
-def _resize_crop(img, size: int):
+def as_size(size) -> tuple[int, int] | None:
+    """``None`` (native), an int (square) or (H, W) -> ``None`` or an (H, W) tuple of ints."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    h, w = (int(s) for s in size)
+    return (h, w)
+
+
+def protocol_name(size) -> str:
+    """What records store as ``dataset.preprocess``: ``native`` or ``open_clip eval geometry HxW``."""
+    size = as_size(size)
+    return NATIVE if size is None else f"open_clip eval geometry {size[0]}x{size[1]}"
+
+
+def eval_geometry(img, size):
+    """open_clip's eval geometry for an (H, W) input: what ``image_transform(size, is_train=False)`` does
+    before ToTensor/Normalize (``resize_mode='shortest'``, bicubic), on a PIL image; returns an RGB PIL image.
+
+    Square sizes use the same torchvision transforms open_clip composes (``Resize(H, BICUBIC)`` on the shorter
+    side, then ``CenterCrop``); non-square sizes use open_clip's ``ResizeKeepRatio`` rule (each side scaled by
+    the smaller ratio, rounded) through torchvision's resize, then ``CenterCrop``. The image is converted to RGB
+    first, as torchvision's ImageFolder loader does before open_clip's transform (identical for RGB and L).
+    """
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+    from torchvision.transforms import functional as F
+
+    h, w = as_size(size)
+    img = img.convert("RGB")
+    if h == w:
+        img = Resize(h, interpolation=InterpolationMode.BICUBIC)(img)
+    else:  # open_clip.transform.ResizeKeepRatio(size), longest=0
+        src_h, src_w = img.size[1], img.size[0]
+        ratio = min(src_h / h, src_w / w)
+        img = F.resize(img, [round(src_h / ratio), round(src_w / ratio)], InterpolationMode.BICUBIC)
+    return CenterCrop((h, w))(img)
+
+
+def _fmt(hw: tuple[int, ...]) -> str:
+    return f"{hw[1]}x{hw[0]}"  # W x H, as image sizes are usually written
+
+
+def to_uint8_chw(images: Iterable, size=None, *, what: str = "the dataset") -> torch.Tensor:
+    """Stack PIL images (any mode) as uint8 (N, 3, H, W).
+
+    Args:
+        images: PIL images (an iterable: each is converted as it comes, so files can be opened lazily).
+        size: (H, W) (or an int): every image goes through :func:`eval_geometry` for that size; None keeps
+            each image's own size, which must then be the same for all.
+        what: names the data in the error (e.g. ``--dataset 'imagefolder:photos'``).
+
+    Raises:
+        ClipguardError: ``size`` is None and the images differ in size.
+    """
+    size = as_size(size)
+    arrays, shapes = [], {}
+    for im in images:
+        im = eval_geometry(im, size) if size is not None else im.convert("RGB")
+        a = np.asarray(im, dtype=np.uint8)
+        shapes.setdefault(a.shape[:2], len(arrays))
+        arrays.append(a)
+    if not arrays:
+        h, w = size or (0, 0)
+        return torch.empty(0, 3, h, w, dtype=torch.uint8)
+    if len(shapes) > 1:
+        seen = ", ".join(_fmt(s) for s in list(shapes)[:3]) + (", ..." if len(shapes) > 3 else "")
+        raise ClipguardError(
+            f"{what}: images differ in size ({seen}) and cannot be stacked at native resolution: "
+            "use --resolution model (each image resized and centre-cropped to the model's input)"
+        )
+    arr = np.stack(arrays)  # (N, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def tensor_geometry(images: torch.Tensor, size) -> torch.Tensor:
+    """uint8 (N, 3, h, w) tensors through the same protocol (via PIL); unchanged when already at ``size``
+    or when ``size`` is None."""
+    size = as_size(size)
+    if size is None or tuple(images.shape[-2:]) == size:
+        return images
     from PIL import Image
 
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return to_uint8_chw((Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images), size)
 
 
-def to_uint8_chw(images) -> torch.Tensor:
-    """Stack PIL images (any mode) as uint8 (N, 3, H, W). If sizes differ, each is resized
-    (shorter side ``LOAD_SIZE``, bicubic) and centre-cropped to ``LOAD_SIZE`` first."""
-    images = [im.convert("RGB") for im in images]
-    if not images:
-        return torch.empty(0, 3, LOAD_SIZE, LOAD_SIZE, dtype=torch.uint8)
-    if len({im.size for im in images}) > 1:
-        images = [_resize_crop(im, LOAD_SIZE) for im in images]
-    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # (N, H, W, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+__all__ = ["as_size", "eval_geometry", "protocol_name", "tensor_geometry", "to_uint8_chw"]

@@ -24,7 +24,8 @@ class FinetuneConfig:
     method: str = "lora"  # lora | vpt | full (finetune.methods)
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 32  # LoRA scale numerator: scale = lora_alpha / lora_r
-    lora_dropout: float = 0.1  # dropout on the LoRA path, probability
+    lora_dropout: float = 0.0  # dropout on the LoRA path; only MLP (nn.Linear) targets honour it: peft merges
+    # LoRA into nn.MultiheadAttention weights each forward, so a non-zero value there is refused
     lora_targets: list[str] | None = None  # module names / suffixes; None = the visual attention modules
     vpt_tokens: int = 10  # VPT prompt tokens inserted after the class token
     # --- objective and training adversary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,16 +28,24 @@ MANIFEST = "manifest.json"
 LORA_CONFIG, LORA_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 VPT_WEIGHTS, FULL_WEIGHTS = "vpt_prompts.safetensors", "visual.safetensors"
 
+log = logging.getLogger(__name__)
+
 
 def visual_attention_names(visual: nn.Module) -> list[str]:
     """Names of the image tower's attention modules (nn.MultiheadAttention in open_clip 3.x)."""
     return [n for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)]
 
 
-def _check_lora_targets(visual: nn.Module, targets: list[str]) -> None:
+def _check_lora_targets(visual: nn.Module, targets: list[str], dropout: float = 0.0) -> None:
     """Every target must match a module, and never a MultiheadAttention's out_proj (a silent trap:
-    MultiheadAttention reads ``out_proj.weight`` directly, so LoRA there gets no gradient)."""
+    MultiheadAttention reads ``out_proj.weight`` directly, so LoRA there gets no gradient). Dropout must be 0 on
+    attention targets: peft's MultiheadAttention LoRA merges the LoRA weights into the attention weights for
+    each forward, so its dropout is never applied (plain nn.Linear targets, e.g. c_fc / c_proj, honour it)."""
     mods = dict(visual.named_modules())
+    if dropout and any(isinstance(m, nn.MultiheadAttention) for n, m in mods.items()
+                       if any(n == t or n.endswith("." + t) for t in targets)):
+        raise ClipguardError("LoRA on nn.MultiheadAttention merges its weights each forward, so dropout never "
+                             "applies: use --lora-dropout 0")
     for t in targets:
         hits = [n for n in mods if n == t or n.endswith("." + t)]
         if not hits:
@@ -68,13 +77,15 @@ def _pin_base_weights(visual: nn.Module) -> None:
             m.register_forward_hook(_restore_base)
 
 
-def apply_lora(visual: nn.Module, r: int = 8, alpha: int = 32, dropout: float = 0.1,
+def apply_lora(visual: nn.Module, r: int = 8, alpha: int = 32, dropout: float = 0.0,
                targets: list[str] | None = None):
     """Inject peft LoRA layers into ``visual`` in place (pass a copy to keep the original).
 
     Args:
         visual: an open_clip image tower on its final device.
-        r, alpha, dropout: LoRA rank, scaling numerator (scale = alpha / r) and dropout.
+        r, alpha, dropout: LoRA rank, scaling numerator (scale = alpha / r) and dropout on the LoRA path
+            (plain nn.Linear targets only: it must be 0 when a target is an attention module, where peft
+            merges the LoRA weights for each forward and never applies dropout).
         targets: module names or name suffixes; None = the visual attention modules.
 
     Returns:
@@ -82,12 +93,12 @@ def apply_lora(visual: nn.Module, r: int = 8, alpha: int = 32, dropout: float = 
 
     Raises:
         ClipguardError: a target matches nothing, hits a MultiheadAttention's out_proj, or has an
-            unsupported type.
+            unsupported type; non-zero dropout on an attention target.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = list(targets) if targets else visual_attention_names(visual)
-    _check_lora_targets(visual, targets)
+    _check_lora_targets(visual, targets, dropout)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     try:
         inject_adapter_in_model(config, visual)
@@ -200,6 +211,22 @@ def read_manifest(adapter_dir: str | Path) -> dict:
     return manifest
 
 
+def _same_base(saved: str | None, current: str, adapter_dir) -> bool:
+    """Whether an adapter made on the base fingerprinted ``saved`` fits the model fingerprinted ``current``.
+
+    Fingerprints of pretrained tags and hub models used to be the name alone (``ARCH:TAG``, ``hf-hub:ORG/NAME``)
+    and now carry the weights (``NAME@sha256:...``, ``NAME@rev:...``): an adapter saved before matches the same
+    name, with a warning that its base weights cannot be checked.
+    """
+    if saved == current:
+        return True
+    if saved and "@" not in saved and not saved.startswith("sha256:") and current.partition("@")[0] == saved:
+        log.warning("--adapter %s names its base model %r without a weights digest (saved by an older clipguard): "
+                    "cannot check it was trained on these weights (%s)", adapter_dir, saved, current)
+        return True
+    return False
+
+
 def load_adapter(adapter_dir: str | Path, clip) -> nn.Module:
     """The image tower of ``clip`` with the adapter in ``adapter_dir`` applied (eval mode, frozen).
 
@@ -215,7 +242,7 @@ def load_adapter(adapter_dir: str | Path, clip) -> nn.Module:
     """
     manifest = read_manifest(adapter_dir)
     base = manifest["base"]
-    if base.get("fingerprint") != clip.fingerprint:
+    if not _same_base(base.get("fingerprint"), clip.fingerprint, adapter_dir):
         raise ClipguardError(
             f"--adapter {str(adapter_dir)!r} was made for base model {base.get('spec')!r} ({base.get('fingerprint')}) "
             f"but --model is {clip.spec.text!r} ({clip.fingerprint}): pass --model {base.get('spec')}")

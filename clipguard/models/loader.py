@@ -2,15 +2,19 @@
 
 ``load_clip("ViT-B-32:openai")`` returns a :class:`LoadedClip` holding the open_clip model (eval mode,
 parameters frozen), its tokenizer, mean/std, input size, device, precision and a fingerprint that keys
-the text-embedding store.
+the text-embedding store and ties adapters to their base: ``sha256:<hex>`` of a local weights file (toy too),
+``ARCH:random-seed0``, ``ARCH:TAG@sha256:<hex>`` for a pretrained tag (the file open_clip loaded) and
+``hf-hub:ORG/NAME@rev:<commit>`` for a hub model (see :func:`weights_fingerprint`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +41,7 @@ class LoadedClip:
     input_size: tuple[int, int]  # (H, W) the image tower takes
     device: torch.device
     precision: str  # "fp32" | "bf16" | "fp16"
-    fingerprint: str  # weights digest for local files, spec/tag otherwise
+    fingerprint: str  # weights digest (local files); tag or hub name + weights digest or hub revision
     spec: ModelSpec
     info: dict = field(default_factory=dict)  # provenance for records
 
@@ -84,6 +88,116 @@ def file_digest(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def _digest_cache_path() -> Path:
+    from clipguard.models.text_embeddings import cache_root
+
+    return cache_root() / "weights-digests.json"
+
+
+def cached_file_digest(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:
+    """:func:`file_digest`, remembered in a small JSON (default ``<cache root>/weights-digests.json``) keyed by
+    the file's real path, size and mtime, so a 600 MB checkpoint is hashed once, not on every load."""
+    from clipguard.fsutil import atomic_write_json
+
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cache = Path(cache) if cache is not None else _digest_cache_path()
+    try:
+        known = json.loads(cache.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    hit = known.get(real)
+    if isinstance(hit, dict) and {k: hit.get(k) for k in stamp} == stamp and hit.get("digest"):
+        return hit["digest"]
+    digest = file_digest(real)
+    known[real] = {**stamp, "digest": digest}
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        atomic_write_json(cache, known)
+    return digest
+
+
+def hf_cache_location(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(repo id, commit) of a file in a Hugging Face hub cache, laid out as
+    ``.../models--ORG--NAME/snapshots/<commit>/<file>``; None for any other path."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return parts[i - 1][len("models--"):].replace("--", "/"), parts[i + 1]
+    return None
+
+
+def _hf_blob_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 of a hub-cache file's content, read off its blob name: a snapshot entry links to
+    ``../../blobs/<etag>``, and an LFS file's etag (every weights file) is the sha256 of its bytes."""
+    p = Path(path)
+    if not p.is_symlink():
+        return None
+    blob = p.resolve()
+    if blob.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return "sha256:" + blob.name
+    return None
+
+
+def weights_fingerprint(name: str, path: str | os.PathLike, *, hub: bool = False,
+                        digest_cache: str | os.PathLike | None = None) -> str:
+    """The fingerprint of a named model from the weights file open_clip resolved for it.
+
+    ``name`` is ``ARCH:TAG`` (a pretrained tag) or ``hf-hub:ORG/NAME`` (``hub=True``). The name alone would let
+    new weights under the same name reuse stale text embeddings and adapters, so the fingerprint adds:
+
+    - hf-hub models: the hub revision (``@rev:<commit>`` from ``snapshots/<commit>/``), which pins the
+      config as well as the weights;
+    - pretrained tags: the content digest (``@sha256:<hex>``), read off the hub cache's blob name when the file
+      lives there, else hashed once and remembered by (path, size, mtime) in ``digest_cache``.
+
+    A hub model outside a hub cache falls back to the content digest.
+    """
+    if hub:
+        loc = hf_cache_location(path)
+        if loc is not None:
+            return f"{name}@rev:{loc[1]}"
+    digest = _hf_blob_sha256(path) or cached_file_digest(path, digest_cache)
+    return f"{name}@{digest}"
+
+
+@contextlib.contextmanager
+def _recording_checkpoints(paths: list[str]):
+    """Note every weights file open_clip's ``create_model`` loads (it resolves tags and hub names itself)."""
+    import open_clip.factory as factory
+
+    real = factory.load_checkpoint
+
+    def recording(model, checkpoint_path, *args, **kwargs):
+        paths.append(str(checkpoint_path))
+        return real(model, checkpoint_path, *args, **kwargs)
+
+    factory.load_checkpoint = recording
+    try:
+        yield
+    finally:
+        factory.load_checkpoint = real
+
+
+def create_model_noting_weights(*args, **kwargs) -> tuple[torch.nn.Module, str | None]:
+    """``open_clip.create_model(*args, **kwargs)`` and the path of the weights file it loaded (None: none)."""
+    import open_clip
+
+    paths: list[str] = []
+    with _recording_checkpoints(paths):
+        model = open_clip.create_model(*args, **kwargs)
+    return model, (paths[-1] if paths else None)
+
+
+def _named_fingerprint(name: str, path: str | None, *, hub: bool = False) -> str:
+    if path is None or not os.path.isfile(path):
+        log.warning("could not see which weights file open_clip loaded for %s: the text-embedding store keys it "
+                    "by name alone", name)
+        return name
+    return weights_fingerprint(name, path, hub=hub)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -150,13 +264,14 @@ def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
         return model, file_digest(path), {"arch": toy.TOY_MODEL_NAME, "pretrained": f"toy@{spec.variant}"}
     if spec.kind == "hf-hub":
         try:
-            model = open_clip.create_model(f"hf-hub:{spec.repo}")
+            model, weights = create_model_noting_weights(f"hf-hub:{spec.repo}")
         except Exception as e:
             raise ClipguardError(
                 f"--model {spec.text!r}: cannot load from the Hugging Face hub ({type(e).__name__}); "
                 "offline? download the weights and use ARCH:/path/weights.safetensors"
             ) from None
-        return model, f"hf-hub:{spec.repo}", {"arch": spec.repo, "pretrained": "hf-hub"}
+        fingerprint = _named_fingerprint(f"hf-hub:{spec.repo}", weights, hub=True)
+        return model, fingerprint, {"arch": spec.repo, "pretrained": "hf-hub", "weights_file": weights}
     _check_arch(spec.arch)
     if spec.kind == "random":
         with torch.random.fork_rng():
@@ -180,13 +295,14 @@ def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
             f"known: {', '.join(tags) or 'none'} (or ARCH:/path/weights.safetensors, ARCH:none)"
         )
     try:
-        model = open_clip.create_model(spec.arch, pretrained=spec.tag, require_pretrained=True)
+        model, weights = create_model_noting_weights(spec.arch, pretrained=spec.tag, require_pretrained=True)
     except Exception as e:
         raise ClipguardError(
             f"--model {spec.text!r}: cannot get the pretrained weights ({type(e).__name__}); "
             "offline? put them in the Hugging Face cache or pass ARCH:/path/weights.safetensors"
         ) from None
-    return model, f"{spec.arch}:{spec.tag}", {"arch": spec.arch, "pretrained": spec.tag}
+    fingerprint = _named_fingerprint(f"{spec.arch}:{spec.tag}", weights)
+    return model, fingerprint, {"arch": spec.arch, "pretrained": spec.tag, "weights_file": weights}
 
 
 def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "auto") -> LoadedClip:

@@ -1,9 +1,12 @@
 """The cached text-embedding store shared by every command.
 
 Key = sha256 of (model fingerprint, open_clip version, class names, templates, precision). Each entry is
-``<cache>/text/<key>.safetensors`` plus ``<key>.json`` (a manifest), both written atomically, so two
-processes building the same key both succeed and leave one valid entry. Cache root: ``$CLIPGUARD_CACHE``,
-else ``~/.cache/clipguard``. A second run of any command does zero text-tower passes.
+one file, ``<cache>/text/<key>.safetensors``, holding the embeddings and its manifest (JSON in the safetensors
+metadata), written atomically: a crash leaves no entry or a whole one, and two processes building the same
+key both succeed and leave one valid entry. The model fingerprint names the weights themselves (a file digest,
+or for a pretrained tag / hf-hub model the digest or hub revision of the file open_clip loaded: see
+``models.loader``), so new weights under an old name never reuse stale embeddings. Cache root:
+``$CLIPGUARD_CACHE``, else ``~/.cache/clipguard``. A second run of any command does zero text-tower passes.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipguard.fsutil import atomic_write, atomic_write_json
+from clipguard.fsutil import atomic_write
 
 TEXT_PRECISION = "fp32"  # class embeddings are computed once, so always at full precision
+MANIFEST_KEY = "clipguard.manifest"  # the safetensors metadata entry holding an entry's manifest (JSON)
 
 
 def cache_root() -> Path:
@@ -62,48 +66,72 @@ def compute_text_embeddings(clip, classnames: list[str], templates: list[str], b
     return F.normalize(per_class, dim=-1).cpu()
 
 
+def _read_entry(path: Path, *, tensor: bool = True) -> tuple[dict, torch.Tensor | None]:
+    """(manifest, embeddings) of one entry; raises on a damaged file or one without a manifest."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        manifest = json.loads((f.metadata() or {})[MANIFEST_KEY])
+        emb = f.get_tensor("embeddings") if tensor else None
+    return manifest, emb
+
+
 def get_text_embeddings(clip, classnames: list[str], templates: list[str]) -> TextEmbeddings:
     """Class embeddings for ``clip`` from the store, computing and storing them on a miss."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     key = text_key(clip.fingerprint, classnames, templates)
     path = text_dir() / f"{key}.safetensors"
     if path.is_file():
         try:
-            return TextEmbeddings(load_file(str(path))["embeddings"], key, "hit")
-        except Exception:  # a damaged entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+            manifest, emb = _read_entry(path)
+            if manifest.get("key") == key and emb.shape[0] == len(classnames):
+                return TextEmbeddings(emb, key, "hit")
+        except Exception:  # a damaged entry, or one of the old two-file layout, is rebuilt, never trusted
+            pass
     emb = compute_text_embeddings(clip, classnames, templates)
-    atomic_write(path, lambda tmp: save_file({"embeddings": emb.contiguous()}, tmp))
-    atomic_write_json(text_dir() / f"{key}.json", {
-        "key": key, "model": clip.spec.text, "fingerprint": clip.fingerprint, "n_classes": len(classnames),
-        "classnames": classnames, "templates": templates, "precision": TEXT_PRECISION,
-        "dim": emb.shape[1], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    manifest = {"key": key, "model": clip.spec.text, "fingerprint": clip.fingerprint, "n_classes": len(classnames),
+                "classnames": classnames, "templates": templates, "precision": TEXT_PRECISION,
+                "dim": emb.shape[1], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    # One file holds tensor and manifest, moved into place in one step: no reader ever sees one without the other.
+    atomic_write(path, lambda tmp: save_file({"embeddings": emb.contiguous()}, tmp,
+                                             metadata={MANIFEST_KEY: json.dumps(manifest)}))
+    (text_dir() / f"{key}.json").unlink(missing_ok=True)  # the manifest of the old layout, now inside the entry
     return TextEmbeddings(emb, key, "miss")
 
 
 def list_entries() -> list[dict]:
-    """Manifests of all stored entries, newest first, each with its size in bytes."""
+    """Manifests of all stored entries, newest first, each with its size in bytes.
+
+    An entry of the old two-file layout (``<key>.json`` beside a tensor without a manifest) is listed from its
+    JSON with ``"legacy": true``; the next run that needs it rebuilds it in the one-file layout.
+    """
     out = []
-    for m in sorted(text_dir().glob("*.json")):
+    for st in sorted(text_dir().glob("*.safetensors")):
         try:
-            info = json.loads(m.read_text())
-        except (OSError, json.JSONDecodeError):
+            info = _read_entry(st, tensor=False)[0]
+        except Exception:
+            try:
+                info = {**json.loads(st.with_suffix(".json").read_text()), "legacy": True}
+            except (OSError, json.JSONDecodeError):
+                continue  # damaged, or a tensor whose manifest never landed (old layout): not an entry
+        try:
+            info["bytes"] = st.stat().st_size
+        except OSError:  # removed meanwhile
             continue
-        st = m.with_suffix(".safetensors")
-        info["bytes"] = st.stat().st_size if st.exists() else 0
         out.append(info)
     return sorted(out, key=lambda d: d.get("created", ""), reverse=True)
 
 
 def remove_entries(keys: list[str] | None) -> int:
-    """Remove entries whose key starts with one of ``keys`` (all entries when ``keys`` is None)."""
+    """Remove entries whose key starts with one of ``keys`` (all entries when ``keys`` is None), with any
+    ``<key>.json`` of the old two-file layout."""
+    d = text_dir()
+    found = {p.stem for p in d.glob("*.safetensors")} | {p.stem for p in d.glob("*.json")}
     n = 0
-    for m in text_dir().glob("*.json"):
-        k = m.stem
+    for k in sorted(found):
         if keys is None or any(k.startswith(p) for p in keys):
-            m.unlink(missing_ok=True)
-            m.with_suffix(".safetensors").unlink(missing_ok=True)
+            (d / f"{k}.safetensors").unlink(missing_ok=True)
+            (d / f"{k}.json").unlink(missing_ok=True)
             n += 1
     return n

@@ -65,7 +65,7 @@ def rows(records: list[dict]) -> list[dict]:
                             "eps_value": None})
             continue
         for k in CLEAN_METRICS:
-            if k in m:
+            if m.get(k) is not None:  # acc5 is null below 5 classes
                 out.append({**ctx, "metric": k, "value": m[k], "attack": None, "eps": None, "eps_value": None})
         for e in m.get("robust", []):
             for k in ROBUST_METRICS:

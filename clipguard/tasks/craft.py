@@ -6,7 +6,7 @@ import torch
 
 from clipguard.records.schema import make_record
 from clipguard.run_options import flat
-from clipguard.tasks.eval import EvalConfig, attack_config
+from clipguard.tasks.eval import EvalConfig, attack_config, load_resolution
 from clipguard.tasks.prepare import prepare
 
 
@@ -17,35 +17,38 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     The set's manifest names the source dataset, the model or surrogate it was crafted on and the attack,
     so ``clipguard eval --adv-set`` can send it to any target.
     """
+    from clipguard.attacks.advset import image_digest, save_adv_set
     from clipguard.attacks.advset import quantize as quantize_fn
-    from clipguard.attacks.advset import save_adv_set
     from clipguard.attacks.runner import run_attack
     from clipguard.attacks.sweep import robust_entry
     from clipguard.models.inference import attack_inputs
 
     base, eps_list = attack_config(cfg)
-    p = prepare(cfg.run)
-    surrogate, resolution = None, cfg.resolution
-    if cfg.surrogate:
+    resolution = load_resolution(cfg)
+    p = prepare(cfg.run, resolution=resolution)
+    surrogate = None
+    if cfg.surrogate:  # crafted on the dataset's own images
         from clipguard.attacks.surrogates import build_surrogate
 
-        surrogate, resolution = build_surrogate(cfg.surrogate, p), "native"
+        surrogate = build_surrogate(cfg.surrogate, p)
     run = run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.run.batch_size,
                      resolution=resolution, precision=cfg.attack_precision, keep_adv=True, progress=progress,
                      craft_on=surrogate)
     adv = run.adv_images
     if quantize:
         clean = p.data.images
-        if tuple(adv.shape[-2:]) != tuple(clean.shape[-2:]):  # model resolution: clip around the resized clean
+        if tuple(adv.shape[-2:]) != tuple(clean.shape[-2:]):  # model resolution: the exact float image attacked
             bs = cfg.run.batch_size
             with torch.no_grad():  # in batches, converted on the device: a whole dataset at 224 px is GBs
-                clean = torch.cat([torch.round(attack_inputs(p.classifier, clean[i:i + bs], "model").cpu() * 255)
-                                   .to(torch.uint8) for i in range(0, clean.shape[0], bs)])
-        adv = quantize_fn(adv, clean, base.eps.value)
-    attack = {**base.to_record(), "resolution": resolution, "precision": cfg.attack_precision,
-              "surrogate": cfg.surrogate}
-    manifest = {"data": p.data.to_record(), "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint,
-                "surrogate": cfg.surrogate, "adapter": cfg.run.adapter}, "attack": attack, "quantized": quantize}
+                clean = torch.cat([attack_inputs(p.classifier, clean[i:i + bs], "model").cpu()
+                                   for i in range(0, clean.shape[0], bs)])
+        adv = quantize_fn(adv, clean, base.eps.value)  # nearest uint8 level inside the eps-ball of that image
+    attack = {**base.to_record(len(p.prompts.classnames)), "resolution": resolution,
+              "precision": cfg.attack_precision, "surrogate": cfg.surrogate}
+    source = {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "surrogate": cfg.surrogate,
+              "adapter": cfg.run.adapter}
+    manifest = {"data": p.data.to_record(), "images_digest": image_digest(p.data.images), "source": source,
+                "attack": attack, "quantized": quantize}
     save_adv_set(out, adv, p.data.labels, manifest)
     entry = robust_entry(run, p.data.labels, base)
     pngs = []

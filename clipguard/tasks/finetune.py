@@ -39,7 +39,9 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     elif (Path(cfg.run_dir) / SUMMARY).exists():  # never overwrite a run by accident
         raise ClipguardError(f"--run-dir {cfg.run_dir!r} already holds a run: continue it with --resume "
                              f"{cfg.run_dir} or choose another --run-dir")
-    summary = train(cfg, prepare(cfg.run), progress=progress)
+    # PGD perturbs at the model's input size (TeCoA/FARE); a transfer surrogate sees the dataset's own images.
+    resolution = "native" if cfg.train_attack == "transfer" else "model"
+    summary = train(cfg, prepare(cfg.run, resolution=resolution), progress=progress)
     return final_record(cfg, summary, progress)
 
 

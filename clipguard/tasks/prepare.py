@@ -17,23 +17,30 @@ class Prepared:
     classifier: object  # models.classifier.ZeroShotClassifier ([0, 1] pixels -> logits), eval mode
 
 
-def prepare(run: RunOptions, **overrides) -> Prepared:
+def prepare(run: RunOptions, *, resolution: str = "model", **overrides) -> Prepared:
     """Load everything a zero-shot run needs; ``overrides`` replace fields of ``run`` (e.g. ``precision="fp32"``).
+
+    ``resolution`` is the one preprocessing protocol (DESIGN contract 2), applied once at load: ``model`` puts
+    every image through open_clip's eval geometry for the model's input size (shorter side bicubic, centre
+    crop), ``native`` keeps the dataset's own size (one size for the whole set, or a ClipguardError).
 
     Errors are ClipguardErrors naming the bad option; both specs are parsed before any slow loading.
     """
     from clipguard.data.prompts import load_prompts
     from clipguard.data.registry import load_dataset
     from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.inference import check_resolution
     from clipguard.models.loader import load_clip
     from clipguard.models.text_embeddings import get_text_embeddings
     from clipguard.specs import parse_dataset_spec, parse_model_spec
 
+    check_resolution(resolution)
     run = replace(run, **overrides).check()
     mspec = parse_model_spec(run.model)
     dspec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
     clip = load_clip(mspec, device=run.device, precision=run.precision)
-    data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed)
+    size = clip.input_size if resolution == "model" else None
+    data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size)
     prompts = load_prompts(data.name, prompts_file=run.prompts, templates=run.templates,
                            fallback_classnames=data.classnames)
     n_classes = len(data.classnames) if data.classnames else int(data.labels.max()) + 1

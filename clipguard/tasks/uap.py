@@ -43,6 +43,7 @@ class UAPEvalConfig:
     run: RunOptions = field(default_factory=RunOptions)  # the target: any model (another one gives the transfer
     # number); seed also seeds the random sign-pattern control
     png: str | None = None
+    allow_fit_split: bool = False  # evaluate on the very images the UAP was fitted on (not a held-out number)
 
 
 def uap_fit_config(**opts) -> UAPFitConfig:
@@ -85,8 +86,8 @@ def resolve_target(name: str | None, classnames: list[str]) -> int | None:
                          + (f" (did you mean {close}?)" if close else f" ({known})"))
 
 
-def _prepare(cfg):
-    return prepare(cfg.run, precision="fp32")  # UAPs are fitted and scored in fp32
+def _prepare(cfg, resolution: str):
+    return prepare(cfg.run, resolution=resolution, precision="fp32")  # UAPs are fitted and scored in fp32
 
 
 def _inputs(p, resolution: str):
@@ -112,14 +113,21 @@ def _pictures(p, inputs, v, clean_pred, adv_pred, png_dir, n: int = 8) -> list[s
                         p.prompts.classnames, png_dir)
 
 
+def _fitted_on_these(fit_data: dict, data) -> bool:
+    """Whether the evaluation images overlap the fitting images: same dataset and split (any limit/seed)."""
+    return fit_data.get("spec") == data.spec and fit_data.get("split") == data.split
+
+
 def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     """Fit a UAP on ``cfg``'s split, save it to ``cfg.uap``; returns a ``clipguard.result/1`` record."""
+    from safetensors.torch import load_file
+
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap.file import UAPFile
+    from clipguard.attacks.uap.file import UAPFile, tensor_digest
     from clipguard.attacks.uap.fit import fit_uap, uap_metrics
 
     ucfg = uap_config(cfg)
-    p = _prepare(cfg)
+    p = _prepare(cfg, ucfg.resolution)
     ucfg = replace(ucfg, target_class=resolve_target(cfg.target_class, p.prompts.classnames))
     inputs = _inputs(p, ucfg.resolution)
     fit = fit_uap(p.classifier, p.data.images, ucfg, inputs, progress=progress)
@@ -129,11 +137,13 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
                 "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "adapter": cfg.run.adapter},
                 "data": p.data.to_record(), "attack": attack,
                 "fitting": {**metrics, "history": fit.history, "epochs_run": fit.timings["epochs_run"]}}
+    fitted = tensor_digest(fit.delta)  # before anything is written
     uap = UAPFile(fit.delta, manifest)
     uap.to_disk(cfg.uap)
-    same = UAPFile.from_disk(cfg.uap, option="--uap").delta.equal(fit.delta)
-    checks = [_norm_check(fit.delta, ucfg.norm, ucfg.eps.value),
-              check("reload_identical", same, same, "the saved file reloads to the same bits")]
+    stored = load_file(str(cfg.uap))["uap"]  # the raw tensor as it is on disk, no validation in between
+    same = tensor_digest(stored) == fitted
+    checks = [_norm_check(stored, ucfg.norm, ucfg.eps.value),
+              check("reload_identical", same, same, "the tensor on disk has the bits that were fitted")]
     pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) if cfg.png else []
     return make_record("uap_fit", clip=p.clip, dataset=p.data, prompts=p.prompts,
                        metrics={**metrics, "fooling_history": fit.history}, timings=fit.timings, attack=attack,
@@ -155,11 +165,18 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     from clipguard.progress import progress_bar
 
     uap = UAPFile.from_disk(cfg.uap)  # a bad file fails before any model loads
-    p = _prepare(cfg)
+    p = _prepare(cfg, uap.resolution)
+    same_images = _fitted_on_these(uap.manifest.get("data") or {}, p.data)
+    if same_images and not cfg.allow_fit_split:
+        raise ClipguardError(f"--uap {cfg.uap!r} was fitted on {p.data.spec} {p.data.split}, the images evaluated "
+                             "here: that is not a held-out fooling rate. Evaluate on another split (e.g. --split test)"
+                             " or pass --allow-fit-split to measure it anyway (the record says so)")
     inputs = _inputs(p, uap.resolution)
     size = tuple(inputs(p.data.images[:1]).shape[-2:])
     v = fit_to(uap.delta.to(p.clip.device), size, uap.norm, uap.eps)
     warnings, target = [], None
+    if same_images:
+        warnings.append("evaluated on the images the UAP was fitted on (--allow-fit-split): not a held-out rate")
     if uap.target_name is not None:
         if uap.target_name in p.prompts.classnames:
             target = p.prompts.classnames.index(uap.target_name)
@@ -183,6 +200,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     info = {"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
             "applied_shape": list(v.shape), "resized": tuple(v.shape) != tuple(uap.delta.shape),
             "source": src, "fitted_on": uap.manifest.get("data"), "fitting": uap.manifest.get("fitting"),
+            "evaluated_on_fit_images": same_images,
             "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.run.adapter}
     pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png else []
     return make_record("uap_evaluation", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,

@@ -1,0 +1,47 @@
+"""Per-image results (``--predictions FILE``): one row per image, so two models can be paired image by image
+(McNemar) and other tools compared exactly. CSV, or Parquet when the file name ends in ``.parquet``.
+
+Columns: ``index`` (position in the evaluated set), ``digest`` (sha256 of the image's uint8 bytes as loaded,
+16 hex digits), ``label``, ``clean_pred``, then ``adv_pred@<eps>`` per eps of the sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import torch
+
+from clipguard.fsutil import atomic_write, atomic_write_text
+
+
+def image_digests(images: torch.Tensor) -> list[str]:
+    """Per image: sha256 of its bytes (uint8 (N, 3, H, W), contiguous, CPU), first 16 hex digits."""
+    flat = images.contiguous().cpu().reshape(images.shape[0], -1).numpy()
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in flat]
+
+
+def prediction_table(images: torch.Tensor, labels: torch.Tensor, clean_pred: torch.Tensor,
+                     adv_preds: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Column name -> values, in image order."""
+    cols = {"index": list(range(len(labels))), "digest": image_digests(images), "label": labels.tolist(),
+            "clean_pred": clean_pred.tolist()}
+    cols.update({f"adv_pred@{eps}": pred.tolist() for eps, pred in adv_preds.items()})
+    return cols
+
+
+def write_predictions(path: str | Path, table: dict[str, list]) -> Path:
+    """Write the table atomically: Parquet for ``*.parquet``, else CSV."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        return atomic_write(path, lambda tmp: pq.write_table(pa.table(table), tmp))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(table)
+    writer.writerows(zip(*table.values(), strict=True))
+    return atomic_write_text(path, buf.getvalue())
