@@ -255,3 +255,9 @@ def load_adv_set_images(path):
     from clipguard.attacks.advset import load_adv_set
 
     return load_adv_set(path).images
+
+
+def test_quantize_is_refused_for_l2_sets(cli, tmp_path):
+    code, _, err = cli("attack", "--limit", "5", "--norm", "l2", "--eps", "0.5", "--quantize", "--adv-set",
+                       tmp_path / "a.safetensors", "--device", "cpu")
+    assert code == 2 and "--quantize" in err and len(err.strip().splitlines()) == 1

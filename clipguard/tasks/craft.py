@@ -24,6 +24,11 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     from clipguard.models.inference import attack_inputs
 
     base, eps_list = attack_config(cfg)
+    if quantize and base.norm != "linf":
+        from clipguard.errors import ClipguardError
+
+        raise ClipguardError("--quantize rounds within an L-inf ball; with --norm l2 rounding can leave the L2 ball, "
+                             "so it is not offered: save the float set (drop --quantize)")
     resolution = load_resolution(cfg)
     p = prepare(cfg.run, resolution=resolution)
     surrogate = None
