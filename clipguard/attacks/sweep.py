@@ -13,6 +13,8 @@ from clipguard.models.inference import attack_inputs
 from clipguard.records.metrics import accuracy, attack_success_rate
 from clipguard.specs import parse_eps
 
+EPS0_IMAGES = 64  # images of the eps = 0 check
+
 
 def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
     """Robust accuracy, RobustBench's way (share of ALL images that are clean-correct and stay correct under the
@@ -48,10 +50,14 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
         preds[eps.text] = run.adv_pred
         for c in ic.cheap_checks(run, eps.value, base.norm):
             checks.append({**c, "eps": eps.text})
-    # eps = 0 through the same attack code must reproduce the clean predictions exactly (first batch).
-    head = slice(0, min(len(labels), batch_size))
-    zero = run_attack(p.classifier, images[head], labels[head], base.with_eps(parse_eps("0")),
-                      **{**kw, "progress": False})
+    # eps = 0 through the same attack code must reproduce the clean predictions exactly, image by image (on the
+    # first EPS0_IMAGES). At eps 0 nothing is ever fooled, so AutoAttack would run every part on every image:
+    # its check uses the same code with APGD-CE only.
+    head = slice(0, min(len(labels), batch_size, EPS0_IMAGES))
+    zero_cfg = base.with_eps(parse_eps("0"))
+    if base.name == "autoattack":
+        zero_cfg = replace(zero_cfg, aa_version="custom", aa_attacks=("apgd-ce",))
+    zero = run_attack(p.classifier, images[head], labels[head], zero_cfg, **{**kw, "progress": False})
     checks.append(ic.eps0_check(zero.adv_pred, zero.clean_pred))
     checks.append(ic.deterministic_check(p.classifier, attack_inputs(p.classifier, images[head], resolution)))
     if sanity:
