@@ -100,6 +100,7 @@ def test_an_existing_run_is_not_overwritten(lora_run, cli):
     (["--eps", "4"], "4/255"),
     (["--train-attack", "transfer"], "--surrogate"),
     (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--lora-dropout", "0.1"], "dropout never applies"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
     code, _, err = cli("finetune", "--run-dir", tmp_path / "x", *args)
