@@ -13,23 +13,12 @@ from clipguard.run_options import RunOptions
 
 
 @o.run_options(batch_size=128)
+@o.attack_options(attack="pgd", help={"eps": "Radius in [0, 1] pixel units (8/255 or 0.0314); one value."})
 def attack_command(
     run: RunOptions,
+    attack_opts: dict,
     adv_set: Annotated[str | None, typer.Option(help="Adversarial set to write (.safetensors), for `eval "
                                                 "--adv-set`.", rich_help_panel=o.OUTPUT)] = None,
-    attack: Annotated[str, typer.Option(help="fgsm, pgd, apgd (torchattacks) or autoattack (pyautoattack).",
-                                        rich_help_panel=o.ATTACK)] = "pgd",
-    eps: Annotated[str, typer.Option(help="Radius in [0, 1] pixel units (8/255 or 0.0314).",
-                                     rich_help_panel=o.ATTACK)] = "8/255",
-    norm: o.NormOpt = "linf",
-    alpha: o.AlphaOpt = None,
-    steps: o.StepsOpt = None,
-    restarts: o.RestartsOpt = None,
-    aa_version: o.AAVersionOpt = None,
-    aa_attacks: o.AAAttacksOpt = None,
-    resolution: o.ResolutionOpt = "model",
-    surrogate: o.SurrogateOpt = None,
-    attack_precision: o.AttackPrecisionOpt = "fp32",
     quantize: Annotated[bool, typer.Option(help="Store uint8 pixels (k/255), clipped to stay within eps.",
                                            rich_help_panel=o.OUTPUT)] = False,
     png: o.PngOpt = None,
@@ -43,11 +32,10 @@ def attack_command(
     from clipguard.tasks.eval import EvalConfig, attack_config
 
     adv_set, out = artefact_path(adv_set, out, record, option="--adv-set")
-    if "," in eps:
-        raise ClipguardError(f"--eps {eps!r}: attack crafts one set, give one eps (sweeps are for `eval`)")
-    cfg = EvalConfig(run=run.check(), attack=attack, eps=eps, norm=norm, alpha=alpha, steps=steps,
-                     restarts=restarts, aa_version=aa_version, aa_attacks=aa_attacks,
-                     resolution=resolution, attack_precision=attack_precision, surrogate=surrogate)
+    if "," in attack_opts["eps"]:
+        raise ClipguardError(f"--eps {attack_opts['eps']!r}: attack crafts one set, give one eps (sweeps are for "
+                             "`eval`)")
+    cfg = EvalConfig(run=run.check(), **attack_opts)
     attack_config(cfg)
     check_outputs({"--adv-set": adv_set, "--out": out}, {"--png": png})
     rec = run_craft(cfg, adv_set, quantize=quantize, png_dir=png, progress=not json_out)

@@ -12,23 +12,14 @@ from clipguard.run_options import RunOptions
 
 
 @o.run_options()
+@o.attack_options()
 def eval_command(
     run: RunOptions,
-    attack: o.AttackOpt = None,
-    eps: o.EpsOpt = "8/255",
-    norm: o.NormOpt = "linf",
-    alpha: o.AlphaOpt = None,
-    steps: o.StepsOpt = None,
-    restarts: o.RestartsOpt = None,
-    aa_version: o.AAVersionOpt = None,
-    aa_attacks: o.AAAttacksOpt = None,
-    resolution: o.ResolutionOpt = "model",
-    surrogate: o.SurrogateOpt = None,
+    attack_opts: dict,
     sanity: Annotated[bool, typer.Option(help="Also run the costly sanity checks (eps sweep monotone, PGD vs "
                                          "FGSM, doubled steps, 5 restarts).", rich_help_panel=o.ATTACK)] = False,
     adv_set: Annotated[str | None, typer.Option(help="Evaluate on a saved adversarial set (from `clipguard "
                                                 "attack`) instead of attacking.", rich_help_panel=o.ATTACK)] = None,
-    attack_precision: o.AttackPrecisionOpt = "fp32",
     predictions: Annotated[str | None, typer.Option(help="Write per-image results (digest, label, clean and "
                                                     "adversarial predictions per eps) to this .csv or .parquet.",
                                                     rich_help_panel=o.OUTPUT)] = None,
@@ -38,10 +29,7 @@ def eval_command(
     """Zero-shot accuracy of MODEL on DATASET; with --attack, robust accuracy too (eps in [0,1] pixels)."""
     from clipguard.tasks.eval import EvalConfig, run_eval, validate_eval
 
-    cfg = EvalConfig(run=run, attack=attack, eps=eps, norm=norm, alpha=alpha, steps=steps, restarts=restarts,
-                     aa_version=aa_version, aa_attacks=aa_attacks,
-                     resolution=resolution, attack_precision=attack_precision, surrogate=surrogate, sanity=sanity,
-                     adv_set=adv_set, predictions=predictions)
+    cfg = EvalConfig(run=run, **attack_opts, sanity=sanity, adv_set=adv_set, predictions=predictions)
     validate_eval(cfg)  # fail fast, before anything loads
     check_outputs({"--out": out, "--predictions": predictions})
     emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table)

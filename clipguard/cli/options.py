@@ -47,17 +47,16 @@ _RUN_PARAMS = {"model": ModelOpt, "dataset": DatasetOpt, "split": SplitOpt, "lim
                "batch_size": BatchOpt}
 
 
-def run_options(*, exclude: tuple[str, ...] = (), help: dict[str, str] | None = None, **defaults):
-    """Give a command the RunOptions block: the options above become its parameters (``defaults`` override the
-    RunOptions defaults, ``help`` a help text, ``exclude`` drops one) and the command receives them as one
-    ``run: RunOptions`` argument."""
-    base = vars(RunOptions())
-
+def _option_group(arg: str, params: dict, base: dict, make, *, exclude: tuple[str, ...] = (),
+                  help: dict[str, str] | None = None, **defaults):
+    """A decorator giving a command a block of options declared once: ``params`` (name -> Annotated option)
+    become its parameters (``defaults`` override ``base``, ``help`` a help text, ``exclude`` drops one) and
+    the command receives them as one argument ``arg`` = ``make(values)``."""
     def deco(fn):
         sig = inspect.signature(fn, eval_str=True)
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "run"]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != arg]
         added = []
-        for name, ann in _RUN_PARAMS.items():
+        for name, ann in params.items():
             if name in exclude:
                 continue
             if help and name in help:
@@ -66,19 +65,25 @@ def run_options(*, exclude: tuple[str, ...] = (), help: dict[str, str] | None = 
                                                              rich_help_panel=info.rich_help_panel)]
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
                                            default=defaults.get(name, base[name])))
-        params = added + own  # "Model & data" comes first in --help
+        params_all = added + own  # the group's panel comes first in --help
 
         @functools.wraps(fn)
         def command(**kw):
-            run = RunOptions(**{**{k: defaults.get(k, base[k]) for k in exclude},
-                                **{k: kw.pop(k) for k in list(kw) if k in _RUN_PARAMS}})
-            return fn(run=run, **kw)
+            values = {**{k: defaults.get(k, base[k]) for k in exclude},
+                      **{k: kw.pop(k) for k in list(kw) if k in params}}
+            return fn(**{arg: make(values)}, **kw)
 
-        command.__signature__ = sig.replace(parameters=params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__signature__ = sig.replace(parameters=params_all)
+        command.__annotations__ = {p.name: p.annotation for p in params_all}
         return command
 
     return deco
+
+
+def run_options(**kw):
+    """Give a command the RunOptions block (the options above) as one ``run: RunOptions`` argument; keyword
+    arguments as :func:`_option_group` (``batch_size=128``, ``exclude=("adapter",)``, ``help={...}``)."""
+    return _option_group("run", _RUN_PARAMS, vars(RunOptions()), lambda values: RunOptions(**values), **kw)
 
 
 # ---- attacks (eval, attack)
@@ -119,3 +124,16 @@ RecordOpt = Annotated[Path | None, typer.Option("--record", hidden=True,
                                                 help="Deprecated name of --out (the JSON record).")]
 PngOpt = Annotated[str | None, typer.Option(help="Write picture grids (clean | perturbation | adversarial) to "
                                                  "this folder.", rich_help_panel=OUTPUT)]
+
+_ATTACK_PARAMS = {"attack": AttackOpt, "eps": EpsOpt, "norm": NormOpt, "alpha": AlphaOpt, "steps": StepsOpt,
+                  "restarts": RestartsOpt, "aa_version": AAVersionOpt, "aa_attacks": AAAttacksOpt,
+                  "resolution": ResolutionOpt, "surrogate": SurrogateOpt, "attack_precision": AttackPrecisionOpt}
+_ATTACK_DEFAULTS = {"attack": None, "eps": "8/255", "norm": "linf", "alpha": None, "steps": None, "restarts": None,
+                    "aa_version": None, "aa_attacks": None, "resolution": "model", "surrogate": None,
+                    "attack_precision": "fp32"}  # the EvalConfig defaults (tasks are not imported here: no torch)
+
+
+def attack_options(**kw):
+    """Give a command the attack block (the options above) as one ``attack_opts: dict`` argument, the
+    EvalConfig fields of the same names; keyword arguments as :func:`_option_group`."""
+    return _option_group("attack_opts", _ATTACK_PARAMS, _ATTACK_DEFAULTS, dict, **kw)
