@@ -9,6 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where clipguard keeps what it computes once: ``$CLIPGUARD_CACHE``, else ``~/.cache/clipguard``."""
+    return Path(os.environ.get("CLIPGUARD_CACHE") or Path.home() / ".cache" / "clipguard")
+
+
 def _new_temp(path: Path) -> str:
     """A fresh temp file beside ``path``, created with mode 0666 so the OS applies the process umask (the
     usual permissions of a new file; mkstemp's 0600 would need the umask read back, which is racy)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 @dataclass
 class RunOptions:
     model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path/weights.safetensors, ARCH:none, hf-hub:ORG/NAME, toy
-    dataset: str = "toy"  # dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, imagefolder:PATH
+    dataset: str = "toy"  # dataset spec: toy, a catalogue name, hf:ORG/NAME, imagefolder:PATH, wds:PATH, prepared:PATH
     split: str = "test"  # dataset split
     limit: int | None = None  # images kept (seeded, stratified by class); None = all
     seed: int = 0  # seeds --limit selection and everything random downstream (attacks, training)
@@ -25,14 +25,21 @@ class RunOptions:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     precision: str = "auto"  # clean passes: auto = bf16 on capable GPUs, else fp32
     batch_size: int = 256  # images per batch (halved automatically on GPU out-of-memory)
+    workers: int | None = None  # decode processes; None = the machine's cores (0 below 1,024 images)
+    data_mode: str = "auto"  # memory | stream | auto (memory up to 512 MiB of pixels): the same pixels either way
+    streaming: bool = False  # hf: hub datasets: read the first --limit rows as a stream, download nothing else
 
     def check(self) -> RunOptions:
         """Cheap checks before anything loads: positive --limit / --batch-size, parseable specs."""
-        from clipguard.errors import check_positive
+        from clipguard.errors import ClipguardError, check_positive
         from clipguard.specs import parse_dataset_spec, parse_model_spec
 
         check_positive("--limit", self.limit, "a positive number of images (or omitted for all)")
         check_positive("--batch-size", self.batch_size)
+        if self.workers is not None and self.workers < 0:
+            raise ClipguardError(f"--workers {self.workers} must be >= 0 (0 decodes in the main process)")
+        if self.data_mode not in ("auto", "memory", "stream"):
+            raise ClipguardError(f"--data-mode {self.data_mode!r}: use auto, memory or stream")
         parse_model_spec(self.model)
         parse_dataset_spec(self.dataset, image_column=self.image_column, label_column=self.label_column)
         return self

@@ -116,52 +116,84 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where images come from. ``kind`` is one of toy, hf, imagefolder."""
+    """Where images come from. ``kind`` is one of toy, hf, imagefolder, wds, prepared."""
 
     kind: str
     name: str  # canonical name used in records and to find prompts/<name>.json
-    hf_path: str | None = None  # Hugging Face dataset name
-    path: str | None = None  # local folder for imagefolder
+    hf_path: str | None = None  # Hugging Face dataset name, or a folder saved with save_to_disk
+    path: str | None = None  # local folder (imagefolder, prepared), or wds folder / shard pattern
     image_column: str | None = None
     label_column: str | None = None
     text: str = ""
+    split_alias: tuple[str, str] | None = None  # (split typed, split read): ImageNet's test is HF's validation
 
     def __str__(self) -> str:
         return self.text
 
 
-# Known datasets: name -> (Hugging Face path, image column, label column).
-KNOWN_HF = {
-    "cifar10": ("uoft-cs/cifar10", "img", "label"),
-    "cifar100": ("uoft-cs/cifar100", "img", "fine_label"),
-}
+SPEC_FORMS = "toy, a catalogue name (clipguard datasets), hf:ORG/NAME, imagefolder:PATH, wds:PATH or prepared:PATH"
+
+
+def _wds_name(path: str) -> str:
+    """``.../wds_vtab-caltech101[/test/{0..3}.tar]`` -> the catalogue name of that CLIP_benchmark set, else the
+    folder name without ``wds_``."""
+    from clipguard.catalogue import catalogue
+
+    p = Path(path)
+    folder = next((q.name for q in (p, *p.parents) if q.name.startswith("wds_")), p.name)
+    short = folder.removeprefix("wds_")
+    by_wds = {e.wds.replace("/", "-"): e.name for e in catalogue().values()}
+    return by_wds.get(short, short)
+
+
+def _catalogue_spec(t: str, image_column: str | None, label_column: str | None) -> DatasetSpec | None:
+    """A catalogue name: its CLIP_benchmark shards when present under the data root, else its HF dataset."""
+    from clipguard.catalogue import catalogue, wds_dir
+
+    entry = catalogue().get(t)
+    if entry is None:
+        return None
+    local = wds_dir(entry)
+    if entry.hf and not local.is_dir():
+        alias = (entry.split, entry.hf_split) if entry.hf_split else None
+        return DatasetSpec(kind="hf", name=entry.name, hf_path=entry.hf, text=t, split_alias=alias,
+                           image_column=image_column or entry.image_column,
+                           label_column=label_column or entry.label_column)
+    return DatasetSpec(kind="wds", name=entry.name, path=str(local), text=t)
 
 
 def parse_dataset_spec(
     text: str, *, image_column: str | None = None, label_column: str | None = None
 ) -> DatasetSpec:
-    """Parse ``toy``, ``cifar10``, ``cifar100``, ``hf:ORG/NAME`` or ``imagefolder:PATH``."""
+    """Parse ``toy``, a catalogue name (``cifar10``, ``imagenet1k``...), ``hf:ORG/NAME`` or ``hf:PATH`` (saved with
+    ``save_to_disk``), ``imagefolder:PATH``, ``wds:PATH`` (a CLIP_benchmark folder or a shard pattern with braces)
+    or ``prepared:PATH`` (a cache made by ``clipguard prepare``). Paths are checked here, the content at load."""
     t = str(text).strip()
     if t == "toy":
         return DatasetSpec(kind="toy", name="toy", text=t)
-    if t in KNOWN_HF:
-        hf_path, img, lab = KNOWN_HF[t]
-        return DatasetSpec(kind="hf", name=t, hf_path=hf_path, image_column=image_column or img,
-                           label_column=label_column or lab, text=t)
-    if t.startswith("hf:"):
-        hf_path = t[3:]
-        if not hf_path:
-            raise ClipguardError("--dataset 'hf:' needs a name: hf:ORG/NAME")
-        return DatasetSpec(kind="hf", name=hf_path.split("/")[-1], hf_path=hf_path,
+    found = _catalogue_spec(t, image_column, label_column)
+    if found is not None:
+        return found
+    kind, _, rest = t.partition(":")
+    if kind in ("hf", "imagefolder", "wds", "prepared") and not rest:
+        raise ClipguardError(f"--dataset {t!r} needs a {'name' if kind == 'hf' else 'path'} after '{kind}:'")
+    if kind == "hf":
+        local = Path(rest).is_dir()
+        return DatasetSpec(kind="hf", name=Path(rest).name if local else rest.split("/")[-1],
+                           hf_path=str(Path(rest).resolve()) if local else rest,
                            image_column=image_column, label_column=label_column, text=t)
-    if t.startswith("imagefolder:"):
-        path = t[len("imagefolder:"):]
-        if not Path(path).is_dir():
-            raise ClipguardError(f"--dataset {t!r}: no such directory {path!r} (one sub-folder per class)")
-        return DatasetSpec(kind="imagefolder", name=Path(path).resolve().name, path=str(Path(path).resolve()),
-                           text=t)
-    close = suggest(t, ["toy", *KNOWN_HF])
+    if kind in ("imagefolder", "prepared"):
+        if not Path(rest).is_dir():
+            what = "one sub-folder per class" if kind == "imagefolder" else "made by clipguard prepare"
+            raise ClipguardError(f"--dataset {t!r}: no such directory {rest!r} ({what})")
+        return DatasetSpec(kind=kind, name=Path(rest).resolve().name, path=str(Path(rest).resolve()), text=t)
+    if kind == "wds":
+        if "{" not in rest and not Path(rest).exists():
+            raise ClipguardError(f"--dataset {t!r}: no such folder or shard {rest!r} (CLIP_benchmark's layout: "
+                                 "DIR/test/0.tar ... with DIR/classnames.txt)")
+        return DatasetSpec(kind="wds", name=_wds_name(rest), path=rest, text=t)
+    from clipguard.catalogue import catalogue
+
+    close = suggest(t, ["toy", *catalogue()])
     hint = f" (did you mean {close}?)" if close else ""
-    raise ClipguardError(
-        f"--dataset {t!r} is unknown{hint}: use toy, cifar10, cifar100, hf:ORG/NAME or imagefolder:PATH"
-    )
+    raise ClipguardError(f"--dataset {t!r} is unknown{hint}: use {SPEC_FORMS}")

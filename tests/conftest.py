@@ -66,6 +66,30 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def kill_at_checkpoint(monkeypatch):
+    """``arm(step)``: the next fine-tuning run dies right after writing its checkpoint at ``step`` (the state a
+    kill -9 leaves on disk); returns the exception class it dies with. ``monkeypatch.undo()`` disarms."""
+    from clipguard.finetune.checkpoint import TrainState
+
+    class Killed(Exception):
+        pass
+
+    real = TrainState.to_disk
+
+    def arm(step: int) -> type[Exception]:
+        def to_disk(self, run_dir):
+            path = real(self, run_dir)
+            if self.step == step:
+                raise Killed
+            return path
+
+        monkeypatch.setattr(TrainState, "to_disk", to_disk)
+        return Killed
+
+    return arm
+
+
+@pytest.fixture
 def cli(capsys):
     """Run the clipguard CLI in-process: returns (exit_code, stdout, stderr)."""
     from clipguard.cli.app import run

@@ -10,22 +10,23 @@ from clipguard.records.metrics import classification_metrics
 def test_run_batches_halves_on_out_of_memory_and_covers_everything():
     seen, tried = [], []
 
-    def compute(a, b):
+    def compute(a, b, x):
         tried.append(b - a)
         if b - a > 8:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return list(range(a, b))
+        assert x.tolist() == list(range(a, b))  # the batch handed over is images[a:b]
+        return x.tolist()
 
-    final = run_batches(50, 32, compute, lambda a, b, out: seen.extend(out))
+    final = run_batches(torch.arange(50), 32, compute, lambda a, b, out: seen.extend(out))
     assert final == 8 and seen == list(range(50)) and tried[:3] == [32, 16, 8]
 
 
 def test_run_batches_reraises_other_errors():
-    def compute(a, b):
+    def compute(a, b, x):
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        run_batches(10, 4, compute, lambda *a: None)
+        run_batches(torch.arange(10), 4, compute, lambda *a: None)
 
 
 def test_classification_metrics():

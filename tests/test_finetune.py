@@ -109,30 +109,17 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, needle):
     assert not (tmp_path / "x").exists()  # refused before anything ran
 
 
-def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, kill_at_checkpoint):
     from safetensors.torch import load_file
 
-    from clipguard.finetune.checkpoint import TrainState
     from clipguard.tasks.finetune import run_finetune
 
     # 4 steps per epoch, checkpoints at steps 3 and 6: the kill lands mid-epoch, the resume crosses an epoch.
     cfg = finetune_config(**TINY, save_every=3, run_dir=str(tmp_path / "a"))
     run_finetune(cfg, progress=False)
 
-    class Killed(Exception):
-        pass
-
-    real = TrainState.to_disk
-
-    def killed_after_step_3(self, run_dir):
-        path = real(self, run_dir)
-        if self.step == 3:
-            raise Killed
-        return path
-
     b = replace(cfg, run_dir=str(tmp_path / "b"))
-    monkeypatch.setattr(TrainState, "to_disk", killed_after_step_3)
-    with pytest.raises(Killed):
+    with pytest.raises(kill_at_checkpoint(3)):
         run_finetune(b, progress=False)
     monkeypatch.undo()
     assert not (tmp_path / "b" / "manifest.json").exists()

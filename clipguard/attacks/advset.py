@@ -55,8 +55,11 @@ def image_digest(images: torch.Tensor) -> str:
     clean images it was made from, not only to their labels."""
     if images.dtype != torch.uint8:
         raise ValueError(f"image_digest wants the uint8 clean images, got {images.dtype}")
+    from clipguard.data.stream import chunks
+
     h = hashlib.sha256(json.dumps(list(images.shape)).encode())
-    h.update(images.detach().cpu().contiguous().numpy().data)  # the buffer itself, no copy
+    for _, x in chunks(images, 1024):  # a streamed set is hashed batch by batch: the same bytes, the same digest
+        h.update(x.detach().cpu().contiguous().numpy().data)  # the buffer itself, no copy
     return "sha256:" + h.hexdigest()
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipguard.attacks.registry import AttackConfig, build_attack
-from clipguard.models.inference import Autocast, attack_inputs, run_batches
+from clipguard.models.inference import Autocast, attack_inputs, rate_fields, run_batches
 from clipguard.progress import progress_bar
 
 
@@ -44,8 +44,8 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
                batch_size: int = 128, resolution: str = "model", precision: str = "fp32", keep_adv: bool = False,
                progress: bool = True, description: str | None = None, craft_on: nn.Module | None = None,
                correct: torch.Tensor | None = None) -> AttackRun:
-    """Attack uint8 ``images`` in batches, RobustBench's way: a clean pass first, then the attack runs only on
-    the clean-correct images (the others cannot be robust and keep their clean input).
+    """Attack uint8 ``images`` (a tensor or an ``ImageStream``) in batches, RobustBench's way: a clean pass first,
+    then the attack runs only on the clean-correct images (the others cannot be robust and keep their clean input).
 
     Args:
         classifier: the target, a [0, 1] -> logits ZeroShotClassifier (fp32 by default).
@@ -66,8 +66,8 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
     stats = {"max_linf": 0.0, "max_l2": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0, "attacked": 0,
              "correct": 0}
 
-    def compute(a: int, b: int) -> tuple:
-        x = attack_inputs(classifier, images[a:b], resolution)
+    def compute(a: int, b: int, batch: torch.Tensor) -> tuple:
+        x = attack_inputs(classifier, batch, resolution)
         y = labels[a:b].to(device)
         with torch.no_grad():
             clean_pred = target(x).argmax(1)
@@ -96,11 +96,11 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
         if keep_adv:
             kept.append(x_adv.cpu())
         stats["correct"] += int((preds[2] & (preds[1] == labels[a:b])).sum())
-        advance(b - a, robust=stats["correct"] / b)
+        advance(b - a, robust=stats["correct"] / b, **rate_fields(images, time.perf_counter() - t0))
 
     t0, n = time.perf_counter(), images.shape[0]
     with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress) as advance:
-        batch_size = run_batches(n, batch_size, compute, consume)
+        batch_size = run_batches(images, batch_size, compute, consume)
     stats.pop("correct")
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -10,8 +10,10 @@ import typer
 from clipguard.cli import cache as cache_cli
 from clipguard.cli import uap as uap_cli
 from clipguard.cli.attack import attack_command
+from clipguard.cli.datasets import datasets_command
 from clipguard.cli.eval import eval_command
 from clipguard.cli.finetune import finetune_command
+from clipguard.cli.prepare import prepare_command
 from clipguard.cli.report import bench_app, gate_command, report_command
 
 app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -20,11 +22,13 @@ app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enab
 app.command("eval")(eval_command)
 app.command("attack")(attack_command)
 app.command("finetune")(finetune_command)
+app.command("prepare")(prepare_command)
 app.add_typer(uap_cli.app, name="uap")
 app.add_typer(bench_app, name="bench")
 app.command("report")(report_command)
 app.command("gate")(gate_command)
 app.add_typer(cache_cli.app, name="cache")
+app.command("datasets")(datasets_command)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -34,6 +34,8 @@ def finetune_command(
                                               rich_help_panel=o.ATTACK)] = None,
     steps: Annotated[int, typer.Option(help="Training PGD iterations per batch.", rich_help_panel=o.ATTACK)] = 2,
     epochs: Annotated[int, typer.Option(help="Passes over the training split.", rich_help_panel=o.TRAIN)] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps in all, instead of --epochs (FARE: 20000 "
+                                                  "of 128 images).", rich_help_panel=o.TRAIN)] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW peak learning rate (default per method: lora 5e-4, "
                                              "vpt 1e-3, full 1e-5).", rich_help_panel=o.TRAIN)] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=o.TRAIN)] = 0.0,
@@ -79,7 +81,8 @@ def finetune_command(
     targets = [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None
     cfg = FinetuneConfig(run=run, method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_targets=targets, vpt_tokens=vpt_tokens, objective=objective, train_attack=train_attack,
-                         surrogate=surrogate, eps=eps, alpha=alpha, steps=steps, epochs=epochs, lr=lr,
+                         surrogate=surrogate, eps=eps, alpha=alpha, steps=steps, epochs=epochs,
+                         max_steps=max_steps, lr=lr,
                          weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, run_dir=run_dir,
                          save_every=save_every, resume=resume, eval_split=eval_split, eval_limit=eval_limit,
                          eval_steps=eval_steps, eval_batch_size=eval_batch_size, eval_base=eval_base)

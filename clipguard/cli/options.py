@@ -19,8 +19,10 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", rich_help_panel=MODEL_DA
                                        help="Model spec: ViT-B-32:openai, ARCH:/path/weights.safetensors, "
                                             "ARCH:none (random init), hf-hub:ORG/NAME, or toy.")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", rich_help_panel=MODEL_DATA,
-                                         help="Dataset spec: toy, cifar10, cifar100, hf:ORG/NAME, or "
-                                              "imagefolder:PATH.")]
+                                         help="Dataset spec: toy, a catalogue name (cifar10, imagenet1k, ...: "
+                                              "clipguard datasets), hf:ORG/NAME or hf:SAVED_DIR, "
+                                              "imagefolder:PATH (ImageNet's layout too), wds:PATH (CLIP_benchmark "
+                                              "shards) or prepared:PATH.")]
 SplitOpt = Annotated[str, typer.Option(help="Dataset split.", rich_help_panel=MODEL_DATA)]
 LimitOpt = Annotated[int | None, typer.Option(help="Keep N images, stratified by class and seeded by --seed.",
                                               rich_help_panel=MODEL_DATA)]
@@ -40,11 +42,19 @@ PrecisionOpt = Annotated[str, typer.Option(help="Clean passes: auto (bf16 on cap
                                                 "bf16, fp16.", rich_help_panel=PERF)]
 BatchOpt = Annotated[int, typer.Option(help="Images per batch (halved automatically on GPU out-of-memory).",
                                        rich_help_panel=PERF)]
+WorkersOpt = Annotated[int | None, typer.Option(help="Decode processes (default: the machine's cores; 0: decode in "
+                                                     "the main process).", rich_help_panel=PERF)]
+StreamingOpt = Annotated[bool, typer.Option(help="hf: hub datasets: read the first --limit rows as a stream "
+                                               "instead of downloading the whole set (not stratified).",
+                                          rich_help_panel=MODEL_DATA)]
+DataModeOpt = Annotated[str, typer.Option(help="memory (decode once, hold the set), stream (decode batch by batch, "
+                                               "memory bounded) or auto (memory up to 512 MiB of pixels).",
+                                          rich_help_panel=PERF)]
 
 _RUN_PARAMS = {"model": ModelOpt, "dataset": DatasetOpt, "split": SplitOpt, "limit": LimitOpt, "seed": SeedOpt,
                "prompts": PromptsOpt, "templates": TemplatesOpt, "image_column": ImageColOpt,
                "label_column": LabelColOpt, "adapter": AdapterOpt, "device": DeviceOpt, "precision": PrecisionOpt,
-               "batch_size": BatchOpt}
+               "batch_size": BatchOpt, "workers": WorkersOpt, "data_mode": DataModeOpt, "streaming": StreamingOpt}
 
 
 def _option_group(arg: str, params: dict, base: dict, make, *, exclude: tuple[str, ...] = (),
@@ -61,7 +71,8 @@ def _option_group(arg: str, params: dict, base: dict, make, *, exclude: tuple[st
                 continue
             if help and name in help:
                 info = ann.__metadata__[0]
-                ann = Annotated[ann.__origin__, typer.Option(*info.param_decls, help=help[name],
+                decls = (info.default, *info.param_decls) if isinstance(info.default, str) else info.param_decls
+                ann = Annotated[ann.__origin__, typer.Option(*decls, help=help[name],
                                                              rich_help_panel=info.rich_help_panel)]
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
                                            default=defaults.get(name, base[name])))

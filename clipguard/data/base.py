@@ -11,9 +11,12 @@ import torch
 @dataclass
 class ImageSet:
     """Images as uint8 (N, 3, H, W), converted to [0, 1] late: at a model's input size (open_clip's eval geometry,
-    applied once at load) or at the dataset's own size; ``info["preprocess"]`` names which (``data.images``)."""
+    applied once at load) or at the dataset's own size; ``info["preprocess"]`` names which (``data.images``).
 
-    images: torch.Tensor  # uint8 (N, 3, H, W)
+    ``images`` is one tensor (the in-memory path) or a :class:`~clipguard.data.stream.ImageStream` of the same
+    shape that decodes when read (walk either with ``data.stream.chunks``)."""
+
+    images: torch.Tensor  # uint8 (N, 3, H, W), or an ImageStream
     labels: torch.Tensor  # int64 (N,)
     classnames: list[str] | None  # class names the source itself carries (ClassLabel / folder names)
     spec: str  # dataset spec as typed
@@ -22,7 +25,17 @@ class ImageSet:
     limit: int | None = None
     seed: int = 0
     indices: list[int] | None = None  # positions in the full split, when --limit selected a subset
-    info: dict = field(default_factory=dict)  # provenance for records: "preprocess", "path", "hf_path"
+    info: dict = field(default_factory=dict)  # provenance for records: "preprocess", "path", "hf_path", ...
+    templates: list[str] | None = None  # templates the source carries (CLIP_benchmark's wds folders)
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.images, torch.Tensor)
+
+    def in_memory(self) -> torch.Tensor:
+        """The images as one uint8 tensor (decoding a streamed set whole: for commands that need every image at
+        once, e.g. fitting a UAP)."""
+        return self.images.materialize() if self.streamed else self.images
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -1,50 +1,135 @@
-"""``imagefolder:PATH`` — one sub-folder per class, class names from the folder names."""
+"""``imagefolder:PATH``: one sub-folder per class, including ImageNet's own layout.
+
+- ``PATH/<split>/<class>/<image>`` (or ``PATH/<class>/<image>``): labels in sorted folder order, class names from
+  the folder names.
+- ImageNet: class folders named by WordNet id (``n01440764`` ...) are labelled by the wnid's ImageNet-1k index
+  (sorted wnids: the standard order) and named with CLIP's ImageNet class names; all 1,000 make ``imagenet1k``.
+- A flat ``PATH/<split>/`` of images with a label file (ImageNet val as distributed): ``LOC_val_solution.csv``
+  (Kaggle: ``ImageId,PredictionString`` starting with the wnid) or ``<split>.txt`` / ``labels.txt``
+  (``<file> <label>`` per line, label an ImageNet index or a wnid), in the split folder or PATH.
+
+Files are listed once (never opened until read) and read one at a time, so any number of files stays under the
+open-file limit.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from clipguard.data.base import ImageSet, stratified_indices
-from clipguard.data.images import to_uint8_chw
+from clipguard.data.stream import Reader, files_fingerprint
 from clipguard.errors import ClipguardError
-from clipguard.specs import DatasetSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+WNID = re.compile(r"^n\d{8}$")
 
 
-def _read(path: Path):
-    """One image file as RGB, decoded and closed (torchvision's ImageFolder loader; a lazy ``Image.open``
-    per file would hold every file open until the stack)."""
-    from PIL import Image
+class FileReader(Reader):
+    """Images by file path (strings, so the reader pickles small)."""
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    def __init__(self, files: list[str]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def open(self, i: int):
+        """Decoded and closed at once (a lazy ``Image.open`` would hold the file open)."""
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return im.convert("RGB")
+
+    def fingerprint(self) -> str:
+        return files_fingerprint(self.files)
 
 
-def load_folder(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None) -> ImageSet:
+def _images_in(d: Path) -> list[str]:
+    """Image files under ``d`` (recursively), sorted by path."""
+    out = []
+    for root, dirs, files in os.walk(d):
+        dirs.sort()
+        out += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+    return out
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1,000 ImageNet-1k WordNet ids in index order (sorted), from prompts/imagenet_wnids.txt."""
+    from clipguard.data.prompts import prompts_dir
+
+    return (prompts_dir() / "imagenet_wnids.txt").read_text().split()
+
+
+def imagenet_classnames() -> list[str] | None:
+    """CLIP's ImageNet class names (prompts/imagenet1k.json), or None when the file is absent."""
+    from clipguard.data.prompts import prompts_dir
+
+    path = prompts_dir() / "imagenet1k.json"
+    if not path.is_file():
+        return None
+    import json
+
+    return list(json.loads(path.read_text())["classnames"])
+
+
+def _label_file(base: Path, root: Path, split: str) -> Path | None:
+    for d in (base, root):
+        for name in ("LOC_val_solution.csv", f"{split}.txt", f"{split}_labels.txt", "labels.txt"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _read_label_file(path: Path) -> dict[str, str]:
+    """Image stem -> label text (a wnid or an integer index)."""
+    labels = {}
+    for line in path.read_text().splitlines()[1 if path.suffix == ".csv" else 0:]:
+        parts = line.replace(",", " ").split()
+        if len(parts) >= 2:
+            labels[Path(parts[0]).stem] = parts[1]
+    return labels
+
+
+def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str], str, dict]:
+    """(files, labels, class names, dataset name, info) for an image folder, nothing opened."""
     root = Path(spec.path)
-    # A split sub-folder (PATH/test/<class>/...) is used when present, else PATH itself holds the classes.
     base = root / split if (root / split).is_dir() else root
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in os.scandir(base) if d.is_dir())
     files, labels = [], []
-    for ci, c in enumerate(classes):
-        for f in sorted((base / c).rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f)
-                labels.append(ci)
+    if classes:
+        for ci, c in enumerate(classes):
+            found = _images_in(base / c)
+            files += found
+            labels += [ci] * len(found)
+    else:
+        lf = _label_file(base, root, split)
+        if lf is None:
+            raise ClipguardError(f"--dataset {spec.text!r}: no class folders under {str(base)!r} and no label file "
+                                 f"(expected {base}/<class>/<image> or LOC_val_solution.csv / {split}.txt)")
+        by_stem = _read_label_file(lf)
+        files = [f for f in _images_in(base) if Path(f).stem in by_stem]
+        raw = [by_stem[Path(f).stem] for f in files]
+        classes = imagenet_wnids()  # label files are ImageNet's: a wnid or an ImageNet-1k index per image
+        index = {w: i for i, w in enumerate(classes)}
+        labels = [index[r] if r in index else int(r) for r in raw]
     if not files:
         raise ClipguardError(
             f"--dataset {spec.text!r}: no images under {str(base)!r} (expected {base}/<class>/<image>.png)"
         )
     labels = np.asarray(labels, dtype=np.int64)
-    idx = stratified_indices(labels, limit, seed)
-    try:
-        images = to_uint8_chw((_read(files[i]) for i in idx), size, what=f"--dataset {spec.text!r}")
-    except OSError as e:
-        raise ClipguardError(f"--dataset {spec.text!r}: cannot read an image ({e})") from None
-    return ImageSet(images=images, labels=torch.from_numpy(labels[idx]), classnames=classes, spec=spec.text,
-                    name=spec.name, split=split, limit=limit, seed=seed,
-                    indices=idx.tolist() if limit else None, info={"path": str(base)})
+    name, info = spec.name, {"path": str(base)}
+    if classes and all(WNID.match(c) for c in classes):  # ImageNet layout
+        wnids = imagenet_wnids()
+        index = {w: i for i, w in enumerate(wnids)}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise ClipguardError(f"--dataset {spec.text!r}: {unknown[0]!r} is not an ImageNet-1k class (wnid)")
+        if len(classes) == len(wnids):
+            name = "imagenet1k"  # the whole of ImageNet-1k: its prompts (CLIP's names and 80 templates)
+        names = imagenet_classnames()
+        classes = [names[index[c]] for c in classes] if names else classes
+        info["layout"] = "imagenet"
+    return files, labels, classes, name, info

@@ -1,14 +1,14 @@
-"""Hugging Face ``datasets`` sources: cifar10, cifar100 and any ``hf:ORG/NAME``."""
+"""Hugging Face ``datasets`` sources: cifar10, cifar100, any ``hf:ORG/NAME``, and ``hf:PATH`` for a dataset saved
+with ``save_to_disk``. Both are memory-mapped Arrow: rows are decoded only when read."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from pathlib import Path
 
-from clipguard.data.base import ImageSet, stratified_indices
-from clipguard.data.images import to_uint8_chw
+import numpy as np
+
+from clipguard.data.stream import Reader
 from clipguard.errors import ClipguardError
-from clipguard.specs import DatasetSpec
 
 
 def _guess_column(features, kinds: tuple[str, ...]) -> str | None:
@@ -18,14 +18,44 @@ def _guess_column(features, kinds: tuple[str, ...]) -> str | None:
     return None
 
 
-def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None) -> ImageSet:
+class HFReader(Reader):
+    """Rows of a ``datasets.Dataset`` (memory-mapped Arrow; pickles by file reference into the workers)."""
+
+    def __init__(self, ds, image_column: str):
+        self.ds, self.column = ds, image_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def open(self, i: int):
+        return self.ds[i][self.column]
+
+    def fingerprint(self) -> str:
+        return f"{self.ds._fingerprint}:{self.column}"
+
+
+def _open(spec, split: str):
     import datasets
 
+    if spec.split_alias and split == spec.split_alias[0]:
+        split = spec.split_alias[1]
+    local = Path(spec.hf_path)
     try:
-        ds = datasets.load_dataset(spec.hf_path, split=split)
+        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # save_to_disk's layout
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ClipguardError(f"--split {split!r} is not in {spec.hf_path} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(spec.hf_path, split=split)  # a hub id, or a folder of data files
     except ValueError as e:
         if "split" in str(e).lower():
             raise ClipguardError(f"--split {split!r} does not exist in {spec.hf_path}: {e}") from None
+        raise ClipguardError(f"--dataset {spec.text!r}: {e}") from None
+    except ClipguardError:
+        raise
+    except FileNotFoundError as e:
         raise ClipguardError(f"--dataset {spec.text!r}: {e}") from None
     except Exception as e:  # offline, unknown repo, no permission: all are "can't get it from the hub"
         raise ClipguardError(
@@ -33,6 +63,11 @@ def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=No
             f"({type(e).__name__}); offline? set HF_DATASETS_CACHE to a cache that holds it, "
             "or export it as folders and use --dataset imagefolder:PATH"
         ) from None
+
+
+def open_hf(spec, split: str) -> tuple[HFReader, np.ndarray, list[str] | None, dict]:
+    """(reader, labels, class names, info) for an HF dataset; only the label column is read here."""
+    ds = _open(spec, split)
     img_col = spec.image_column or _guess_column(ds.features, ("Image",))
     lab_col = spec.label_column or _guess_column(ds.features, ("ClassLabel",))
     for opt, col in (("--image-column", img_col), ("--label-column", lab_col)):
@@ -41,11 +76,37 @@ def load_hf(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=No
                 f"{opt} {col!r} is not a column of {spec.hf_path}; columns: {', '.join(ds.features)}"
             )
     labels = np.asarray(ds[lab_col], dtype=np.int64)
-    idx = stratified_indices(labels, limit, seed)
-    sub = ds.select(idx.tolist()) if len(idx) < len(ds) else ds
-    images = to_uint8_chw((row[img_col] for row in sub), size, what=f"--dataset {spec.text!r}")
     feat = ds.features[lab_col]
     names = list(feat.names) if hasattr(feat, "names") else None
-    return ImageSet(images=images, labels=torch.from_numpy(labels[idx]), classnames=names, spec=spec.text,
-                    name=spec.name, split=split, limit=limit, seed=seed,
-                    indices=idx.tolist() if limit else None, info={"hf_path": spec.hf_path})
+    return HFReader(ds, img_col), labels, names, {"hf_path": spec.hf_path}
+
+
+def read_hf_stream(spec, split: str, limit: int | None, size):
+    """``--streaming``: the first ``limit`` rows of a hub dataset, read as a stream (nothing else is downloaded);
+    returns (uint8 images, labels, class names, info). Not stratified: the record says "first N rows"."""
+    import datasets
+
+    from clipguard.data.images import to_uint8_chw
+
+    if limit is None:
+        raise ClipguardError("--streaming reads the first --limit rows of the stream: give --limit N")
+    if spec.split_alias and split == spec.split_alias[0]:
+        split = spec.split_alias[1]
+    try:
+        ds = datasets.load_dataset(spec.hf_path, split=split, streaming=True)
+        features = ds.features
+        img_col = spec.image_column or _guess_column(features or {}, ("Image",))
+        lab_col = spec.label_column or _guess_column(features or {}, ("ClassLabel",))
+        if img_col is None or lab_col is None:
+            raise ClipguardError(f"--dataset {spec.text!r}: name the columns with --image-column/--label-column")
+        rows = list(ds.select_columns([img_col, lab_col]).take(limit))
+    except ClipguardError:
+        raise
+    except Exception as e:  # offline, unknown repo, no such split
+        raise ClipguardError(f"cannot stream {spec.text!r} ({spec.hf_path}, split {split!r}): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    images = to_uint8_chw((r[img_col] for r in rows), size, what=f"--dataset {spec.text!r}")
+    feat = (features or {}).get(lab_col)
+    names = list(feat.names) if hasattr(feat, "names") else None
+    labels = np.asarray([r[lab_col] for r in rows], dtype=np.int64)
+    return images, labels, names, {"hf_path": spec.hf_path, "streaming": f"first {len(rows)} rows of the stream"}

@@ -10,18 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipguard.catalogue import prompts_dir  # defined with the catalogue; still importable from here
 from clipguard.errors import ClipguardError
 
 DEFAULT_TEMPLATES = {"seed": ["a photo of a {c}."]}
-
-
-def prompts_dir() -> Path:
-    """The shipped prompts: inside the wheel (``clipguard/_prompts``) or the checkout's ``prompts/``."""
-    package = Path(__file__).resolve().parents[1]  # clipguard/
-    for cand in (package / "_prompts", package.parent / "prompts"):
-        if cand.is_dir():
-            return cand
-    return package.parent / "prompts"
 
 
 @dataclass(frozen=True)
@@ -38,9 +30,11 @@ class PromptSet:
 
 
 def load_prompts(dataset: str, *, prompts_file: str | None = None, templates: str = "seed",
-                 fallback_classnames: list[str] | None = None) -> PromptSet:
+                 fallback_classnames: list[str] | None = None,
+                 fallback_templates: list[str] | None = None) -> PromptSet:
     """Prompts for ``dataset``: ``prompts_file`` if given, else ``prompts/<dataset>.json``, else the
-    dataset's own class names with the default template."""
+    dataset's own class names with the default template (``seed``) and, when the data carries templates
+    (CLIP_benchmark's wds folders), those as ``openai``."""
     path = Path(prompts_file) if prompts_file else prompts_dir() / f"{dataset}.json"
     if prompts_file and not path.is_file():
         raise ClipguardError(f"--prompts {prompts_file!r}: no such file")
@@ -56,6 +50,8 @@ def load_prompts(dataset: str, *, prompts_file: str | None = None, templates: st
         source = str(path) if prompts_file else path.name
     elif fallback_classnames:
         classnames, sets, source = [c.replace("_", " ") for c in fallback_classnames], DEFAULT_TEMPLATES, "dataset"
+        if fallback_templates:
+            sets = {**sets, "openai": list(fallback_templates)}
     else:
         raise ClipguardError(
             f"no prompts for dataset {dataset!r} and the data names no classes: pass --prompts FILE"

@@ -4,16 +4,19 @@ size)``; ``size`` is the one preprocessing protocol (``data.images``), applied o
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from clipguard.data.base import ImageSet, stratified_indices
+from clipguard.data.stream import ImageStream, Reader, choose_mode
 from clipguard.errors import ClipguardError, check_positive
 from clipguard.registry import Registry
 from clipguard.specs import DatasetSpec, parse_dataset_spec
 
-# kind -> (spec, split, limit, seed, size) -> ImageSet; size is (H, W) (open_clip eval geometry) or None (native)
-SOURCES: Registry[Callable[..., ImageSet]] = Registry("--dataset")
+# kind -> (spec, split) -> Source (the toy world, generated in memory: -> ImageSet)
+SOURCES: Registry[Callable[..., Source | ImageSet]] = Registry("--dataset")
 
 
 @SOURCES.register("toy")
@@ -33,18 +36,50 @@ def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=
                     seed=seed, indices=idx.tolist() if limit else None)
 
 
-@SOURCES.register("hf")
-def _load_hf(spec, split, limit, seed, size=None):
-    from clipguard.data.hf import load_hf
+@dataclass
+class Source:
+    """A dataset opened for reading: every label known, no image decoded yet."""
 
-    return load_hf(spec, split, limit, seed, size)
+    reader: Reader
+    labels: np.ndarray  # int64 (N,), the whole split
+    classnames: list[str] | None = None  # names the source itself carries (ClassLabel, folders, classnames.txt)
+    templates: list[str] | None = None  # templates the source carries (CLIP_benchmark's wds folders)
+    name: str | None = None  # canonical name, when the source knows better than the spec (ImageNet layout)
+    info: dict = field(default_factory=dict)
+
+
+@SOURCES.register("hf")
+def _open_hf(spec: DatasetSpec, split: str) -> Source:
+    from clipguard.data.hf import open_hf
+
+    reader, labels, names, info = open_hf(spec, split)
+    return Source(reader, labels, names, info=info)
 
 
 @SOURCES.register("imagefolder")
-def _load_folder(spec, split, limit, seed, size=None):
-    from clipguard.data.folder import load_folder
+def _open_folder(spec: DatasetSpec, split: str) -> Source:
+    from clipguard.data.folder import FileReader, list_folder
 
-    return load_folder(spec, split, limit, seed, size)
+    files, labels, classes, name, info = list_folder(spec, split)
+    return Source(FileReader(files), labels, classes, name=name, info=info)
+
+
+@SOURCES.register("wds")
+def _open_wds(spec: DatasetSpec, split: str) -> Source:
+    from clipguard.data.wds import open_wds
+
+    reader, labels, classes, templates, info = open_wds(spec, split)
+    return Source(reader, labels, classes, templates, info=info)
+
+
+@SOURCES.register("prepared")
+def _open_prepared(spec: DatasetSpec, split: str) -> Source:
+    from clipguard.data.prepared import PreparedReader
+
+    reader = PreparedReader(spec.path)
+    m = reader.manifest
+    return Source(reader, reader.labels(), m.get("classnames"), m.get("templates"), name=m.get("name"),
+                  info={"prepared": str(reader.path), "source_spec": m.get("spec")})
 
 
 def list_dataset_kinds() -> list[str]:
@@ -53,19 +88,28 @@ def list_dataset_kinds() -> list[str]:
 
 def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | None = None, seed: int = 0,
                  image_column: str | None = None, label_column: str | None = None,
-                 size: int | tuple[int, int] | None = None) -> ImageSet:
-    """Load images as uint8 tensors, through the one preprocessing protocol.
+                 size: int | tuple[int, int] | None = None, mode: str = "auto", workers: int | None = None,
+                 use_prepared: bool = True, streaming: bool = False) -> ImageSet:
+    """Load a dataset as uint8 images, through the one preprocessing protocol.
 
     Args:
-        spec: ``toy``, ``cifar10``, ``cifar100``, ``hf:ORG/NAME`` or ``imagefolder:PATH``.
+        spec: ``toy``, ``cifar10``, ``cifar100``, a catalogue name, ``hf:ORG/NAME`` or ``hf:PATH`` (saved to disk),
+            ``imagefolder:PATH`` (ImageNet's layout included), ``wds:PATH`` (CLIP_benchmark's shards) or
+            ``prepared:PATH``.
         split: dataset split (``test`` by default).
         limit: keep this many images, stratified by class and seeded by ``seed``; None keeps all.
         size: (H, W) (a model's ``input_size``; an int means square): every image goes once through open_clip's
             eval geometry for it (shorter side bicubic, centre crop), whatever the sizes in the set. None keeps
-            the images at their own size (they must then all have one size).
+            the images at their own size (they must then all have one size; held in memory).
+        mode: ``memory`` (decode once into one uint8 tensor), ``stream`` (decode batch by batch when read: memory
+            bounded by a few batches) or ``auto`` (memory up to ``data.stream.MEMORY_BYTES``). Same pixels.
+        workers: decode processes (None: the machine's cores; 0: this process).
+        use_prepared: read a finished prepared cache of exactly this selection and size when one exists.
+        streaming: an ``hf`` hub dataset read as a stream: its first ``limit`` rows, nothing else downloaded.
 
     Returns:
-        An ImageSet whose ``info["preprocess"]`` (and record) names the protocol used.
+        An ImageSet whose ``images`` is a uint8 (N, 3, H, W) tensor or an ``ImageStream`` of that shape, and whose
+        ``info["preprocess"]`` (and record) names the protocol used.
 
     Raises:
         ClipguardError: unknown spec, missing path, bad limit, unreachable hub, mixed sizes with ``size=None``.
@@ -76,7 +120,19 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
     size = as_size(size)
     if isinstance(spec, str):
         spec = parse_dataset_spec(spec, image_column=image_column, label_column=label_column)
-    ds = SOURCES.get(spec.kind)(spec, split, limit, seed, size)
+    if streaming and spec.kind != "hf":
+        raise ClipguardError(f"--streaming reads Hugging Face hub datasets; {spec.text!r} is read from disk anyway")
+    if spec.kind == "toy":
+        ds = _load_toy(spec, split, limit, seed, size)
+    elif streaming:
+        from clipguard.data.hf import read_hf_stream
+
+        images, labels, names, info = read_hf_stream(spec, split, limit, size)
+        ds = ImageSet(images=images, labels=torch.from_numpy(labels), classnames=names, spec=spec.text,
+                      name=spec.name, split=split, limit=limit, seed=seed, info=info)
+    else:
+        ds = from_source(SOURCES.get(spec.kind)(spec, split), spec, split, limit, seed, size, mode, workers,
+                          use_prepared)
     if len(ds) == 0:
         raise ClipguardError(f"--dataset {spec.text!r} split {split!r} holds no images")
     assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4, "datasets hold uint8 (N, 3, H, W)"
@@ -85,4 +141,44 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
     return ds
 
 
-__all__ = ["ImageSet", "load_dataset", "list_dataset_kinds"]
+def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, size, mode: str, workers,
+                 use_prepared: bool) -> ImageSet:
+    """The ``limit`` selection of ``src`` as an ImageSet: in memory, or streamed (by ``mode`` and size)."""
+    from clipguard.data.images import protocol_name, to_uint8_chw
+
+    idx = stratified_indices(src.labels, limit, seed)
+    labels, reader, info = src.labels[idx], src.reader, dict(src.info)
+    if size is None and reader.holds_pixels:
+        size = tuple(reader.size)  # a prepared cache's own size is its only size
+    if size is None:  # native: each image at its own size, decoded here (small sets: CIFAR-like)
+        try:
+            images = to_uint8_chw((reader.open(int(i)) for i in idx), None, what=f"--dataset {spec.text!r}")
+        except OSError as e:
+            raise ClipguardError(f"--dataset {spec.text!r}: cannot read an image ({e})") from None
+    else:
+        positions = idx
+        if use_prepared and not reader.holds_pixels:
+            from clipguard.data.prepared import cache_key, find_prepared, prepared_root
+
+            if prepared_root().is_dir():  # fingerprinting a source costs a stat per file: only when caches exist
+                found = find_prepared(cache_key(reader, idx, labels, protocol_name(size)))
+                if found is not None:
+                    from clipguard.data.prepared import PreparedReader
+
+                    reader, positions, info["prepared"] = PreparedReader(found), np.arange(len(idx)), str(found)
+        stream = ImageStream(reader, positions, size, workers)
+        info["data_mode"] = choose_mode(mode, stream.nbytes())
+        images = stream if info["data_mode"] == "stream" else _materialize(stream, spec)
+    return ImageSet(images=images, labels=torch.from_numpy(np.ascontiguousarray(labels)), classnames=src.classnames,
+                    spec=spec.text, name=src.name or spec.name, split=split, limit=limit, seed=seed,
+                    indices=idx.tolist() if limit else None, info=info, templates=src.templates)
+
+
+def _materialize(stream: ImageStream, spec: DatasetSpec) -> torch.Tensor:
+    try:
+        return stream.materialize()
+    except OSError as e:
+        raise ClipguardError(f"--dataset {spec.text!r}: cannot read an image ({e})") from None
+
+
+__all__ = ["ImageSet", "Source", "load_dataset", "list_dataset_kinds"]

@@ -37,6 +37,7 @@ class FinetuneConfig:
     steps: int = 2  # training PGD iterations per batch
     # --- optimisation
     epochs: int = 1  # passes over the training split
+    max_steps: int | None = None  # optimizer steps in all, instead of --epochs (FARE: 20,000 steps of 128)
     lr: float | None = None  # AdamW peak learning rate; None = the method's default (for pretrained CLIP)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (0: do not pull weights towards zero)
     warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to 0
@@ -54,8 +55,8 @@ class FinetuneConfig:
 
 
 # Fields that do not change the training trajectory: a resumed run may change them freely.
-UNHASHED = frozenset({"run_dir", "resume", "save_every", "device", "eval_split", "eval_limit", "eval_steps",
-                      "eval_batch_size", "eval_base"})
+UNHASHED = frozenset({"run_dir", "resume", "save_every", "device", "workers", "data_mode", "eval_split",
+                      "eval_limit", "eval_steps", "eval_batch_size", "eval_base"})
 
 
 def finetune_config(**opts) -> FinetuneConfig:
@@ -98,8 +99,8 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.alpha is not None:
         parse_eps(cfg.alpha, name="--alpha", allow_zero=False)
     positive = {"--vpt-tokens": cfg.vpt_tokens, "--lora-r": cfg.lora_r, "--steps": cfg.steps,
-                "--epochs": cfg.epochs, "--eval-steps": cfg.eval_steps, "--eval-batch-size": cfg.eval_batch_size,
-                "--eval-limit": cfg.eval_limit}
+                "--epochs": cfg.epochs, "--max-steps": cfg.max_steps, "--eval-steps": cfg.eval_steps,
+                "--eval-batch-size": cfg.eval_batch_size, "--eval-limit": cfg.eval_limit}
     for name, v in positive.items():
         check_positive(name, v)
     if cfg.lr is not None and not cfg.lr > 0:

@@ -84,7 +84,7 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     adversary = build_train_attack(cfg.train_attack, model, objective, surrogate=surrogate, eps=eps, alpha=alpha,
                                    steps=cfg.steps, autocast=autocast)
     steps_per_epoch = math.ceil(len(p.data) / cfg.run.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, int(cfg.warmup * total)))
@@ -126,7 +126,7 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
 
     s = setup(cfg, p)
     out, chash, bs, dev = Path(cfg.run_dir), config_hash(cfg), cfg.run.batch_size, p.clip.device
-    images, labels, n = p.data.images, p.data.labels, len(p.data)
+    labels, n = p.data.labels, len(p.data)
 
     # ---- where we are: a fresh start, or exactly where the checkpoint left off
     data_gen = torch.Generator().manual_seed(cfg.run.seed)  # data order; its state is checkpointed
@@ -143,11 +143,11 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
 
     # ---- the loop
     start_step, losses, seen, t0 = step, [], 0, time.perf_counter()
-    remaining = (cfg.epochs - epoch) * n - position * bs
-    with progress_bar(remaining, f"finetune {cfg.method}/{cfg.objective}", enabled=progress) as advance:
+    batches = epoch_batches(p.data, order, position, bs)
+    with progress_bar((s.total - step) * bs, f"finetune {cfg.method}/{cfg.objective}", enabled=progress) as advance:
         while step < s.total:
-            idx = order[position * bs:(position + 1) * bs]
-            x = attack_inputs(s.model, images[idx], s.resolution)
+            idx, batch = next(batches)
+            x = attack_inputs(s.model, batch, s.resolution)
             y = labels[idx].to(dev)
             # Craft in eval mode (no dropout): a fresh adversary against the weights as they are now.
             s.model.eval()
@@ -175,7 +175,8 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             if position == s.steps_per_epoch:  # epoch done: the next order comes from the same generator
                 epoch, position = epoch + 1, 0
                 order = torch.randperm(n, generator=data_gen)
-                log.info("epoch %d/%d done, loss %.4f", epoch, cfg.epochs, loss_value)
+                batches = epoch_batches(p.data, order, 0, bs)
+                log.info("epoch %d done, loss %.4f", epoch, loss_value)
             losses.append(loss_value)
             seen += len(y)
             advance(len(y), loss=loss_value, lr=f"{s.sched.get_last_lr()[0]:.2e}")
@@ -192,11 +193,25 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     info = {"objective": cfg.objective, "train_attack": cfg.train_attack, "config_hash": chash, "steps": step,
             "config": {k: v for k, v in flat(cfg).items() if k != "resume"}}
     save_adapter(out, s.visual, method=cfg.method, clip=p.clip, info=info)
-    return {"steps": step, "total_steps": s.total, "epochs": cfg.epochs,
+    return {"steps": step, "total_steps": s.total, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+            "data_mode": "stream" if p.data.streamed else "memory",
             "resumed_from_step": start_step if cfg.resume else None, "images": seen, "wall_s": round(wall, 3),
             "images_per_s": round(seen / wall, 2) if wall else None, "lr": s.lr,
             "trainable_params": sum(q.numel() for q in s.params),
             "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:])}
+
+
+def epoch_batches(data, order: torch.Tensor, position: int, bs: int):
+    """(indices, uint8 batch) for this epoch's ``order`` from batch ``position`` on: indexed in memory, or decoded
+    ahead by a streamed set's workers in exactly this order (so a resumed run sees the same batches)."""
+    ranges = [order[a:a + bs] for a in range(position * bs, len(order), bs)]
+    if not data.streamed:
+        for idx in ranges:
+            yield idx, data.images[idx]
+        return
+    loader = data.images.loader([r.tolist() for r in ranges], pin_memory=torch.cuda.is_available())
+    for idx, (batch, _) in zip(ranges, loader, strict=True):
+        yield idx, batch
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from clipguard.data.stream import chunks
 from clipguard.errors import ClipguardError
 from clipguard.progress import progress_bar
 
@@ -57,47 +58,67 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_batches(n: int, batch_size: int, compute, consume) -> int:
-    """Walk [0, n) in batches: ``out = compute(start, stop)`` then ``consume(start, stop, out)``. A CUDA
-    out-of-memory error inside ``compute`` halves the batch and retries it (``consume`` only ever sees
-    finished batches). Returns the batch size that worked."""
-    i = 0
-    while i < n:
-        stop = min(i + batch_size, n)
-        try:
-            out = compute(i, stop)
-        except RuntimeError as e:
-            if not is_oom(e) or batch_size == 1:
-                raise
-            batch_size //= 2
-            torch.cuda.empty_cache()
-            continue
-        consume(i, stop, out)
-        i = stop
+def run_batches(images, batch_size: int, compute, consume) -> int:
+    """Walk ``images`` (a uint8/float tensor or an ``ImageStream``) in order: ``out = compute(a, b, x)`` on the
+    batch ``x`` = images[a:b], then ``consume(a, b, out)``. A CUDA out-of-memory error inside ``compute`` halves
+    the batch and retries it (``consume`` only ever sees finished batches). Returns the batch size that worked."""
+    pin = torch.cuda.is_available()
+    for start, chunk in chunks(images, batch_size, pin_memory=pin):
+        i = 0
+        while i < chunk.shape[0]:
+            stop = min(i + batch_size, chunk.shape[0])
+            try:
+                out = compute(start + i, start + stop, chunk[i:stop])
+            except RuntimeError as e:
+                if not is_oom(e) or batch_size == 1:
+                    raise
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                continue
+            consume(start + i, start + stop, out)
+            i = stop
     return batch_size
 
 
-@torch.no_grad()
-def predict_logits(classifier, images: torch.Tensor, *, batch_size: int = 256, precision: str = "fp32",
-                   progress: bool = True, description: str = "clean") -> tuple[torch.Tensor, dict]:
-    """Logits (N, C) fp32 on CPU for uint8 (or [0, 1] float) ``images``; halves the batch on out-of-memory.
+def decode_rates(images, elapsed: float) -> dict:
+    """For a streamed set: how fast the workers decode and how fast the model consumes (img/s), apart."""
+    stats = getattr(images, "stats", None)
+    return stats.rates(elapsed) if stats is not None else {}
 
-    Returns (logits, timings) where timings = {"wall_s", "images_per_s", "batch_size"}.
+
+@torch.no_grad()
+def predict_logits(classifier, images, *, batch_size: int = 256, precision: str = "fp32",
+                   progress: bool = True, description: str = "clean") -> tuple[torch.Tensor, dict]:
+    """Logits (N, C) fp32 on CPU for uint8 (or [0, 1] float) ``images`` (a tensor or an ``ImageStream``); halves
+    the batch on out-of-memory.
+
+    Returns (logits, timings) where timings = {"wall_s", "images_per_s", "batch_size"} (+ "decode_img_s" and
+    "model_img_s" for a streamed set).
     """
     device = classifier.text_embeddings.device
     out, n = [], images.shape[0]
 
-    def compute(a: int, b: int) -> torch.Tensor:
+    def compute(a: int, b: int, x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, precision):
-            return classifier(to_pixels(images[a:b], device)).float().cpu()
+            return classifier(to_pixels(x, device)).float().cpu()
 
     t0 = time.perf_counter()
     with progress_bar(n, description, enabled=progress) as advance:
-        batch_size = run_batches(n, batch_size, compute, lambda a, b, logits: (out.append(logits), advance(b - a)))
+        def consume(a: int, b: int, logits: torch.Tensor) -> None:
+            out.append(logits)
+            advance(b - a, **rate_fields(images, time.perf_counter() - t0))
+
+        batch_size = run_batches(images, batch_size, compute, consume)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return torch.cat(out), {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size}
+    return torch.cat(out), {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size,
+                            **decode_rates(images, wall)}
+
+
+def rate_fields(images, elapsed: float) -> dict:
+    """Progress-bar fields ``decode=... img/s  model=... img/s`` for a streamed set (none in memory)."""
+    return {k.removesuffix("_img_s"): f"{v:,.0f} img/s" for k, v in decode_rates(images, elapsed).items() if v}
 
 
 def attack_inputs(classifier, batch_uint8: torch.Tensor, resolution: str) -> torch.Tensor:

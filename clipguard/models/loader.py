@@ -91,7 +91,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def _digest_cache_path() -> Path:
-    from clipguard.models.text_embeddings import cache_root
+    from clipguard.fsutil import cache_root
 
     return cache_root() / "weights-digests.json"
 
@@ -341,3 +341,21 @@ def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "
     info.update({"spec": spec.text, "fingerprint": fingerprint})
     return LoadedClip(model=model, tokenizer=tokenizer, mean=mean, std=std, input_size=size, device=dev,
                       precision=prec, fingerprint=fingerprint, spec=spec, info=info)
+
+
+def model_input_size(spec: str | ModelSpec) -> tuple[int, int]:
+    """(H, W) a model's image tower takes, from its open_clip config (no weights loaded; an hf-hub model is
+    loaded on the CPU, its config lives with its weights)."""
+    import open_clip
+
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind == "hf-hub":
+        return load_clip(spec, device="cpu", precision="fp32").input_size
+    arch = spec.arch
+    if spec.kind == "toy":
+        from clipguard.models.toy import TOY_MODEL_NAME
+
+        arch = TOY_MODEL_NAME
+    _check_arch(arch)
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    return (size, size) if isinstance(size, int) else tuple(size)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipguard.fsutil import atomic_write
+from clipguard.fsutil import atomic_write, cache_root
 
 TEXT_PRECISION = "fp32"  # class embeddings are computed once, so always at full precision
 MANIFEST_KEY = "clipguard.manifest"  # the safetensors metadata entry holding an entry's manifest (JSON)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CLIPGUARD_CACHE") or Path.home() / ".cache" / "clipguard")
 
 
 def text_dir() -> Path:

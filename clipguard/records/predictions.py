@@ -17,10 +17,15 @@ import torch
 from clipguard.fsutil import atomic_write, atomic_write_text
 
 
-def image_digests(images: torch.Tensor) -> list[str]:
-    """Per image: sha256 of its bytes (uint8 (N, 3, H, W), contiguous, CPU), first 16 hex digits."""
-    flat = images.contiguous().cpu().reshape(images.shape[0], -1).numpy()
-    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in flat]
+def image_digests(images) -> list[str]:
+    """Per image: sha256 of its bytes (uint8 (N, 3, H, W), contiguous, CPU), first 16 hex digits. A streamed set
+    (anything with ``batches``) is read batch by batch."""
+    parts = images.batches(1024) if hasattr(images, "batches") else [(0, images)]
+    out = []
+    for _, x in parts:
+        flat = x.contiguous().cpu().reshape(x.shape[0], -1).numpy()
+        out += [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in flat]
+    return out
 
 
 def prediction_table(images: torch.Tensor, labels: torch.Tensor, clean_pred: torch.Tensor,

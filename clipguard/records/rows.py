@@ -1,7 +1,7 @@
 """Read result records from a folder and flatten them into rows that reports and gates aggregate.
 
 A row is one number with its context: ``{"metric", "value", "model", "adapter", "label", "dataset",
-"attack", "eps", "eps_value", "surrogate", "cell", "task", "path"}``. Nothing is recomputed here: every
+"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path"}``. Nothing is recomputed here: every
 value is copied from a record.
 """
 
@@ -45,7 +45,7 @@ def _context(rec: dict) -> dict:
     attack = rec.get("attack") or {}
     return {"model": rec.get("model_spec"), "adapter": rec.get("adapter"), "label": label(rec),
             "dataset": rec.get("dataset"), "task": rec.get("task"), "cell": bench.get("cell"),
-            "surrogate": attack.get("surrogate"), "path": rec.get("_path")}
+            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "path": rec.get("_path")}
 
 
 def rows(records: list[dict]) -> list[dict]:
@@ -73,6 +73,36 @@ def rows(records: list[dict]) -> list[dict]:
                     out.append({**ctx, "metric": k, "value": e[k], "attack": e.get("attack"), "eps": e.get("eps"),
                                 "eps_value": e.get("eps_value")})
     return out
+
+
+NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+
+
+def threat_name(r: dict) -> str:
+    """A robust row's threat as the papers head a table: ``Linf 2/255 (autoattack)``, ``... from SURROGATE``."""
+    norm = NORM_NAMES.get(r.get("norm"), r.get("norm") or "")
+    src = f" from {r['surrogate']}" if r.get("surrogate") else ""
+    return f"{norm} {r['eps']} ({r['attack']}{src})".strip()
+
+
+def zero_shot_readings(rs: list[dict]) -> dict[str, dict[tuple[str, str], float]]:
+    """The numbers of the zero-shot tables: ``{"clean": {(label, dataset): acc1}, threat_name: {...}, ...}``.
+
+    Clean accuracy comes from an attack-free evaluation of the (model, dataset) when there is one (FARE's clean
+    numbers are over the whole test split), else from the clean pass of the first attacked record. Robust
+    readings are the robust accuracies at eps > 0, one reading per threat (first record wins). UAP records are
+    not zero-shot readings; rows without a dataset are left out.
+    """
+    clean, fallback, robust = {}, {}, {}
+    for r in rs:
+        if r.get("dataset") is None or str(r.get("task") or "").startswith("uap"):
+            continue
+        key = (r["label"], r["dataset"])
+        if r["metric"] == "acc1":
+            (clean if r.get("task") == "zeroshot_classification" else fallback).setdefault(key, r["value"])
+        elif r["metric"] == "robust_acc" and (r["eps_value"] or 0) > 0:
+            robust.setdefault(threat_name(r), {}).setdefault(key, r["value"])
+    return {"clean": {**fallback, **clean}, **robust}
 
 
 def checks_summary(records: list[dict]) -> list[dict]:

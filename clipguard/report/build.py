@@ -11,9 +11,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from clipguard.fsutil import atomic_write_text
-from clipguard.records.rows import checks_summary, load_records, rows
+from clipguard.records.rows import checks_summary, load_records, rows, zero_shot_readings
 from clipguard.report import plots
 
+ZS_NOTE = ("One row per model, one column per dataset, as the FARE and TeCoA papers report; the average is over "
+           "the row's datasets and is printed only when the row has all of them (else —).")
 CSV_COLUMNS = ["dataset", "model", "pretrained", "task", "acc1", "acc5", "mean_per_class_recall", "attack", "eps",
                "robust_acc", "attack_success_rate", "adapter", "cell"]
 
@@ -48,6 +50,37 @@ def reference_table(rs: list[dict]) -> tuple[list[str], list[list]]:
     header = ["model", "dataset", "clean acc1", *cols]
     body = [[lab, ds, clean.get((lab, ds)), *[robust[(lab, ds)].get(c) for c in cols]] for lab, ds in keys]
     return header, body
+
+
+def _dataset_order(names) -> list[str]:
+    """Catalogue order (the papers' order, ImageNet first) for catalogue names, then the rest as first seen."""
+    from clipguard.catalogue import catalogue
+
+    names, known = list(dict.fromkeys(names)), list(catalogue())
+    return sorted(names, key=lambda d: known.index(d) if d in known else len(known) + names.index(d))
+
+
+def zero_shot_tables(rs: list[dict]) -> list[dict]:
+    """FARE's and TeCoA's layout, when the rows span two or more datasets: one table per reading (clean, then each
+    threat), one row per model label, one column per dataset with a value in that table, and the row's average.
+
+    The average is printed only for a complete row: a missing cell shows as "—" and makes the row's average
+    "—" too, so no model is averaged over fewer datasets than another. Values are copied from the rows.
+    """
+    readings = {k: v for k, v in zero_shot_readings(rs).items() if v}
+    datasets = _dataset_order(ds for cells in readings.values() for _, ds in cells)
+    if len(datasets) < 2:
+        return []
+    labels = list(dict.fromkeys(r["label"] for r in rs))
+    tables = []
+    for title, cells in readings.items():
+        cols = [d for d in datasets if any(ds == d for _, ds in cells)]
+        body = []
+        for lab in (lab for lab in labels if any(k[0] == lab for k in cells)):
+            vals = [cells.get((lab, d)) for d in cols]
+            body.append([lab, *vals, None if None in vals else sum(vals) / len(vals)])
+        tables.append({"title": title, "header": ["model", *cols, "average"], "body": body})
+    return tables
 
 
 def _fmt(v) -> str:
@@ -110,8 +143,12 @@ def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
     uap_pngs = [p for rec in records if str(rec.get("task", "")).startswith("uap") for p in rec.get("pngs", [])]
     checks = checks_summary(records)
     uap_rows = [r for r in rs if r["metric"] == "fooling_rate"]
+    zs = zero_shot_tables(rs)
     md = [f"# clipguard report\n\n{len(records)} records from `{folder}`.\n", "## Clean and robust accuracy\n",
           _md_table(header, body), ""]
+    if zs:
+        md += ["## Zero-shot robustness\n", ZS_NOTE, ""]
+        md += [x for t in zs for x in (f"### {t['title']}\n", _md_table(t["header"], t["body"]), "")]
     if uap_rows:
         md += ["## Universal perturbations\n", _md_table(["model", "dataset", "eps", "fooling rate"],
                                                           [[r["label"], r["dataset"], r["eps"], r["value"]]
@@ -126,17 +163,26 @@ def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
                       for c in checks])]
     atomic_write_text(out_md, "\n".join(md) + "\n")
     if html_out:
-        atomic_write_text(html_out, _html(header, body, pngs + [Path(p) for p in uap_pngs[:4]], checks, len(records)))
+        atomic_write_text(html_out, _html(header, body, pngs + [Path(p) for p in uap_pngs[:4]], checks, len(records),
+                                          zs))
     if csv_out:
         atomic_write_text(csv_out, csv_text(records))
     return {"records": len(records), "header": header, "body": body, "plots": [str(p) for p in pngs],
-            "checks": checks, "uap": uap_rows}
+            "checks": checks, "uap": uap_rows, "zero_shot": zs}
 
 
-def _html(header, body, pngs, checks, n) -> str:
+def _html_table(header, body) -> str:
     cell = "".join
-    table = "<table><tr>" + cell(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + cell(
+    return "<table><tr>" + cell(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" + cell(
         "<tr>" + cell(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in body) + "</table>"
+
+
+def _html(header, body, pngs, checks, n, zs=()) -> str:
+    cell = "".join
+    table = _html_table(header, body)
+    if zs:
+        table += f"<h2>Zero-shot robustness</h2><p>{html.escape(ZS_NOTE)}</p>" + cell(
+            f"<h3>{html.escape(t['title'])}</h3>" + _html_table(t["header"], t["body"]) for t in zs)
     imgs = cell(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
                 for p in pngs if p.exists())
     def check_item(c: dict) -> str:

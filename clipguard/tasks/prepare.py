@@ -40,9 +40,10 @@ def prepare(run: RunOptions, *, resolution: str = "model", **overrides) -> Prepa
     dspec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
     clip = load_clip(mspec, device=run.device, precision=run.precision)
     size = clip.input_size if resolution == "model" else None
-    data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size)
+    data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size, mode=run.data_mode,
+                        workers=run.workers, streaming=run.streaming)
     prompts = load_prompts(data.name, prompts_file=run.prompts, templates=run.templates,
-                           fallback_classnames=data.classnames)
+                           fallback_classnames=data.classnames, fallback_templates=data.templates)
     n_classes = len(data.classnames) if data.classnames else int(data.labels.max()) + 1
     if len(prompts.classnames) != n_classes:
         raise ClipguardError(

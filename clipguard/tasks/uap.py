@@ -130,7 +130,8 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     p = _prepare(cfg, ucfg.resolution)
     ucfg = replace(ucfg, target_class=resolve_target(cfg.target_class, p.prompts.classnames))
     inputs = _inputs(p, ucfg.resolution)
-    fit = fit_uap(p.classifier, p.data.images, ucfg, inputs, progress=progress)
+    # Fitting draws random batches over the whole set: a streamed set is decoded into memory once.
+    fit = fit_uap(p.classifier, p.data.in_memory(), ucfg, inputs, progress=progress)
     metrics = uap_metrics(p.data.labels, fit.clean_pred, fit.adv_pred, ucfg.target_class)
     attack = {**ucfg.to_record(), "target_class_name": cfg.target_class, "precision": "fp32"}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -174,16 +174,18 @@ class FitContext:
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: Callable | None,
             batch_size: int = 256, advance: Callable | None = None) -> list[torch.Tensor]:
-    """Predicted classes (N,) on the device for uint8 ``images``, once per attack (``None`` = clean); an attack
-    is ``(x, y) -> x_adv``, here :func:`universal_attack` of a delta.
+    """Predicted classes (N,) on the device for uint8 ``images`` (a tensor or an ImageStream), once per attack
+    (``None`` = clean); an attack is ``(x, y) -> x_adv``, here :func:`universal_attack` of a delta.
 
     ``advance(n, fooling=...)`` reports the running share of images whose prediction under the second
     attack differs from the first (the fooling rate when called as ``predict(m, x, f, None, universal_attack(v))``).
     """
+    from clipguard.data.stream import chunks
+
     out: list[list[torch.Tensor]] = [[] for _ in attacks]
     changed = done = 0
-    for i in range(0, images.shape[0], batch_size):
-        x = inputs(images[i:i + batch_size])
+    for _, batch in chunks(images, batch_size):  # a streamed set is decoded by its workers
+        x = inputs(batch)
         for preds, attack in zip(out, attacks, strict=True):
             preds.append(model(attack(x, None) if attack is not None else x).argmax(1))
         if advance is not None:

@@ -1,0 +1,42 @@
+"""``clipguard prepare``: decode a dataset once into model-resolution uint8 shards every command reads."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from clipguard.cli import options as o
+from clipguard.cli.output import check_outputs, emit
+from clipguard.run_options import RunOptions
+
+
+@o.run_options(exclude=("prompts", "templates", "adapter", "device", "precision", "data_mode", "streaming"),
+               help={"model": "Model whose input size the images are brought to (only its config is read)."})
+def prepare_command(
+    run: RunOptions,
+    size: Annotated[int | None, typer.Option(help="Input size in pixels (square), instead of the model's.",
+                                             rich_help_panel=o.MODEL_DATA)] = None,
+    out: o.OutOpt = None,
+    json_out: o.JsonOpt = False,
+) -> None:
+    """Decode and preprocess DATASET once (open_clip's eval geometry at the model's input size) into a
+    content-keyed, memory-mapped uint8 cache; later commands with the same dataset options read it at memory
+    speed. A killed run resumes at its first missing shard."""
+    from clipguard.tasks.cache import PrepareConfig, run_prepare
+
+    check_outputs({"--out": out})
+    emit(run_prepare(PrepareConfig(run=run, size=size), progress=not json_out), out=out, as_json=json_out,
+         table=prepare_table)
+
+
+def prepare_table(rec: dict):
+    from rich.table import Table
+
+    p, d = rec["prepared"], rec["data"]
+    t = Table(title=f"prepared {d['spec']} ({d['split']}, n={d['n']}) at {d['resolution'][0]}x{d['resolution'][1]}")
+    for col in ("cache", "shards written", "MiB", "wall s", "decode img/s"):
+        t.add_column(col, justify="right")
+    t.add_row(p["path"], str(p["shards_written"]), f"{p['bytes'] / 2**20:,.1f}", f"{rec['timings']['wall_s']:.1f}",
+              f"{rec['timings'].get('decode_img_s') or 0:,.0f}")
+    return t

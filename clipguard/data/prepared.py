@@ -1,0 +1,152 @@
+"""The prepared cache: a source decoded and preprocessed once into model-resolution uint8 shards.
+
+``<cache>/prepared/<key>/`` holds ``shard-00000.npy`` ... (uint8 (S, 3, H, W), :data:`SHARD` images each, the
+last one shorter), ``labels.npy`` and ``manifest.json``. The key is content-based: the source's fingerprint
+(file paths, sizes and mtimes; an HF dataset's fingerprint; the shards'), the selection (``--limit``/``--seed``)
+and the preprocessing protocol, so a changed source or a different model size is a different cache. Each shard is
+written atomically and the manifest last: a killed ``clipguard prepare`` resumes at the first missing shard, and
+only a cache with a manifest is ever read. Reads are memory-mapped: every later command reads pixels at memory
+speed, with no decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipguard.data.stream import ImageStream, Reader
+from clipguard.errors import ClipguardError
+from clipguard.fsutil import atomic_write, atomic_write_json, cache_root
+
+SHARD = 1024  # images per shard file
+FORMAT = "clipguard.prepared/1"
+
+
+def prepared_root() -> Path:
+    return cache_root() / "prepared"
+
+
+def cache_key(reader: Reader, indices: np.ndarray, labels: np.ndarray, protocol: str) -> str:
+    """sha256 over what decides the pixels: source content, selected items, labels and the protocol."""
+    h = hashlib.sha256(json.dumps([FORMAT, protocol, reader.fingerprint()]).encode())
+    h.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
+            np.save(f, arr)
+
+    atomic_write(path, write)
+
+
+def _shard_path(d: Path, s: int) -> Path:
+    return d / f"shard-{s:05d}.npy"
+
+
+class PreparedReader(Reader):
+    """A finished cache, memory-mapped shard by shard (opened lazily in each process)."""
+
+    holds_pixels = True
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise ClipguardError(f"prepared cache {str(self.path)!r} is not complete (no manifest.json): rerun "
+                                 "`clipguard prepare` with the same options to finish it") from None
+        if self.manifest.get("format") != FORMAT:
+            raise ClipguardError(f"prepared cache {str(self.path)!r} has format {self.manifest.get('format')!r}, "
+                                 f"not {FORMAT}: prepare it again")
+        self.n, self.size = int(self.manifest["n"]), tuple(self.manifest["size"])
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def labels(self) -> np.ndarray:
+        return np.load(self.path / "labels.npy")
+
+    def _shard(self, s: int) -> np.ndarray:
+        if s not in self._maps:
+            self._maps[s] = np.load(_shard_path(self.path, s), mmap_mode="r")
+        return self._maps[s]
+
+    def _check(self, size) -> None:
+        if tuple(size) != self.size:
+            raise ClipguardError(f"prepared cache {str(self.path)!r} holds {self.size[0]}x{self.size[1]} images, "
+                                 f"this model takes {size[0]}x{size[1]}: prepare it for this model")
+
+    def read(self, i: int, size) -> np.ndarray:
+        self._check(size)
+        return np.ascontiguousarray(self._shard(i // SHARD)[i % SHARD].transpose(1, 2, 0))
+
+    def read_range(self, a: int, b: int, size) -> torch.Tensor:
+        self._check(size)
+        parts = []
+        while a < b:
+            s, lo = divmod(a, SHARD)
+            hi = min(SHARD, lo + b - a)
+            parts.append(self._shard(s)[lo:hi])
+            a += hi - lo
+        out = np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
+        return torch.from_numpy(out)
+
+    def fingerprint(self) -> str:
+        return self.manifest["key"]
+
+
+def write_prepared(stream: ImageStream, labels: np.ndarray, key: str, meta: dict, *, batch_size: int = 256,
+                   progress=None, root: Path | None = None) -> tuple[Path, int]:
+    """Decode ``stream`` into the cache folder of ``key``, skipping shards already written; returns (folder,
+    shards written now). ``meta`` goes into the manifest (spec, split, class names, templates...)."""
+    d = (root or prepared_root()) / key[:32]
+    d.mkdir(parents=True, exist_ok=True)
+    n = len(stream)
+    written = 0
+    for s in range(-(-n // SHARD)):
+        path = _shard_path(d, s)
+        a, b = s * SHARD, min((s + 1) * SHARD, n)
+        if path.is_file():
+            if progress:
+                progress(b - a)
+            continue
+        shard = np.empty((b - a, 3, *stream.size), dtype=np.uint8)
+        for pos, x in stream.batches(batch_size, start=a, stop=b):
+            shard[pos - a:pos - a + len(x)] = x.numpy()
+            if progress:
+                progress(len(x))
+        _save_npy(path, shard)
+        written += 1
+    _save_npy(d / "labels.npy", np.asarray(labels, dtype=np.int64))
+    atomic_write_json(d / "manifest.json", {"format": FORMAT, "key": key, "n": n, "size": list(stream.size),
+                                            "shard": SHARD, **meta})
+    return d, written
+
+
+def find_prepared(key: str) -> Path | None:
+    """The finished cache for ``key``, if one exists."""
+    d = prepared_root() / key[:32]
+    return d if (d / "manifest.json").is_file() else None
+
+
+def list_prepared() -> list[dict]:
+    """Manifests of the finished caches (with their folder and size on disk)."""
+    out = []
+    root = prepared_root()
+    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
+        info = json.loads(m.read_text())
+        info["dir"] = str(m.parent)
+        info["bytes"] = sum(f.stat().st_size for f in m.parent.iterdir())
+        out.append(info)
+    return out

@@ -1,0 +1,234 @@
+"""The streaming data path: images decoded on demand by DataLoader worker processes, memory bounded by a few
+batches whatever the dataset size.
+
+A source is a :class:`Reader` (item ``i`` -> one RGB image as uint8 (H, W, 3) at the requested size, through the
+one preprocessing protocol of :mod:`clipguard.data.images`). :class:`ImageStream` puts a reader behind the
+shape of a uint8 (N, 3, H, W) tensor: ``batches()`` walks it in order with ``workers`` processes decoding in
+parallel (pinned memory for a GPU); indexing (a slice, an index tensor) decodes a few images in this process,
+for the small reads (a check on the first 64 images, a picture). ``chunks(images, batch_size)`` walks an
+in-memory tensor and a stream alike; both give the same bytes, so the same predictions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from clipguard.errors import ClipguardError
+
+# The in-memory path is chosen up to this many bytes of uint8 pixels (auto mode); above it, the set streams.
+MEMORY_BYTES = 512 * 2**20
+# Below this many images, worker processes cost more to start than they save: decode in this process.
+SMALL_SET = 1024
+DATA_MODES = ("auto", "memory", "stream")
+
+
+def default_workers() -> int:
+    """Decode processes by default: the cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+class Reader:
+    """Random access to a source's images. Subclasses give ``__len__`` and ``open(i)`` (a PIL image, any mode);
+    ``read(i, size)`` applies the preprocessing protocol. Must pickle (it travels to the worker processes)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def open(self, i: int):
+        raise NotImplementedError
+
+    def read(self, i: int, size: tuple[int, int]) -> np.ndarray:
+        """Item ``i`` as uint8 (H, W, 3) at ``size`` (open_clip's eval geometry)."""
+        from clipguard.data.images import eval_geometry
+
+        return np.array(eval_geometry(self.open(i), size), dtype=np.uint8)  # writable: torch wraps it as is
+
+    holds_pixels = False  # True: the source holds preprocessed uint8 pixels (a prepared cache): no decode
+
+    def read_range(self, a: int, b: int, size) -> torch.Tensor:
+        """uint8 (b - a, 3, H, W) for contiguous items of a source that ``holds_pixels``."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A digest of the source's content (what a prepared cache is keyed by)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Provenance for records (paths, ids)."""
+        return {}
+
+
+def files_fingerprint(paths: Sequence[str]) -> str:
+    """sha256 over each file's path, size and modification time: changes when any file does."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class _Decode(torch.utils.data.Dataset):
+    """What a worker process runs: position -> (uint8 (3, H, W), seconds spent decoding)."""
+
+    def __init__(self, reader: Reader, indices: np.ndarray, size: tuple[int, int]):
+        self.reader, self.indices, self.size = reader, indices, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        t0 = time.perf_counter()
+        a = self.reader.read(int(self.indices[k]), self.size)
+        return torch.from_numpy(a).permute(2, 0, 1).contiguous(), time.perf_counter() - t0
+
+
+def _collate(items):
+    return torch.stack([x for x, _ in items]), sum(s for _, s in items)
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decode is PIL's; torch threads in every worker would only contend
+
+
+class _Ranges(torch.utils.data.Sampler):
+    """Consecutive position ranges [a, a + batch_size) from ``start`` to ``stop``: in-order batches."""
+
+    def __init__(self, start: int, stop: int, batch_size: int):
+        self.start, self.stop, self.bs = start, stop, batch_size
+
+    def __iter__(self):
+        for a in range(self.start, self.stop, self.bs):
+            yield list(range(a, min(a + self.bs, self.stop)))
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.bs)
+
+
+class DecodeStats:
+    """Decode seconds (summed over workers) and model-side seconds, to show which one bounds a run."""
+
+    def __init__(self, workers: int):
+        self.workers, self.images, self.decode_s, self.wait_s = max(1, workers), 0, 0.0, 0.0
+
+    def rates(self, elapsed: float) -> dict:
+        """{"decode_img_s": what the workers can deliver, "model_img_s": what the consumer processes}."""
+        decode = self.images * self.workers / self.decode_s if self.decode_s else None
+        busy = elapsed - self.wait_s
+        model = self.images / busy if busy > 0 else None
+        return {"decode_img_s": round(decode, 1) if decode else None, "model_img_s": round(model, 1) if model else None}
+
+
+class ImageStream:
+    """A uint8 (N, 3, H, W) image set that is decoded when read, never held whole.
+
+    Args:
+        reader: the source.
+        indices: positions in the source that make the set (a ``--limit`` selection), in order.
+        size: (H, W) every image is brought to (the model's input size).
+        workers: decode processes for ``batches`` (0: decode in this process; None: the machine's cores, or 0
+            for a set under :data:`SMALL_SET` images).
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, reader: Reader, indices: Sequence[int], size: tuple[int, int], workers: int | None = None):
+        self.reader, self.indices, self.size = reader, np.asarray(indices, dtype=np.int64), tuple(size)
+        if workers is None:
+            workers = default_workers() if len(self.indices) >= SMALL_SET else 0
+        self.workers = workers
+        self.stats = DecodeStats(self.workers)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.indices), 3, *self.size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key) -> torch.Tensor:
+        """A few images decoded here (a slice, an int, an index tensor / list): uint8 (k, 3, H, W)."""
+        pos = np.arange(len(self))[key] if isinstance(key, slice | int) else np.asarray(key, dtype=np.int64)
+        pos = np.atleast_1d(pos)
+        if not len(pos):
+            return torch.empty(0, 3, *self.size, dtype=torch.uint8)
+        src = self.indices[pos]
+        if self.reader.holds_pixels and np.all(np.diff(src) == 1):
+            return self.reader.read_range(int(src[0]), int(src[-1]) + 1, self.size)
+        arrays = [self.reader.read(int(self.indices[p]), self.size) for p in pos]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def loader(self, batch_sampler, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """A DataLoader over positions: ``batch_sampler`` yields lists of positions; batches come in its order."""
+        return torch.utils.data.DataLoader(
+            _Decode(self.reader, self.indices, self.size), batch_sampler=batch_sampler, num_workers=self.workers,
+            collate_fn=_collate, pin_memory=pin_memory, worker_init_fn=_one_thread if self.workers else None,
+            prefetch_factor=2 if self.workers else None,
+            generator=torch.Generator().manual_seed(0))  # its worker seeds: never a draw from the global RNG
+
+    def batches(self, batch_size: int, *, start: int = 0, stop: int | None = None,
+                pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position, uint8 batch) in order over [start, stop), decoded ``workers`` at a time (counted in
+        ``stats``)."""
+        stop = len(self) if stop is None else stop
+        if self.reader.holds_pixels:  # a prepared cache: pixels at memory speed, no decode
+            for a in range(start, stop, batch_size):
+                self.stats.images += min(a + batch_size, stop) - a
+                yield a, self[a:min(a + batch_size, stop)]
+            return
+        a = start
+        it = iter(self.loader(_Ranges(start, stop, batch_size), pin_memory=pin_memory))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x, seconds = next(it)
+            except StopIteration:
+                return
+            except OSError as e:  # a file that does not decode: name it, no traceback
+                raise ClipguardError(f"cannot read an image ({str(e).splitlines()[0]})") from None
+            self.stats.wait_s += time.perf_counter() - t0
+            self.stats.decode_s += seconds
+            self.stats.images += len(x)
+            yield a, x
+            a += len(x)
+
+    def materialize(self, batch_size: int = 256) -> torch.Tensor:
+        """The whole set as one uint8 tensor (the in-memory path), decoded by the workers."""
+        out = torch.empty(self.shape, dtype=torch.uint8)
+        for a, x in self.batches(batch_size):
+            out[a:a + len(x)] = x
+        return out
+
+
+def chunks(images, batch_size: int, *, pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """(position, uint8 or float batch) in order: slices of an in-memory tensor, or a stream's decoded batches."""
+    if isinstance(images, ImageStream):
+        images.stats = DecodeStats(images.workers)  # each pass counts its own rates
+        yield from images.batches(batch_size, pin_memory=pin_memory)
+        return
+    for a in range(0, images.shape[0], batch_size):
+        yield a, images[a:a + batch_size]
+
+
+def choose_mode(mode: str, nbytes: int) -> str:
+    """``memory`` or ``stream`` for a set of ``nbytes`` uint8 pixels: ``auto`` holds it in memory up to
+    :data:`MEMORY_BYTES` (faster for several passes), streams above."""
+    if mode != "auto":
+        return mode
+    return "memory" if nbytes <= MEMORY_BYTES else "stream"
+
+
+__all__ = ["DATA_MODES", "ImageStream", "Reader", "choose_mode", "chunks", "default_workers"]

@@ -1,0 +1,60 @@
+"""``clipguard prepare``: decode and preprocess a dataset once into the prepared cache (``data.prepared``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from clipguard.run_options import RunOptions, flat
+
+
+@dataclass
+class PrepareConfig:
+    run: RunOptions = field(default_factory=RunOptions)  # model (its input size), dataset, split, limit, seed, workers
+    size: int | None = None  # input size in pixels (square) instead of the model's
+
+
+def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
+    """Write (or finish) the prepared cache of ``cfg``'s selection at the model's input size; returns a record."""
+    import numpy as np
+
+    from clipguard.data.images import as_size, protocol_name
+    from clipguard.data.prepared import cache_key, write_prepared
+    from clipguard.data.registry import SOURCES, from_source
+    from clipguard.data.stream import ImageStream
+    from clipguard.errors import ClipguardError, check_positive
+    from clipguard.models.inference import rate_fields
+    from clipguard.progress import progress_bar
+    from clipguard.records.schema import SCHEMA, environment
+    from clipguard.specs import parse_dataset_spec
+
+    run = cfg.run.check()
+    check_positive("--size", cfg.size)
+    spec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
+    if spec.kind in ("toy", "prepared"):
+        raise ClipguardError(f"--dataset {spec.text!r} is already in memory or prepared: nothing to prepare")
+    if cfg.size is None:
+        from clipguard.models.loader import model_input_size
+
+        size = model_input_size(run.model)
+    else:
+        size = as_size(cfg.size)
+    src = SOURCES.get(spec.kind)(spec, run.split)
+    ds = from_source(src, spec, run.split, run.limit, run.seed, size, "stream", run.workers, use_prepared=False)
+    idx = np.asarray(ds.indices if ds.indices is not None else np.arange(len(src.labels)))
+    labels = ds.labels.numpy()
+    key = cache_key(src.reader, idx, labels, protocol_name(size))
+    stream = ImageStream(src.reader, idx, size, run.workers)
+    meta = {"spec": spec.text, "name": ds.name, "split": run.split, "limit": run.limit, "seed": run.seed,
+            "preprocess": protocol_name(size), "classnames": ds.classnames, "templates": ds.templates,
+            "source": ds.info}
+    t0 = time.perf_counter()
+    with progress_bar(len(stream), f"prepare {spec.text} {size[0]}x{size[1]}", enabled=progress) as advance:
+        path, written = write_prepared(stream, labels, key, meta, batch_size=run.batch_size,
+                                       progress=lambda n: advance(n, **rate_fields(stream, time.perf_counter() - t0)))
+    wall = time.perf_counter() - t0
+    return {"schema": SCHEMA, "task": "prepare", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dataset": ds.name, "data": ds.to_record(), "prepared": {"path": str(path), "key": key,
+            "shards_written": written, "bytes": sum(f.stat().st_size for f in path.iterdir())},
+            "timings": {"wall_s": round(wall, 3), **stream.stats.rates(wall)},
+            "config": flat(cfg), "environment": environment()}
