@@ -62,7 +62,7 @@ def test_public_api_reproduces_the_eval_command_exactly(cli):
 
 
 COMMANDS = [["eval"], ["attack"], ["uap", "fit"], ["uap", "eval"], ["finetune"], ["bench", "run"], ["report"],
-            ["gate"]]
+            ["gate"], ["certify"], ["prepare"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

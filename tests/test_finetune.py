@@ -209,3 +209,13 @@ def test_cli_builds_the_config(monkeypatch, cli, tmp_path):
     assert cfg.run_dir == str(tmp_path) and cfg.resume == str(tmp_path) and cfg.lora_targets == ["c_fc", "c_proj"]
     assert (cfg.eps, cfg.lr, cfg.method, cfg.run.split) == ("4/255", 0.02, "lora", "train")
     assert json.loads((tmp_path / "record.json").read_text())["schema"] == "clipguard.result/1"
+
+
+def test_fields_added_later_keep_old_runs_resumable():
+    """A run made before --max-steps / --sigma / --streaming existed has the same hash as the same run today
+    (those fields hash only when set); setting one does change the hash."""
+    from clipguard.finetune.config import config_hash, hashed_fields
+
+    cfg = finetune_config(**TINY)
+    assert not {"max_steps", "sigma", "streaming"} & set(hashed_fields(cfg))
+    assert config_hash(finetune_config(**TINY, max_steps=5)) != config_hash(cfg)

@@ -10,6 +10,7 @@ import typer
 from clipguard.cli import cache as cache_cli
 from clipguard.cli import uap as uap_cli
 from clipguard.cli.attack import attack_command
+from clipguard.cli.certify import certify_command
 from clipguard.cli.datasets import datasets_command
 from clipguard.cli.eval import eval_command
 from clipguard.cli.finetune import finetune_command
@@ -21,6 +22,7 @@ app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enab
                        "eps values are in [0, 1] pixel units; 8/255 is accepted.")
 app.command("eval")(eval_command)
 app.command("attack")(attack_command)
+app.command("certify")(certify_command)
 app.command("finetune")(finetune_command)
 app.command("prepare")(prepare_command)
 app.add_typer(uap_cli.app, name="uap")

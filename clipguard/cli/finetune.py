@@ -23,8 +23,12 @@ def finetune_command(
                                                 "(default: the --resume directory).", rich_help_panel=o.OUTPUT)] = None,
     method: Annotated[str, typer.Option(help="What trains: lora, vpt or full.", rich_help_panel=o.TRAIN)] = "lora",
     objective: Annotated[str, typer.Option(help="tecoa (CE over scaled cosine to class text), ce (plain cosine "
-                                           "logits) or fare (unsupervised, to the frozen encoder).",
+                                           "logits), fare (unsupervised, to the frozen encoder) or noise (tecoa "
+                                           "under Gaussian noise of std --sigma, for `certify`).",
                                            rich_help_panel=o.TRAIN)] = "tecoa",
+    sigma: Annotated[float | None, typer.Option(help="--objective noise: the noise std in [0, 1] pixel units (Cohen et "
+                                                "al.: 0.12, 0.25, 0.5, 1.0; certify with the same --sigma; add --eps "
+                                                "0 for their recipe, no adversary).", rich_help_panel=o.TRAIN)] = None,
     train_attack: Annotated[str, typer.Option(help="pgd (against the model being trained) or transfer "
                                               "(from --surrogate).", rich_help_panel=o.ATTACK)] = "pgd",
     surrogate: o.SurrogateOpt = None,
@@ -80,9 +84,9 @@ def finetune_command(
         raise ClipguardError("finetune needs --run-dir DIR (or --resume DIR)")
     targets = [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None
     cfg = FinetuneConfig(run=run, method=method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         lora_targets=targets, vpt_tokens=vpt_tokens, objective=objective, train_attack=train_attack,
-                         surrogate=surrogate, eps=eps, alpha=alpha, steps=steps, epochs=epochs,
-                         max_steps=max_steps, lr=lr,
+                         lora_targets=targets, vpt_tokens=vpt_tokens, objective=objective, sigma=sigma,
+                         train_attack=train_attack, surrogate=surrogate, eps=eps, alpha=alpha, steps=steps,
+                         epochs=epochs, max_steps=max_steps, lr=lr,
                          weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, run_dir=run_dir,
                          save_every=save_every, resume=resume, eval_split=eval_split, eval_limit=eval_limit,
                          eval_steps=eval_steps, eval_batch_size=eval_batch_size, eval_base=eval_base)

@@ -29,7 +29,8 @@ class FinetuneConfig:
     lora_targets: list[str] | None = None  # module names / suffixes; None = the visual attention modules
     vpt_tokens: int = 10  # VPT prompt tokens inserted after the class token
     # --- objective and training adversary
-    objective: str = "tecoa"  # tecoa | ce | fare (finetune.objectives)
+    objective: str = "tecoa"  # tecoa | ce | fare | noise (finetune.objectives)
+    sigma: float | None = None  # noise objective: Gaussian noise std, [0, 1] pixel units (Cohen et al.: 0.12-1.0)
     train_attack: str = "pgd"  # pgd (against the model being trained) | transfer (from --surrogate)
     surrogate: str | None = None  # transfer: toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY or a TorchScript file
     eps: str = "1/255"  # L-inf radius of the training (and final robust evaluation) attack, [0, 1] pixel units
@@ -65,9 +66,14 @@ def finetune_config(**opts) -> FinetuneConfig:
     return FinetuneConfig(run=RunOptions(**{**vars(_train_run()), **run}), **rest)
 
 
+# Fields added after runs already existed: hashed only when set, so a run from before them still resumes.
+LATER_FIELDS = {"max_steps": None, "sigma": None, "streaming": False}
+
+
 def hashed_fields(cfg: FinetuneConfig) -> dict:
     """The config as one flat dict without the fields that do not change the training trajectory."""
-    return {k: v for k, v in flat(cfg).items() if k not in UNHASHED}
+    return {k: v for k, v in flat(cfg).items()
+            if k not in UNHASHED and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def config_hash(cfg: FinetuneConfig) -> str:
@@ -122,3 +128,7 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ClipguardError("--train-attack transfer needs --surrogate (e.g. clip:toy@seed1 or toy-cnn)")
     if cfg.train_attack != "transfer" and cfg.surrogate:
         raise ClipguardError(f"--surrogate is used only with --train-attack transfer (not {cfg.train_attack})")
+    if cfg.objective == "noise" and not (cfg.sigma or 0) > 0:
+        raise ClipguardError("--objective noise needs --sigma S > 0: the noise std in [0, 1] pixel units (e.g. 0.25)")
+    if cfg.objective != "noise" and cfg.sigma is not None:
+        raise ClipguardError(f"--sigma is used only with --objective noise (not {cfg.objective})")

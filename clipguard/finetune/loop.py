@@ -64,7 +64,7 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     from clipguard.models.classifier import ZeroShotClassifier
     from clipguard.specs import parse_eps
 
-    method, objective = METHODS.get(cfg.method), OBJECTIVES.get(cfg.objective)
+    method, objective = METHODS.get(cfg.method), OBJECTIVES.get(cfg.objective).bind(cfg)
     clip = p.clip
     torch.manual_seed(cfg.run.seed)  # adapter init, random starts and dropout all follow the seed
     visual = method.build(clip.model.visual, cfg).to(clip.device)

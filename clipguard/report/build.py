@@ -12,6 +12,7 @@ from pathlib import Path
 
 from clipguard.fsutil import atomic_write_text
 from clipguard.records.rows import checks_summary, load_records, rows, zero_shot_readings
+from clipguard.report import certify as certify_report
 from clipguard.report import plots
 
 ZS_NOTE = ("One row per model, one column per dataset, as the FARE and TeCoA papers report; the average is over "
@@ -153,6 +154,7 @@ def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
         md += ["## Universal perturbations\n", _md_table(["model", "dataset", "eps", "fooling rate"],
                                                           [[r["label"], r["dataset"], r["eps"], r["value"]]
                                                            for r in uap_rows]), ""]
+    md += certify_report.section(records, assets)
     md += ["## Plots\n"] + [f"![{p.stem}]({assets.name}/{p.name})" for p in pngs]
     md += [f"![uap]({os.path.relpath(Path(p).resolve(), out_md.resolve().parent)})" for p in uap_pngs[:4]]
     n_fail = sum(len(c["failed"]) for c in checks)

@@ -9,7 +9,7 @@ A suite file::
     dataset = "toy"
     [[cell]]
     id = "base"           # record goes to OUT/records/base.json
-    kind = "eval"         # eval | uap | finetune (see CELL_KINDS)
+    kind = "eval"         # eval | uap | finetune | certify (see CELL_KINDS)
     label = "toy CLIP"    # how the model appears in the report table
     attack = "pgd"
     eps = "0,4/255,8/255"
@@ -124,6 +124,16 @@ def finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
         else:  # the cell's options changed: keep the old run beside, never delete work
             out.rename(out.with_name(f"{cid}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
     return run_finetune(cfg, progress=progress)
+
+
+@CELL_KINDS.register("certify")
+def certify_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
+    """Randomized-smoothing certification (``clipguard certify``); ``adapter = "@cellid"`` certifies a finetune cell's
+    adapter (e.g. one trained with ``objective = "noise"``)."""
+    from clipguard.tasks.certify import CertifyConfig, certify_config, run_certify
+
+    cfg = typed(certify_config, CertifyConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
+    return run_certify(cfg, progress=progress)
 
 
 def load_suite(path) -> tuple[dict, list[dict]]:

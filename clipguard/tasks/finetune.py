@@ -57,7 +57,8 @@ def final_record(cfg: FinetuneConfig, train: dict, progress: bool) -> dict:
         base = run_eval(replace(ecfg, run=replace(run, adapter=None)), progress=progress)["metrics"]
         rec["base_metrics"] = {k: base[k] for k in ("acc1", "acc5", "mean_per_class_recall", "robust_acc")}
     rec["task"] = "finetune"
-    rec["finetune"] = {"method": cfg.method, "objective": cfg.objective, "train_attack": cfg.train_attack,
+    rec["finetune"] = {"method": cfg.method, "objective": cfg.objective, "sigma": cfg.sigma,
+                       "train_attack": cfg.train_attack,
                        "surrogate": cfg.surrogate, "eps": cfg.eps, "alpha": cfg.alpha or cfg.eps, "steps": cfg.steps,
                        "config_hash": config_hash(cfg),
                        "config": {k: v for k, v in flat(cfg).items() if k != "resume"},

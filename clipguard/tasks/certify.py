@@ -1,0 +1,190 @@
+"""``clipguard certify`` as a library function: config in, record out.
+
+Certified L2 robustness of the zero-shot classifier smoothed with Gaussian noise (Cohen et al. 2019's CERTIFY,
+:mod:`clipguard.attacks.smoothing`), at the model's input resolution, noise in [0, 1] pixel units. The record
+holds every image's certificate, certified accuracy over a grid of radii, the smoothed classifier's clean accuracy
+and abstain rate, timings, and an integrity check: SmoothAdv's L2 PGD at each checked image's certified radius
+must not beat the certificate. The same attack at the grid radii gives the empirical robust accuracy of the
+smoothed classifier on that sample (an upper bound the certified curve stays under).
+
+Every image's noise comes from its own generator seeded by (``--seed``, image position), so the same options
+(including ``--noise-batch``) give the same record.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clipguard.attacks.smoothing import (
+    ABSTAIN,
+    Smoothed,
+    certificate_check,
+    certified_accuracy,
+    certify,
+    majority,
+    smoothadv_pgd,
+)
+from clipguard.errors import ClipguardError, check_positive
+from clipguard.models.inference import autocast_for, to_pixels
+from clipguard.progress import progress_bar
+from clipguard.records.schema import make_record
+from clipguard.run_options import RunOptions, flat, split_run
+from clipguard.tasks.prepare import prepare
+
+CERTIFY_STREAM, CHECK_STREAM = 0, 1  # independent noise streams of one seed: certificates, integrity check
+
+
+@dataclass
+class CertifyConfig:
+    run: RunOptions = field(default_factory=RunOptions)  # model, dataset, split, limit, seed, prompts, adapter, ...
+    sigma: float = 0.25  # noise standard deviation, [0, 1] pixel units at the model's input size
+    n0: int = 100  # selection samples per image (Cohen's n0)
+    n: int = 100_000  # estimation samples per image (Cohen's n)
+    alpha: float = 0.001  # failure probability of each certificate
+    noise_batch: int = 1000  # noisy samples per forward pass (halved on CUDA out-of-memory)
+    radii: str = "0,0.25,0.5,0.75,1,1.25,1.5,1.75,2"  # certified-accuracy grid: L2 radii, [0, 1] pixel units
+    check_images: int = 10  # images attacked by the integrity check and for the empirical curve
+    check_steps: int = 20  # SmoothAdv PGD iterations
+    check_samples: int = 16  # noise samples per PGD step (the Monte-Carlo expectation)
+    check_n: int = 1000  # noise samples that re-estimate the smoothed classifier at an attacked image
+
+
+def certify_config(**opts) -> CertifyConfig:
+    """A CertifyConfig from flat keyword options (a suite cell, a script): RunOptions fields go to ``run``."""
+    run, rest = split_run(opts)
+    return CertifyConfig(run=RunOptions(**run), **rest)
+
+
+def parse_radii(text: str) -> list[float]:
+    """``"0,0.25,0.5"`` -> sorted distinct L2 radii >= 0 ([0, 1] pixel units); a ClipguardError otherwise."""
+    try:
+        radii = sorted({float(r) for r in str(text).split(",") if r.strip()})
+    except ValueError:
+        radii = []
+    if not radii or radii[0] < 0:
+        raise ClipguardError(f"--radii {text!r}: use a comma list of L2 radii >= 0 in [0, 1] pixel units, "
+                             "e.g. 0,0.25,0.5,1")
+    return radii
+
+
+def validate_certify(cfg: CertifyConfig) -> None:
+    """Every option checked before anything loads (CLI, bench cells, library); one ClipguardError."""
+    cfg.run.check()
+    if not cfg.sigma > 0:
+        raise ClipguardError(f"--sigma {cfg.sigma} must be > 0: the noise standard deviation in [0, 1] pixel units "
+                             "(Cohen et al. use 0.12, 0.25, 0.5, 1.0)")
+    if not 0 < cfg.alpha < 0.5:
+        raise ClipguardError(f"--alpha {cfg.alpha} must be in (0, 0.5): each certificate's failure probability "
+                             "(Cohen et al. use 0.001)")
+    for name, value in {"--n0": cfg.n0, "--n": cfg.n, "--noise-batch": cfg.noise_batch,
+                        "--check-images": cfg.check_images, "--check-steps": cfg.check_steps,
+                        "--check-samples": cfg.check_samples, "--check-n": cfg.check_n}.items():
+        check_positive(name, value)
+    parse_radii(cfg.radii)
+
+
+def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
+    """Certify every image of the run; returns a ``clipguard.result/1`` record (task ``certified_robustness``).
+
+    Example:
+        >>> rec = run_certify(certify_config(model="toy", dataset="toy", limit=20, sigma=0.25, n=10_000))
+        >>> rec["metrics"]["certified"]  # [{"radius": 0.0, "certified_acc": ...}, ...]
+    """
+    validate_certify(cfg)
+    p = prepare(cfg.run, resolution="model")  # the noise lives at the model's input size
+    smoothed = Smoothed(p.classifier, cfg.sigma, len(p.prompts.classnames), cfg.noise_batch, p.clip.precision)
+    certs, base_pred, timings = _certify_all(p, cfg, smoothed, progress)
+    labels, radii = p.data.labels.tolist(), parse_radii(cfg.radii)
+    metrics = {"acc1": float(np.mean([b == y for b, y in zip(base_pred, labels, strict=True)])),
+               "smoothed_acc1": certified_accuracy(certs, labels, 0.0),
+               "abstain_rate": sum(c.prediction == ABSTAIN for c in certs) / len(certs),
+               "certified": [{"radius": r, "certified_acc": certified_accuracy(certs, labels, r)} for r in radii]}
+    t0 = time.perf_counter()
+    checks, empirical = _checks(p, cfg, smoothed, certs, radii)
+    timings["check_wall_s"] = round(time.perf_counter() - t0, 3)
+    return make_record("certified_robustness", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
+                       timings=timings, text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg),
+                       smoothing=_protocol(cfg, p), empirical_l2=empirical, checks=checks,
+                       checks_passed=all(c["passed"] for c in checks), per_image=_per_image(p, certs, base_pred))
+
+
+def _protocol(cfg: CertifyConfig, p) -> dict:
+    """The record's ``smoothing`` section: the settings, units and definitions behind its numbers."""
+    return {"method": "randomized smoothing, CERTIFY (Cohen et al. 2019)", "sigma": cfg.sigma, "n0": cfg.n0,
+            "n": cfg.n, "alpha": cfg.alpha, "resolution": list(p.data.images.shape[-2:]),
+            "noise": "N(0, sigma^2 I) added to [0, 1] pixels at the model's input size, not clamped",
+            "radius_units": "L2 norm, [0, 1] pixel units at the model's input size",
+            "acc1": "the base classifier on the clean images",
+            "smoothed_acc1": "certified accuracy at radius 0: CERTIFY's prediction correct, not abstained",
+            "precision": p.clip.precision}
+
+
+def _per_image(p, certs: list, base_pred: list[int]) -> list[dict]:
+    """One entry per image: dataset index, label, the base classifier's clean prediction and the certificate
+    (prediction -1 = abstain, count of n, pA lower bound, radius)."""
+    rows = zip(certs, p.data.labels.tolist(), base_pred, strict=True)
+    return [{"index": p.data.indices[i] if p.data.indices else i, "label": y, "base_prediction": b,
+             "prediction": c.prediction, "count": c.count, "pa_lower": c.pa_lower, "radius": c.radius,
+             "correct": c.prediction == y} for i, (c, y, b) in enumerate(rows)]
+
+
+def _pixels(data, positions: list[int], device: torch.device) -> torch.Tensor:
+    """[0, 1] float (K, 3, H, W) on ``device``: the images at ``positions`` (the one place certify reads images)."""
+    return to_pixels(torch.cat([data.images[i:i + 1] for i in positions]), device)
+
+
+def _generator(seed: int, stream: int, position: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` whose draws depend only on (seed, stream, image position)."""
+    state = np.random.SeedSequence([seed % 2**63, stream, position]).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def _certify_all(p, cfg: CertifyConfig, smoothed: Smoothed, progress: bool) -> tuple[list, list[int], dict]:
+    """(certificates, base classifier's clean predictions, timings) for every image, one image at a time."""
+    dev, n = p.clip.device, len(p.data)
+    certs, base_pred, abstained = [], [], 0
+    t0 = time.perf_counter()
+    with progress_bar(n * (cfg.n0 + cfg.n), "certify", enabled=progress, unit="sample") as advance:
+        for i in range(n):
+            x = _pixels(p.data, [i], dev)
+            with torch.no_grad(), autocast_for(dev, smoothed.precision):
+                base_pred.append(int(p.classifier(x).argmax()))
+            certs.append(certify(smoothed, x[0], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
+                                 generator=_generator(cfg.run.seed, CERTIFY_STREAM, i, dev)))
+            abstained += certs[-1].prediction == ABSTAIN
+            advance(cfg.n0 + cfg.n, abstained=abstained)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return certs, base_pred, {"wall_s": round(wall, 3), "images_per_s": round(n / wall, 4),
+                              "samples_per_s": round(n * (cfg.n0 + cfg.n) / wall, 1), "noise_batch": smoothed.batch}
+
+
+def _checks(p, cfg: CertifyConfig, smoothed: Smoothed, certs: list, radii: list[float]) -> tuple[list, dict]:
+    """The integrity check on the first ``check_images`` certified images (radius > 0), and the empirical L2 robust
+    accuracy of the smoothed classifier on the first ``check_images`` images, beside their certified accuracy:
+    SmoothAdv PGD at each grid radius; an image counts at radius r if the smoothed classifier's majority stays
+    correct unattacked and at every grid radius up to r (RobustBench's accounting, worst case over the radii)."""
+    dev, gen = p.clip.device, _generator(cfg.run.seed, CHECK_STREAM, 0, p.clip.device)
+    attack = {"steps": cfg.check_steps, "samples": cfg.check_samples, "generator": gen}
+    chosen = [i for i, c in enumerate(certs) if c.radius > 0][:cfg.check_images]
+    x = _pixels(p.data, chosen, dev) if chosen else None
+    checks = certificate_check(smoothed, x, [certs[i] for i in chosen], num=cfg.check_n, alpha=cfg.alpha, **attack)
+    checks[0]["positions"] = chosen  # the checked images' positions in the run (the detail's indices point here)
+    sample = list(range(min(cfg.check_images, len(certs))))
+    x, labels = _pixels(p.data, sample, dev), p.data.labels[sample]
+    robust = majority(smoothed, x, cfg.check_n, gen) == labels
+    curve = []
+    for r in radii:  # an image broken at a radius stays broken at every larger one (the same x_adv is inside)
+        adv = smoothadv_pgd(smoothed, x, labels, torch.full((len(sample),), r), **attack) if r > 0 else x
+        robust = robust & (majority(smoothed, adv, cfg.check_n, gen) == labels)
+        curve.append({"radius": r, "robust_acc": robust.sum().item() / len(sample),
+                      "certified_acc": certified_accuracy(certs[:len(sample)], labels.tolist(), r)})
+    empirical = {"attack": "SmoothAdv L2 PGD on the Monte-Carlo smoothed classifier (Salman et al. 2019)",
+                 "steps": cfg.check_steps, "samples": cfg.check_samples, "n": cfg.check_n, "images": len(sample),
+                 "curve": curve}
+    return checks, empirical
