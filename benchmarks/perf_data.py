@@ -5,6 +5,7 @@ ImageNet wnids. Then, one run after another on the same machine:
 
 1. raw PIL: ``workers`` processes (multiprocessing) decode + RGB + open_clip's eval geometry for the toy model's
    32x32 input, nothing else: the ceiling for any loader on this machine;
+   (measured before and again after the clipguard runs; their mean is the reference, both are recorded);
 2. ``clipguard eval --model toy`` as a user runs it (a subprocess) on 5,000 and on all N images, in the default
    data mode and forced to stream; peak memory is the PSS summed over the process and its decode workers, sampled
    every 0.1 s; img/s is the record's clean pass (the first image decoded to the last logit);
@@ -206,14 +207,17 @@ def main() -> None:
     sizes = [os.path.getsize(f) for f in files]
     print(f"{len(files)} JPEGs ({sum(sizes) / 2**20:.0f} MiB) in {folder} ({gen_s:.0f} s)", file=sys.stderr)
 
-    raw = raw_pil(files, args.workers)
-    print("raw PIL", raw, file=sys.stderr)
+    raws = [raw_pil(files, args.workers)]  # measured again right after the full streamed run: this VM drifts
+    print("raw PIL", raws[0], file=sys.stderr)
     runs = {}
     for mode in ("auto", "stream"):
         for limit in (args.small, None):
             key = f"{mode}-{limit or len(files)}"
             runs[key] = clipguard_eval(folder, limit, mode, args.workers, root / f"preds-{key}.csv")
             print(key, runs[key], file=sys.stderr)
+    raws.append(raw_pil(files, args.workers))
+    print("raw PIL", raws[1], file=sys.stderr)
+    raw = {"runs": raws, "images_per_s": round(sum(r["images_per_s"] for r in raws) / len(raws), 1)}
     names = imagenet_classnames()
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     classnames = [names[index[w]] for w in sorted(d.name for d in folder.iterdir())]

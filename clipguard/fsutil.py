@@ -77,7 +77,7 @@ def check_writable(path: str | os.PathLike | None, option: str, *, directory: bo
     if p.exists() and p.is_dir() != directory:
         kind = "a directory" if p.is_dir() else "a file"
         raise ClipguardError(f"{option} {str(p)!r} is {kind}: give a {'folder' if directory else 'file'} path")
-    base = p if p.exists() else p.parent
+    base = p if directory and p.exists() else p.parent  # an existing file is replaced: its folder must be writable
     while not base.exists():
         base = base.parent
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):

@@ -183,3 +183,13 @@ def test_image_digest_names_the_pixels():
     assert image_digest(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)) == d  # layout does not matter
     with pytest.raises(ValueError, match="uint8"):
         image_digest(x.float())
+
+
+def test_an_existing_output_file_is_replaced_not_refused(tmp_path, cli):
+    """A second run with the same --out / --predictions overwrites the files (atomically), as users expect."""
+    out, preds = tmp_path / "r.json", tmp_path / "p.csv"
+    for _ in range(2):
+        code, _, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "20", "--device", "cpu",
+                           "--out", out, "--predictions", preds, "--json")
+        assert code == 0, err
+    assert len(preds.read_text().splitlines()) == 21

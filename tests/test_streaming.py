@@ -132,6 +132,7 @@ def test_imagenet_layout_is_labelled_by_wnid_and_named_by_clip(world):
 
     ds = load_dataset(f"imagefolder:{world['root'] / 'imagenet'}", split="val", size=32)
     assert ds.classnames == ["tench", "goldfish", "great white shark"] and ds.info["layout"] == "imagenet"
+    assert len(ds.templates) == 80  # CLIP's ImageNet templates serve --templates openai on any ImageNet subset
 
 
 def test_imagenet_val_with_a_label_file(tmp_path, world):
@@ -314,3 +315,18 @@ def test_hub_streaming_reads_only_the_first_rows(world, tmp_path):
     assert streamed.info["streaming"] == "first 7 rows of the stream"
     with pytest.raises(ClipguardError, match="--limit"):
         load_dataset(f"hf:{tmp_path / 'pq'}", split="train", size=32, streaming=True)
+
+
+def test_predictions_file_is_the_same_streamed_or_in_memory(world, tmp_path, cli):
+    """--predictions takes its per-image digests in the clean pass: a streamed set is not read twice, and the
+    file (digests, labels, clean and adversarial predictions) equals the in-memory run's."""
+    spec = f"wds:{world['root'] / 'wds_toyset'}"
+    files = {}
+    for mode, workers in (("stream", "2"), ("memory", "0")):
+        files[mode] = tmp_path / f"{mode}.csv"
+        code, _, err = cli("eval", "--model", "toy", "--dataset", spec, "--data-mode", mode, "--workers", workers,
+                           "--device", "cpu", "--attack", "pgd", "--steps", "2", "--eps", "4/255", "--predictions",
+                           files[mode], "--json")
+        assert code == 0, err
+    rows = files["stream"].read_text().splitlines()
+    assert len(rows) == N + 1 and files["stream"].read_text() == files["memory"].read_text()

@@ -63,16 +63,17 @@ def imagenet_wnids() -> list[str]:
     return (prompts_dir() / "imagenet_wnids.txt").read_text().split()
 
 
-def imagenet_classnames() -> list[str] | None:
-    """CLIP's ImageNet class names (prompts/imagenet1k.json), or None when the file is absent."""
-    from clipguard.data.prompts import prompts_dir
-
-    path = prompts_dir() / "imagenet1k.json"
-    if not path.is_file():
-        return None
+def _imagenet_prompts() -> dict:
     import json
 
-    return list(json.loads(path.read_text())["classnames"])
+    from clipguard.data.prompts import prompts_dir
+
+    return json.loads((prompts_dir() / "imagenet1k.json").read_text())
+
+
+def imagenet_classnames() -> list[str]:
+    """CLIP's ImageNet class names (prompts/imagenet1k.json), in index order."""
+    return list(_imagenet_prompts()["classnames"])
 
 
 def _label_file(base: Path, root: Path, split: str) -> Path | None:
@@ -130,6 +131,7 @@ def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str], str
         if len(classes) == len(wnids):
             name = "imagenet1k"  # the whole of ImageNet-1k: its prompts (CLIP's names and 80 templates)
         names = imagenet_classnames()
-        classes = [names[index[c]] for c in classes] if names else classes
+        classes = [names[index[c]] for c in classes]
         info["layout"] = "imagenet"
+        info["templates"] = _imagenet_prompts()["templates"]["openai"]  # CLIP's 80, for any ImageNet subset
     return files, labels, classes, name, info

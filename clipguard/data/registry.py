@@ -61,7 +61,7 @@ def _open_folder(spec: DatasetSpec, split: str) -> Source:
     from clipguard.data.folder import FileReader, list_folder
 
     files, labels, classes, name, info = list_folder(spec, split)
-    return Source(FileReader(files), labels, classes, name=name, info=info)
+    return Source(FileReader(files), labels, classes, info.pop("templates", None), name=name, info=info)
 
 
 @SOURCES.register("wds")

@@ -217,7 +217,13 @@ def chunks(images, batch_size: int, *, pin_memory: bool = False) -> Iterator[tup
     """(position, uint8 or float batch) in order: slices of an in-memory tensor, or a stream's decoded batches."""
     if isinstance(images, ImageStream):
         images.stats = DecodeStats(images.workers)  # each pass counts its own rates
-        yield from images.batches(batch_size, pin_memory=pin_memory)
+        threads = torch.get_num_threads()
+        if images.workers:  # the workers have the other cores: OpenMP threads here would only wait on them
+            torch.set_num_threads(max(1, min(threads, default_workers() - images.workers)))
+        try:
+            yield from images.batches(batch_size, pin_memory=pin_memory)
+        finally:
+            torch.set_num_threads(threads)
         return
     for a in range(0, images.shape[0], batch_size):
         yield a, images[a:a + batch_size]

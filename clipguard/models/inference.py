@@ -88,9 +88,11 @@ def decode_rates(images, elapsed: float) -> dict:
 
 @torch.no_grad()
 def predict_logits(classifier, images, *, batch_size: int = 256, precision: str = "fp32",
-                   progress: bool = True, description: str = "clean") -> tuple[torch.Tensor, dict]:
+                   progress: bool = True, description: str = "clean", on_batch=None) -> tuple[torch.Tensor, dict]:
     """Logits (N, C) fp32 on CPU for uint8 (or [0, 1] float) ``images`` (a tensor or an ``ImageStream``); halves
     the batch on out-of-memory.
+
+    ``on_batch(a, b, x)`` sees every uint8 batch once, in order (per-image digests without a second read).
 
     Returns (logits, timings) where timings = {"wall_s", "images_per_s", "batch_size"} (+ "decode_img_s" and
     "model_img_s" for a streamed set).
@@ -100,7 +102,10 @@ def predict_logits(classifier, images, *, batch_size: int = 256, precision: str 
 
     def compute(a: int, b: int, x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, precision):
-            return classifier(to_pixels(x, device)).float().cpu()
+            logits = classifier(to_pixels(x, device)).float().cpu()
+        if on_batch is not None:  # after the forward: a batch halved on out-of-memory is seen once
+            on_batch(a, b, x)
+        return logits
 
     t0 = time.perf_counter()
     with progress_bar(n, description, enabled=progress) as advance:

@@ -17,21 +17,16 @@ import torch
 from clipguard.fsutil import atomic_write, atomic_write_text
 
 
-def image_digests(images) -> list[str]:
-    """Per image: sha256 of its bytes (uint8 (N, 3, H, W), contiguous, CPU), first 16 hex digits. A streamed set
-    (anything with ``batches``) is read batch by batch."""
-    parts = images.batches(1024) if hasattr(images, "batches") else [(0, images)]
-    out = []
-    for _, x in parts:
-        flat = x.contiguous().cpu().reshape(x.shape[0], -1).numpy()
-        out += [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in flat]
-    return out
+def image_digests(images: torch.Tensor) -> list[str]:
+    """Per image: sha256 of its bytes (uint8 (N, 3, H, W), contiguous, CPU), first 16 hex digits."""
+    flat = images.contiguous().cpu().reshape(images.shape[0], -1).numpy()
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in flat]
 
 
-def prediction_table(images: torch.Tensor, labels: torch.Tensor, clean_pred: torch.Tensor,
+def prediction_table(digests: list[str], labels: torch.Tensor, clean_pred: torch.Tensor,
                      adv_preds: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Column name -> values, in image order."""
-    cols = {"index": list(range(len(labels))), "digest": image_digests(images), "label": labels.tolist(),
+    """Column name -> values, in image order (``digests``: :func:`image_digests` of the images)."""
+    cols = {"index": list(range(len(labels))), "digest": digests, "label": labels.tolist(),
             "clean_pred": clean_pred.tolist()}
     cols.update({f"adv_pred@{eps}": pred.tolist() for eps, pred in adv_preds.items()})
     return cols

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from clipguard.models.inference import predict_logits
 from clipguard.records.metrics import attack_success_rate, classification_metrics
+from clipguard.records.predictions import image_digests
 from clipguard.records.schema import make_record
 from clipguard.run_options import RunOptions, flat, split_run
 from clipguard.tasks.prepare import prepare
@@ -60,8 +61,10 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     p = prepare(cfg.run, resolution=load_resolution(cfg, adv))
     if adv is not None:
         _check_matching_adv_set(p, cfg, adv)
+    digests = [] if cfg.predictions else None  # taken in the clean pass: a streamed set is read once
+    on_batch = (lambda a, b, x: digests.extend(image_digests(x))) if cfg.predictions else None
     logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.run.batch_size,
-                                     precision=p.clip.precision, progress=progress)
+                                     precision=p.clip.precision, progress=progress, on_batch=on_batch)
     metrics = classification_metrics(logits, p.data.labels)
     extra, task = {}, "zeroshot_classification"
     if cfg.attack:
@@ -79,7 +82,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     if cfg.predictions:
         from clipguard.records.predictions import prediction_table, write_predictions
 
-        write_predictions(cfg.predictions, prediction_table(p.data.images, p.data.labels, logits.argmax(1), adv_preds))
+        write_predictions(cfg.predictions, prediction_table(digests, p.data.labels, logits.argmax(1), adv_preds))
         extra["predictions"] = {"path": str(cfg.predictions), "rows": len(p.data)}
     return make_record(task, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
                        text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg), **extra)
