@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+DATA_MODES = ("auto", "memory", "stream")  # how a dataset is held: data.stream.choose_mode
+
 
 @dataclass
 class RunOptions:
@@ -38,7 +40,7 @@ class RunOptions:
         check_positive("--batch-size", self.batch_size)
         if self.workers is not None and self.workers < 0:
             raise ClipguardError(f"--workers {self.workers} must be >= 0 (0 decodes in the main process)")
-        if self.data_mode not in ("auto", "memory", "stream"):
+        if self.data_mode not in DATA_MODES:
             raise ClipguardError(f"--data-mode {self.data_mode!r}: use auto, memory or stream")
         parse_model_spec(self.model)
         parse_dataset_spec(self.dataset, image_column=self.image_column, label_column=self.label_column)

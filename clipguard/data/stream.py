@@ -24,7 +24,6 @@ from clipguard.errors import ClipguardError
 MEMORY_BYTES = 512 * 2**20
 # Below this many images, worker processes cost more to start than they save: decode in this process.
 SMALL_SET = 1024
-DATA_MODES = ("auto", "memory", "stream")
 
 
 def default_workers() -> int:
@@ -237,4 +236,4 @@ def choose_mode(mode: str, nbytes: int) -> str:
     return "memory" if nbytes <= MEMORY_BYTES else "stream"
 
 
-__all__ = ["DATA_MODES", "ImageStream", "Reader", "choose_mode", "chunks", "default_workers"]
+__all__ = ["ImageStream", "Reader", "choose_mode", "chunks", "default_workers"]
