@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from clipguard.data.folder import imagenet_classnames, imagenet_wnids
+    from clipguard.data.folder import imagenet_prompts, imagenet_wnids
     from clipguard.fsutil import atomic_write_json
     from clipguard.records.schema import environment
 
@@ -218,7 +218,7 @@ def main() -> None:
     raws.append(raw_pil(files, args.workers))
     print("raw PIL", raws[1], file=sys.stderr)
     raw = {"runs": raws, "images_per_s": round(sum(r["images_per_s"] for r in raws) / len(raws), 1)}
-    names = imagenet_classnames()
+    names = imagenet_prompts().classnames
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     classnames = [names[index[w]] for w in sorted(d.name for d in folder.iterdir())]
     cb = clip_benchmark(folder, args.workers, classnames, root / "preds-cb.npy")

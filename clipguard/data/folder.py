@@ -63,17 +63,11 @@ def imagenet_wnids() -> list[str]:
     return (prompts_dir() / "imagenet_wnids.txt").read_text().split()
 
 
-def _imagenet_prompts() -> dict:
-    import json
+def imagenet_prompts():
+    """CLIP's ImageNet class names (index order) and 80 templates: prompts/imagenet1k.json's ``openai`` set."""
+    from clipguard.data.prompts import load_prompts
 
-    from clipguard.data.prompts import prompts_dir
-
-    return json.loads((prompts_dir() / "imagenet1k.json").read_text())
-
-
-def imagenet_classnames() -> list[str]:
-    """CLIP's ImageNet class names (prompts/imagenet1k.json), in index order."""
-    return list(_imagenet_prompts()["classnames"])
+    return load_prompts("imagenet1k", templates="openai")
 
 
 def _label_file(base: Path, root: Path, split: str) -> Path | None:
@@ -130,8 +124,8 @@ def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str], str
             raise ClipguardError(f"--dataset {spec.text!r}: {unknown[0]!r} is not an ImageNet-1k class (wnid)")
         if len(classes) == len(wnids):
             name = "imagenet1k"  # the whole of ImageNet-1k: its prompts (CLIP's names and 80 templates)
-        names = imagenet_classnames()
-        classes = [names[index[c]] for c in classes]
+        prompts = imagenet_prompts()
+        classes = [prompts.classnames[index[c]] for c in classes]
         info["layout"] = "imagenet"
-        info["templates"] = _imagenet_prompts()["templates"]["openai"]  # CLIP's 80, for any ImageNet subset
+        info["templates"] = prompts.templates  # CLIP's 80, for any ImageNet subset
     return files, labels, classes, name, info

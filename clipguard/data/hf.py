@@ -34,11 +34,21 @@ class HFReader(Reader):
         return f"{self.ds._fingerprint}:{self.column}"
 
 
+def _hf_split(spec, split: str) -> str:
+    """The split to read: the catalogue maps an evaluated split to the HF dataset's name for it."""
+    return spec.split_alias[1] if spec.split_alias and split == spec.split_alias[0] else split
+
+
+def _columns(spec, features) -> tuple[str | None, str | None]:
+    """(image column, label column): the ones given, else the Image / ClassLabel feature."""
+    return (spec.image_column or _guess_column(features, ("Image",)),
+            spec.label_column or _guess_column(features, ("ClassLabel",)))
+
+
 def _open(spec, split: str):
     import datasets
 
-    if spec.split_alias and split == spec.split_alias[0]:
-        split = spec.split_alias[1]
+    split = _hf_split(spec, split)
     local = Path(spec.hf_path)
     try:
         if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # save_to_disk's layout
@@ -68,8 +78,7 @@ def _open(spec, split: str):
 def open_hf(spec, split: str) -> tuple[HFReader, np.ndarray, list[str] | None, dict]:
     """(reader, labels, class names, info) for an HF dataset; only the label column is read here."""
     ds = _open(spec, split)
-    img_col = spec.image_column or _guess_column(ds.features, ("Image",))
-    lab_col = spec.label_column or _guess_column(ds.features, ("ClassLabel",))
+    img_col, lab_col = _columns(spec, ds.features)
     for opt, col in (("--image-column", img_col), ("--label-column", lab_col)):
         if col is None or col not in ds.features:
             raise ClipguardError(
@@ -90,13 +99,11 @@ def read_hf_stream(spec, split: str, limit: int | None, size):
 
     if limit is None:
         raise ClipguardError("--streaming reads the first --limit rows of the stream: give --limit N")
-    if spec.split_alias and split == spec.split_alias[0]:
-        split = spec.split_alias[1]
+    split = _hf_split(spec, split)
     try:
         ds = datasets.load_dataset(spec.hf_path, split=split, streaming=True)
         features = ds.features
-        img_col = spec.image_column or _guess_column(features or {}, ("Image",))
-        lab_col = spec.label_column or _guess_column(features or {}, ("ClassLabel",))
+        img_col, lab_col = _columns(spec, features or {})
         if img_col is None or lab_col is None:
             raise ClipguardError(f"--dataset {spec.text!r}: name the columns with --image-column/--label-column")
         rows = list(ds.select_columns([img_col, lab_col]).take(limit))

@@ -38,6 +38,10 @@ def cache_key(reader: Reader, indices: np.ndarray, labels: np.ndarray, protocol:
     return h.hexdigest()
 
 
+def _cache_dir(key: str, root: Path | None = None) -> Path:
+    return (root or prepared_root()) / key[:32]
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temp name
@@ -110,7 +114,7 @@ def write_prepared(stream: ImageStream, labels: np.ndarray, key: str, meta: dict
                    progress=None, root: Path | None = None) -> tuple[Path, int]:
     """Decode ``stream`` into the cache folder of ``key``, skipping shards already written; returns (folder,
     shards written now). ``meta`` goes into the manifest (spec, split, class names, templates...)."""
-    d = (root or prepared_root()) / key[:32]
+    d = _cache_dir(key, root)
     d.mkdir(parents=True, exist_ok=True)
     n = len(stream)
     written = 0
@@ -136,17 +140,6 @@ def write_prepared(stream: ImageStream, labels: np.ndarray, key: str, meta: dict
 
 def find_prepared(key: str) -> Path | None:
     """The finished cache for ``key``, if one exists."""
-    d = prepared_root() / key[:32]
+    d = _cache_dir(key)
     return d if (d / "manifest.json").is_file() else None
 
-
-def list_prepared() -> list[dict]:
-    """Manifests of the finished caches (with their folder and size on disk)."""
-    out = []
-    root = prepared_root()
-    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
-        info = json.loads(m.read_text())
-        info["dir"] = str(m.parent)
-        info["bytes"] = sum(f.stat().st_size for f in m.parent.iterdir())
-        out.append(info)
-    return out

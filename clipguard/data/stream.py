@@ -167,7 +167,7 @@ class ImageStream:
         src = self.indices[pos]
         if self.reader.holds_pixels and np.all(np.diff(src) == 1):
             return self.reader.read_range(int(src[0]), int(src[-1]) + 1, self.size)
-        arrays = [self.reader.read(int(self.indices[p]), self.size) for p in pos]
+        arrays = [self.reader.read(int(i), self.size) for i in src]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def loader(self, batch_sampler, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:

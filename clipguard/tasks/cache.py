@@ -16,12 +16,9 @@ class PrepareConfig:
 
 def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
     """Write (or finish) the prepared cache of ``cfg``'s selection at the model's input size; returns a record."""
-    import numpy as np
-
     from clipguard.data.images import as_size, protocol_name
     from clipguard.data.prepared import cache_key, write_prepared
     from clipguard.data.registry import SOURCES, from_source
-    from clipguard.data.stream import ImageStream
     from clipguard.errors import ClipguardError, check_positive
     from clipguard.models.inference import rate_fields
     from clipguard.progress import progress_bar
@@ -41,10 +38,8 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
         size = as_size(cfg.size)
     src = SOURCES.get(spec.kind)(spec, run.split)
     ds = from_source(src, spec, run.split, run.limit, run.seed, size, "stream", run.workers, use_prepared=False)
-    idx = np.asarray(ds.indices if ds.indices is not None else np.arange(len(src.labels)))
-    labels = ds.labels.numpy()
-    key = cache_key(src.reader, idx, labels, protocol_name(size))
-    stream = ImageStream(src.reader, idx, size, run.workers)
+    stream, labels = ds.images, ds.labels.numpy()  # the selection, undecoded: positions in the source
+    key = cache_key(src.reader, stream.indices, labels, protocol_name(size))
     meta = {"spec": spec.text, "name": ds.name, "split": run.split, "limit": run.limit, "seed": run.seed,
             "preprocess": protocol_name(size), "classnames": ds.classnames, "templates": ds.templates,
             "source": ds.info}

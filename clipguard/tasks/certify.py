@@ -134,7 +134,7 @@ def _per_image(p, certs: list, base_pred: list[int]) -> list[dict]:
 
 def _pixels(data, positions: list[int], device: torch.device) -> torch.Tensor:
     """[0, 1] float (K, 3, H, W) on ``device``: the images at ``positions`` (the one place certify reads images)."""
-    return to_pixels(torch.cat([data.images[i:i + 1] for i in positions]), device)
+    return to_pixels(data.images[positions], device)  # a tensor or an ImageStream: both index by position lists
 
 
 def _generator(seed: int, stream: int, position: int, device: torch.device) -> torch.Generator:
