@@ -13,29 +13,86 @@ from clipguard.cli.options import JsonOpt
 bench_app = typer.Typer(help="Run benchmark suites (benchmarks/*.toml).", no_args_is_help=True)
 
 
+RAY, SLURM = "Ray (--executor ray)", "Slurm (--executor slurm)"
+
+
 @bench_app.command("run")
 def bench_run(
     suite: Annotated[Path, typer.Argument(help="Suite TOML, e.g. benchmarks/toy.toml.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for records/ and adapters/.")],
     only: Annotated[list[str] | None, typer.Option(help="Run only these cell ids (repeatable).")] = None,
+    executor: Annotated[str, typer.Option(help="Who runs the cells: local (this process, in file order), ray "
+                                               "(one Ray task per cell) or slurm (a submitit job array per wave of "
+                                               "independent cells).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="A running Ray cluster (auto, HOST:6379, "
+                                                         "ray://HOST:10001); default: start one on this machine.",
+                                                    rich_help_panel=RAY)] = None,
+    cpus_per_cell: Annotated[float, typer.Option(help="CPU cores Ray reserves per cell (fractions allowed); also "
+                                                      "the cell's torch threads.", rich_help_panel=RAY)] = 1,
+    gpus_per_cell: Annotated[float | None, typer.Option(help="GPUs per cell (0.5: two cells share a GPU); "
+                                                             "default: 1 when the cluster has GPUs, else 0.",
+                                                        rich_help_panel=RAY)] = None,
+    slurm_partition: Annotated[str | None, typer.Option(help="sbatch --partition (default: the cluster's).",
+                                                        rich_help_panel=SLURM)] = None,
+    slurm_gpus_per_task: Annotated[int, typer.Option(help="GPUs per cell (sbatch --gpus-per-task; 0: CPU only).",
+                                                     rich_help_panel=SLURM)] = 1,
+    slurm_cpus_per_task: Annotated[int, typer.Option(help="CPU cores per cell (sbatch --cpus-per-task); also "
+                                                          "the cell's torch threads.", rich_help_panel=SLURM)] = 1,
+    slurm_time: Annotated[int, typer.Option(help="Time limit per cell, in minutes; a timed-out cell is requeued "
+                                                 "and resumes (3 times at most).", rich_help_panel=SLURM)] = 240,
+    slurm_array_parallelism: Annotated[int | None, typer.Option(help="At most this many cells of a wave running "
+                                                                     "at once (default: as Slurm allows).",
+                                                                rich_help_panel=SLURM)] = None,
+    submitit_cluster: Annotated[str | None, typer.Option(help="submitit's backend: slurm (sbatch; the default), or "
+                                                              "local (the job array as processes on this machine: "
+                                                              "to try a suite, and in tests).",
+                                                         rich_help_panel=SLURM)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run every cell of SUITE whose record is missing or stale; done cells are skipped (resumable)."""
     from rich.console import Console
     from rich.table import Table
 
-    from clipguard.tasks.bench import run_suite
+    from clipguard.tasks.bench import CellsFailed, run_suite
+    from clipguard.tasks.executors import EXECUTORS, RayOptions, SlurmOptions
 
-    summary = run_suite(suite, out, only=only, progress=not json_out)
+    EXECUTORS.check(executor)
+    _refuse_stray(executor, {"ray": {"--ray-address": ray_address, "--gpus-per-cell": gpus_per_cell},
+                             "slurm": {"--slurm-partition": slurm_partition,
+                                       "--slurm-array-parallelism": slurm_array_parallelism,
+                                       "--submitit-cluster": submitit_cluster}})
+    options = {"ray": RayOptions(address=ray_address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell),
+               "slurm": SlurmOptions(partition=slurm_partition, gpus_per_task=slurm_gpus_per_task,
+                                     cpus_per_task=slurm_cpus_per_task, time_min=slurm_time,
+                                     array_parallelism=slurm_array_parallelism,
+                                     cluster=submitit_cluster or "slurm")}
+    failed = None
+    try:
+        summary = run_suite(suite, out, only=only, progress=not json_out, executor=executor,
+                            options=options.get(executor))
+    except CellsFailed as e:  # show every cell's row, then the one-line error
+        summary, failed = e.summary, e
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
-        return
-    t = Table(title=f"{suite} -> {out}")
-    for col in ("cell", "kind", "status", "seconds"):
-        t.add_column(col)
-    for s in summary:
-        t.add_row(s["cell"], s["kind"], s["status"], f"{s['seconds']:.1f}")
-    Console().print(t)
+    else:
+        t = Table(title=f"{suite} -> {out} ({executor})")
+        for col in ("cell", "kind", "status", "seconds"):
+            t.add_column(col)
+        for s in summary:
+            t.add_row(s["cell"], s["kind"], s["status"], f"{s['seconds']:.1f}")
+        Console().print(t)
+    if failed:
+        raise failed
+
+
+def _refuse_stray(executor: str, given: dict[str, dict]) -> None:
+    """An option of another executor (``--ray-address`` with ``--executor slurm``) is a one-line error, not ignored."""
+    from clipguard.errors import ClipguardError
+
+    for owner, options in given.items():
+        for name, value in options.items():
+            if value is not None and owner != executor:
+                raise ClipguardError(f"{name} applies to --executor {owner}, not {executor}")
 
 
 def report_command(

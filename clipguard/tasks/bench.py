@@ -21,6 +21,11 @@ record holds the final clean + robust numbers). ``adapter = "@cellid"`` points a
 finetune cell wrote. A cell whose record exists with
 the same config hash (its options plus the hashes of the cells it depends on) is skipped, so an
 interrupted run resumes where it stopped.
+
+Executors (``tasks.executors``): ``local`` runs the cells in this process in file order; ``ray`` and ``slurm``
+ship each cell as one task (a :class:`CellTask` run by :func:`run_cell` on a worker) in dependency waves: every
+cell whose ``@`` dependency is done or absent first, in parallel, then the cells that need them. The records are
+the same whoever ran them; ``bench.executor`` says which did.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from clipguard.errors import ClipguardError
@@ -176,32 +181,131 @@ def _done(path: Path, h: str) -> bool:
         return False
 
 
-def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = True) -> list[dict]:
-    """Run every cell not already done; returns [{cell, kind, status, seconds, record}]."""
-    from clipguard.progress import progress_bar
+@dataclass(frozen=True)
+class CellTask:
+    """One suite cell as a unit of work an executor ships to a worker: plain values only, so it pickles."""
 
+    suite: str  # the suite's name, for the record's bench section
+    cell: dict  # the cell table, defaults merged (id, kind, label and its options)
+    config_hash: str  # its options plus the hashes of the cells it depends on (config_hash)
+    out_dir: str  # OUT: records/, adapters/, uaps/ (absolute when a worker may start elsewhere)
+    executor: str  # local | ray | slurm, written to the record as bench.executor
+    threads: int | None = None  # torch CPU threads on the worker (its share of cores); None = leave as is
+
+    @property
+    def id(self) -> str:
+        return self.cell["id"]
+
+    @property
+    def dependency(self) -> str | None:
+        """The finetune cell whose adapter this cell needs (``adapter = "@cellid"``), else None."""
+        ref = str(self.cell.get("adapter") or "")
+        return ref[1:] if ref.startswith("@") else None
+
+
+def summary_row(task: CellTask, status: str, seconds: float = 0.0, **extra) -> dict:
+    """One row of run_suite's summary."""
+    return {"cell": task.id, "kind": task.cell["kind"], "status": status, "seconds": seconds,
+            "record": str(record_path(Path(task.out_dir), task.id)), "executor": task.executor, **extra}
+
+
+def run_cell(task: CellTask) -> dict:
+    """Run one cell and write its record atomically to OUT/records/<cell>.json; returns its summary row.
+
+    A cell whose record is already done is skipped (a requeued array task, a second driver), so running a task
+    twice costs nothing. A cell killed mid-run left no record and runs again (finetune cells from their last
+    checkpoint).
+    """
+    out_dir = Path(task.out_dir)
+    rpath = record_path(out_dir, task.id)
+    if _done(rpath, task.config_hash):
+        return summary_row(task, "skipped")
+    if task.threads:
+        import torch
+
+        torch.set_num_threads(task.threads)
+    opts = {k: v for k, v in task.cell.items() if k not in META_KEYS}
+    if task.dependency:
+        opts["adapter"] = str(out_dir / "adapters" / task.dependency)
+    t0 = time.perf_counter()
+    rec = CELL_KINDS.get(task.cell["kind"])({**opts, "_cell": task.id}, out_dir, False)
+    rec["bench"] = {"suite": task.suite, "cell": task.id, "label": task.cell.get("label"),
+                    "config_hash": task.config_hash, "executor": task.executor}
+    write_record(rpath, rec)
+    return summary_row(task, "ran", round(time.perf_counter() - t0, 2))
+
+
+def dependency_waves(tasks: list[CellTask]) -> list[list[CellTask]]:
+    """Cells to run, grouped so each cell comes one wave after the cell it depends on (when that one runs too):
+    wave 0 = every cell whose dependency is done or absent, then the cells that need wave 0's adapters, ..."""
+    depth: dict[str, int] = {}
+    for t in tasks:  # load_suite refuses forward references, so a dependency's depth is known already
+        depth[t.id] = depth[t.dependency] + 1 if t.dependency in depth else 0
+    waves: list[list[CellTask]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for t in tasks:
+        waves[depth[t.id]].append(t)
+    return waves
+
+
+class CellsFailed(ClipguardError):
+    """Cells that failed on a ray or slurm worker (their dependents did not run); ``summary`` has every row."""
+
+    def __init__(self, summary: list[dict]):
+        self.summary = summary
+        bad = [s for s in summary if s["status"] == "failed"]
+        first = bad[0]
+        super().__init__(f"suite: {len(bad)} cell(s) failed ({', '.join(s['cell'] for s in bad)}); {first['cell']}: "
+                         f"{first['error']} (full error: {first['log']}); rerun to retry, finished cells are kept")
+
+
+def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = True,
+              executor: str = "local", options=None) -> list[dict]:
+    """Run every cell not already done; returns [{cell, kind, status, seconds, record, executor}].
+
+    Args:
+        path: the suite TOML.
+        out_dir: OUT; records go to OUT/records/<cell>.json.
+        only: run only these cell ids (the others are "not selected").
+        progress: a Rich progress bar of cells on stderr.
+        executor: ``local`` (this process, file order), ``ray`` or ``slurm`` (one task per cell, in dependency
+            waves; see ``tasks.executors``).
+        options: ``executors.RayOptions`` / ``executors.SlurmOptions`` (None = their defaults).
+
+    Raises:
+        CellsFailed: a ray or slurm cell failed (the local executor raises the cell's own error, at once).
+    """
+    from clipguard.progress import progress_bar
+    from clipguard.tasks.executors import EXECUTORS
+
+    make = EXECUTORS.get(executor, "--executor")
     suite, cells = load_suite(path)
-    out_dir = Path(out_dir)
-    hashes, summary = {}, []
-    with progress_bar(len(cells), f"suite {suite['name']}", enabled=progress, unit="cell") as advance:
-        for cell in cells:
-            cid = cell["id"]
-            hashes[cid] = h = config_hash(cell, hashes)
-            rpath = record_path(out_dir, cid)
-            if (only and cid not in only) or _done(rpath, h):
-                status = "not selected" if only and cid not in only else "skipped"
-                summary.append({"cell": cid, "kind": cell["kind"], "status": status, "seconds": 0.0,
-                                "record": str(rpath)})
-                advance(1, cell=cid)
-                continue
-            opts = {k: v for k, v in cell.items() if k not in META_KEYS}
-            if str(opts.get("adapter") or "").startswith("@"):
-                opts["adapter"] = str(out_dir / "adapters" / opts["adapter"][1:])
-            t0 = time.perf_counter()
-            rec = CELL_KINDS.get(cell["kind"])({**opts, "_cell": cid}, out_dir, False)
-            rec["bench"] = {"suite": suite["name"], "cell": cid, "label": cell.get("label"), "config_hash": h}
-            write_record(rpath, rec)
-            summary.append({"cell": cid, "kind": cell["kind"], "status": "ran",
-                            "seconds": round(time.perf_counter() - t0, 2), "record": str(rpath)})
-            advance(1, cell=cid)
+    out_dir = Path(out_dir) if executor == "local" else Path(out_dir).resolve()  # workers may start elsewhere
+    hashes, rows, todo = {}, {}, []
+    for cell in cells:  # the hash chain: a cell's hash covers the hashes of the cells it depends on
+        hashes[cell["id"]] = h = config_hash(cell, hashes)
+        task = CellTask(suite["name"], cell, h, str(out_dir), executor)
+        if only and cell["id"] not in only:
+            rows[task.id] = summary_row(task, "not selected")
+        elif _done(record_path(out_dir, task.id), h):
+            rows[task.id] = summary_row(task, "skipped")
+        else:
+            todo.append(task)
+    with progress_bar(len(cells), f"suite {suite['name']} ({executor})", enabled=progress, unit="cell") as advance:
+        advance(len(rows))
+
+        def finished(row: dict) -> None:
+            rows[row["cell"]] = row
+            advance(1, cell=row["cell"])
+
+        if todo:
+            with make(options, out_dir=out_dir, suite=suite["name"], quiet=not progress) as ex:
+                waves = [todo] if ex.in_order else dependency_waves(todo)
+                for wave in waves:
+                    blocked = [t for t in wave if rows.get(t.dependency, {}).get("status") in ("failed", "blocked")]
+                    for t in blocked:
+                        finished(summary_row(t, "blocked", error=f"needs @{t.dependency}, which did not finish"))
+                    ex.run_wave([replace(t, threads=ex.threads) for t in wave if t not in blocked], finished)
+    summary = [rows[c["id"]] for c in cells]
+    if any(s["status"] == "failed" for s in summary):
+        raise CellsFailed(summary)
     return summary
