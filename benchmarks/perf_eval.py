@@ -3,7 +3,11 @@
 Both sides classify the same uint8 images with the same text embeddings' recipe. clipguard keeps the
 images as uint8 tensors and resizes + normalises on the device inside ZeroShotClassifier; CLIP_benchmark
 runs the model's PIL preprocess (resize, crop, normalise) in a DataLoader, as its CLI does. Each side's
-image pass is timed after one warm-up batch; text embeddings are timed separately.
+image pass is timed after one warm-up batch; text embeddings are timed separately. ``--compile`` compiles
+clipguard's classifier first (as ``clipguard eval --compile``; compile_s apart from the timed pass).
+
+The record's ``roofline`` has one line per side: FLOPs of one forward at the model's input size (counted,
+benchmarks/roofline.py) x images/s, against the device's peak in the matmul precision.
 
     python benchmarks/perf_eval.py --model ViT-B-32:none --n 512 --out benchmarks/results/perf_eval-cpu.json
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import roofline as rf
 import torch
 
 
@@ -45,6 +50,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="CLIP_benchmark DataLoader workers")
     ap.add_argument("--repeat", type=int, default=1, help="tile the images R times (longer timed runs on a GPU)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile clipguard's classifier first")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -53,7 +59,7 @@ def main() -> None:
 
     from clipguard.data.prompts import load_prompts
     from clipguard.data.registry import load_dataset
-    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.classifier import ZeroShotClassifier, compile_classifier
     from clipguard.models.inference import predict_logits
     from clipguard.models.loader import load_clip
     from clipguard.models.text_embeddings import compute_text_embeddings
@@ -72,6 +78,8 @@ def main() -> None:
     _sync(dev)
     text_s = time.perf_counter() - t0
     clf = ZeroShotClassifier.from_clip(clip, emb).eval()
+    compile_s = compile_classifier(clf, tuple(data.images.shape[1:]), precision=clip.precision) if args.compile \
+        else None
     predict_logits(clf, data.images[: args.batch_size], batch_size=args.batch_size, precision=clip.precision,
                    progress=False)  # warm-up
     ours, timing = predict_logits(clf, data.images, batch_size=args.batch_size, precision=clip.precision,
@@ -93,21 +101,27 @@ def main() -> None:
 
     agree = (ours.argmax(1) == theirs.argmax(1)).float().mean().item()
     ours_ips, theirs_ips = timing["images_per_s"], round(len(data) / their_s, 2)
+    flops = rf.image_flops(clf, (3, *clip.input_size))  # the on-device resize of clipguard's input is not counted
+    prec, what = rf.matmul_precision(clip.precision, dev), "one forward at the model's input size"
     rec = {
         "schema": "clipguard.perf/1", "benchmark": "perf_eval", "model_spec": args.model,
         "dataset": data.name, "n": len(data), "repeat": args.repeat, "batch_size": args.batch_size,
         "resolution_in": list(data.images.shape[-2:]),
         "model_input": list(clip.input_size), "precision": clip.precision,
         "clipguard": {"images_per_s": ours_ips, "wall_s": timing["wall_s"], "text_embeddings_s": round(text_s, 3),
-                      "acc1": classification_metrics(ours, data.labels)["acc1"]},
+                      "compile_s": compile_s, "acc1": classification_metrics(ours, data.labels)["acc1"]},
         "clip_benchmark": {"images_per_s": theirs_ips, "wall_s": round(their_s, 4), "dataloader_workers": args.workers,
                            "acc1": classification_metrics(theirs, data.labels)["acc1"]},
         "speedup": round(ours_ips / theirs_ips, 3), "top1_agreement": agree,
+        "roofline": [rf.roofline(f"clean eval ({side})", flops, ips, precision=prec, device=dev, flops_model=what)
+                     for side, ips in (("clipguard", ours_ips), ("CLIP_benchmark", theirs_ips))],
         "environment": environment(dev, clip.precision),
     }
     write_record(args.out, rec)
     print(f"clipguard {ours_ips:,.1f} img/s  CLIP_benchmark {theirs_ips:,.1f} img/s  ratio {rec['speedup']:.2f}x  "
           f"(top-1 agreement {agree:.3f}) -> {args.out}")
+    for line in rec["roofline"]:
+        print(rf.describe(line))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ comes first; then a run of ``--steps`` optimizer steps (no checkpoints inside) i
 (images / loop wall time). Device and precision as in the CLI: cuda > mps > cpu, bf16 autocast on a
 capable GPU, fp32 otherwise. The final evaluation is cut to a few images and is not part of the timing.
 
+Each method carries a roofline line (benchmarks/roofline.py), FLOPs per training image counted on the method's
+own model: ``--attack-steps`` x (forward + input gradient) for the adversary + one forward + backward to the
+trainable parameters (+ the frozen reference forward for objectives that need one, e.g. FARE).
+
     python benchmarks/perf_finetune.py --out benchmarks/results/perf_finetune-toy-cpu.json
     python benchmarks/perf_finetune.py --model ViT-B-32:none --batch-size 8 --steps 2 --out perf_ft-vitb32-cpu.json
 """
@@ -15,19 +19,47 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import roofline as rf
 import torch
 
 
-def _run(args, method: str, steps: int, out: str) -> dict:
+def _config(args, method: str, steps: int, out: str):
     from clipguard.finetune.config import finetune_config
-    from clipguard.tasks.finetune import run_finetune
 
     lr = {"lora": 1e-2, "vpt": 5e-2, "full": 1e-3}[method]  # toy-scale rates; throughput does not depend on them
-    cfg = finetune_config(model=args.model, dataset=args.dataset, split="train", limit=steps * args.batch_size,
-                          method=method, objective=args.objective, eps=args.eps, steps=args.attack_steps, epochs=1,
-                          batch_size=args.batch_size, lr=lr, device=args.device, run_dir=out, save_every=0,
-                          eval_limit=4, eval_batch_size=4, eval_steps=1)
-    return run_finetune(cfg, progress=False)
+    return finetune_config(model=args.model, dataset=args.dataset, split="train", limit=steps * args.batch_size,
+                           method=method, objective=args.objective, eps=args.eps, steps=args.attack_steps, epochs=1,
+                           batch_size=args.batch_size, lr=lr, device=args.device, run_dir=out, save_every=0,
+                           eval_limit=4, eval_batch_size=4, eval_steps=1)
+
+
+def _run(args, method: str, steps: int, out: str) -> dict:
+    from clipguard.tasks.finetune import run_finetune
+
+    return run_finetune(_config(args, method, steps, out), progress=False)
+
+
+def _train_flops(args, method: str, n_classes: int) -> tuple[float, str]:
+    """FLOPs one training image costs, counted on the method's model, and what they are made of."""
+    import torch.nn.functional as F
+
+    from clipguard.finetune.methods import METHODS
+    from clipguard.finetune.objectives import OBJECTIVES
+    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.loader import load_clip
+
+    clip = load_clip(args.model, device=args.device)
+    emb = F.normalize(torch.randn(n_classes, clip.model.visual.output_dim), dim=-1)  # only its shape counts
+    trained = METHODS.get(method).build(clip.model.visual, _config(args, method, 1, "unused")).to(clip.device)
+    model = ZeroShotClassifier.from_clip(clip, emb, visual=trained)
+    shape = (3, *clip.input_size)
+    bs = args.batch_size  # LoRA merges its weights once per forward: that share is per batch
+    step, train = (rf.image_flops(model, shape, grad=g, batch_size=bs) for g in ("input", "params"))
+    ref = rf.image_flops(ZeroShotClassifier.from_clip(clip, emb), shape) \
+        if OBJECTIVES.get(args.objective).reference else 0
+    what = (f"{args.attack_steps} x attack step {step / 1e9:.3f} + training step {train / 1e9:.3f}"
+            + (f" + reference forward {ref / 1e9:.3f}" if ref else "") + " GFLOP")
+    return args.attack_steps * step + train + ref, what
 
 
 def main() -> None:
@@ -55,11 +87,18 @@ def main() -> None:
             _run(args, method, 1, f"{tmp}/{method}-warm")  # one-time costs: kernels, caches, text embeddings
             rec = _run(args, method, args.steps, f"{tmp}/{method}")
             t = rec["finetune"]["train"]
+            flops, what = _train_flops(args, method, rec["prompts"]["n_classes"])
+            dev = torch.device(rec["environment"]["device"])
+            line = rf.roofline(f"{method}-{args.objective} ({args.attack_steps}-step PGD)", flops, t["images_per_s"],
+                               precision=rf.matmul_precision(rec["environment"]["precision"], dev), device=dev,
+                               flops_model=what)
             results.append({"method": method, "objective": args.objective, "steps": t["steps"], "images": t["images"],
                             "wall_s": t["wall_s"], "images_per_s": t["images_per_s"],
-                            "trainable_params": t["trainable_params"], "loss_last": t["loss_last10"]})
+                            "trainable_params": t["trainable_params"], "loss_last": t["loss_last10"],
+                            "roofline": line})
             print(f"{args.model} {method:5s} {t['images_per_s']:>9,.1f} img/s  ({t['images']} images, "
                   f"{t['wall_s']:.2f} s, {t['trainable_params']:,} trainable)")
+            print(f"  {rf.describe(line)}")
     env = rec["environment"] if rec else environment()
     out = {"schema": "clipguard.perf/1", "benchmark": "perf_finetune", "model_spec": args.model,
            "dataset": args.dataset, "batch_size": args.batch_size, "attack_steps": args.attack_steps,

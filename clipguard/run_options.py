@@ -30,6 +30,7 @@ class RunOptions:
     workers: int | None = None  # decode processes; None = the machine's cores (0 below 1,024 images)
     data_mode: str = "auto"  # memory | stream | auto (memory up to 512 MiB of pixels): the same pixels either way
     streaming: bool = False  # hf: hub datasets: read the first --limit rows as a stream, download nothing else
+    compile: bool = False  # torch.compile the classifier's forward (compile time is reported apart from run time)
 
     def check(self) -> RunOptions:
         """Cheap checks before anything loads: positive --limit / --batch-size, parseable specs."""
@@ -49,6 +50,12 @@ class RunOptions:
 
 RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
 
+# Fields that change how fast a run goes, not what it measures (compiled kernels round differently, within float
+# tolerance), with their defaults. ``flat`` leaves them out at their default, so no record or config hash of a run
+# made before they existed changes; a hash that must ignore them when set too (a resumed fine-tuning run) lists
+# them among its unhashed fields.
+SPEED_ONLY = {"compile": False}
+
 
 def split_run(opts: dict) -> tuple[dict, dict]:
     """A flat dict of options (a suite cell, keyword arguments) -> (RunOptions fields, the rest)."""
@@ -61,4 +68,5 @@ def flat(cfg) -> dict:
     from dataclasses import asdict
 
     d = asdict(cfg)
-    return {**d.pop("run", {}), **d}
+    out = {**d.pop("run", {}), **d}
+    return {k: v for k, v in out.items() if not (k in SPEED_ONLY and v == SPEED_ONLY[k])}

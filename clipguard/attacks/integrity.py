@@ -1,7 +1,8 @@
 """Integrity checks attached to every robust number: each is {name, value, passed, detail}.
 
 Cheap checks run always; ``sanity`` checks (eps sweep monotone, PGD vs FGSM, steps doubled, restarts)
-cost extra attack runs and run with ``--sanity``.
+cost extra attack runs and run with ``--sanity``. An attack not run in fp32 (``--attack-precision bf16``) is
+always checked against fp32 on the same images (:func:`precision_check`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 LINF_SLACK = 1e-6  # float32 rounding of x + delta
 ZERO_GRAD_MAX = 0.05  # above this share of zero input gradients, robust numbers may be masked gradients
 CONVERGENCE_POINTS = 0.01  # doubling the steps may move robust accuracy by at most 1 point
+PRECISION_POINTS = 0.005  # a bf16 (fp16) attack's robust accuracy may differ from fp32's by at most 0.5 points
 
 
 def check(name: str, value, passed: bool, detail: str = "") -> dict:
@@ -56,6 +58,17 @@ def monotone_check(curve: list[tuple[str, float]]) -> dict:
 
 def stronger_check(name: str, strong: float, weak: float, what: str) -> dict:
     return check(name, {"strong": strong, "weak": weak}, strong <= weak + 1e-12, what)
+
+
+def precision_check(low: float, fp32: float, precision: str, images: int) -> dict:
+    """Robust accuracy of the attack run in ``precision`` vs the same attack in fp32 on the same ``images``
+    images: within :data:`PRECISION_POINTS` (two-sided; bf16 rounding weakens small-eps gradients, which
+    overestimates robustness). On 256 images that is one image at most."""
+    delta = abs(low - fp32)
+    value = {precision: low, "fp32": fp32, "images": images, "delta": round(delta, 6)}
+    return check(f"{precision}_matches_fp32", value, delta <= PRECISION_POINTS + 1e-12,
+                 f"{precision} vs fp32 robust accuracy on the same first {images} images (within "
+                 f"{PRECISION_POINTS * 100:g} points)")
 
 
 def converged_check(acc: float, acc_double: float) -> dict:

@@ -14,6 +14,7 @@ from clipguard.records.metrics import accuracy, attack_success_rate
 from clipguard.specs import parse_eps
 
 EPS0_IMAGES = 64  # images of the eps = 0 check
+PRECISION_IMAGES = 256  # images of the bf16-vs-fp32 check of a robust number not attacked in fp32
 
 
 def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
@@ -36,9 +37,12 @@ def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
 
 def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution: str, precision: str,
                  surrogate=None, sanity: bool = False, progress: bool = True,
-                 correct: torch.Tensor | None = None) -> tuple[list[dict], list[dict], dict]:
+                 correct: torch.Tensor | None = None,
+                 precision_images: int = PRECISION_IMAGES) -> tuple[list[dict], list[dict], dict]:
     """Run ``base`` at every eps on the clean-correct images (``correct``: the record's clean pass); returns
-    (robust entries, integrity checks, {eps text: (N,) adversarial predictions})."""
+    (robust entries, integrity checks, {eps text: (N,) adversarial predictions}). An attack not run in fp32
+    (``precision`` bf16 / fp16) is checked against fp32 on the first ``precision_images`` images at every eps
+    (:func:`precision_checks`)."""
     images, labels = p.data.images, p.data.labels
     kw = dict(batch_size=batch_size, resolution=resolution, precision=precision, progress=progress,
               craft_on=surrogate, correct=correct)
@@ -60,9 +64,28 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
     zero = run_attack(p.classifier, images[head], labels[head], zero_cfg, **{**kw, "progress": False})
     checks.append(ic.eps0_check(zero.adv_pred, zero.clean_pred))
     checks.append(ic.deterministic_check(p.classifier, attack_inputs(p.classifier, images[head], resolution)))
+    if precision != "fp32":
+        checks += precision_checks(p, base, eps_list, kw, images=precision_images)
     if sanity:
         checks += sanity_checks(p, base, eps_list, entries, kw)
     return entries, checks, preds
+
+
+def precision_checks(p, base: AttackConfig, eps_list, kw: dict, *, images: int = PRECISION_IMAGES) -> list[dict]:
+    """At every eps: the attack in ``kw["precision"]`` (bf16) and in fp32 on the same first ``images`` images,
+    same seed and batches, only the precision differs; their robust accuracies must agree within 0.5 points."""
+    low, n = kw["precision"], min(len(p.data.labels), images)
+    head = slice(0, n)
+    correct = kw["correct"][head] if kw["correct"] is not None else None
+    x, y = p.data.images[head], p.data.labels[head]
+    out = []
+    for eps in eps_list:
+        cfg = base.with_eps(eps)
+        acc = {prec: run_attack(p.classifier, x, y, cfg, **{**kw, "precision": prec, "progress": False,
+                                                           "correct": correct}).robust.float().mean().item()
+               for prec in (low, "fp32")}
+        out.append({**ic.precision_check(acc[low], acc["fp32"], low, n), "eps": eps.text})
+    return out
 
 
 def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict) -> list[dict]:

@@ -11,7 +11,8 @@ from clipguard.cli.output import check_outputs, emit
 from clipguard.run_options import RunOptions
 
 
-@o.run_options(exclude=("prompts", "templates", "adapter", "device", "precision", "data_mode", "streaming"),
+@o.run_options(exclude=("prompts", "templates", "adapter", "device", "precision", "data_mode", "streaming",
+                         "compile"),
                help={"model": "Model whose input size the images are brought to (only its config is read)."})
 def prepare_command(
     run: RunOptions,

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 from clipguard.errors import ClipguardError, check_positive
-from clipguard.run_options import RUN_FIELDS, RunOptions, flat, split_run
+from clipguard.run_options import RUN_FIELDS, SPEED_ONLY, RunOptions, flat, split_run
 
 
 def _train_run() -> RunOptions:
@@ -57,7 +57,7 @@ class FinetuneConfig:
 
 # Fields that do not change the training trajectory: a resumed run may change them freely.
 UNHASHED = frozenset({"run_dir", "resume", "save_every", "device", "workers", "data_mode", "eval_split",
-                      "eval_limit", "eval_steps", "eval_batch_size", "eval_base"})
+                      "eval_limit", "eval_steps", "eval_batch_size", "eval_base", *SPEED_ONLY})
 
 
 def finetune_config(**opts) -> FinetuneConfig:

@@ -68,3 +68,49 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.features(x)
         return self.logit_scale * feats @ self.text_embeddings.to(feats.dtype).T
+
+
+WARMUP_IMAGES = 4  # images in the dummy batch a compiled classifier is warmed up on (batch size stays dynamic)
+
+
+def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision: str = "fp32",
+                       attack_precision: str | None = None) -> float:
+    """``torch.compile`` the classifier's forward in place (``nn.Module.compile``: the same object, attributes
+    and state_dict keys, so every attack and evaluation uses it unchanged) and warm it up on one dummy batch of
+    ``image_shape`` (C, H, W) for each pass that follows, so compiling happens here and not inside a timed run:
+    the clean forward (no grad, ``precision``) and, when an attack follows, its forward and forward + backward in
+    ``attack_precision``. The batch dimension is marked dynamic: any batch size (but 1, which dynamo specialises)
+    reuses the same graphs.
+
+    Returns:
+        Seconds spent compiling and warming up (the record's ``compile_s``, apart from run time).
+
+    Raises:
+        ClipguardError: torch.compile failed here (inductor needs a C++ compiler on CPU, Triton on GPU).
+    """
+    import time
+
+    from clipguard.errors import ClipguardError
+    from clipguard.models.inference import autocast_for
+
+    device = classifier.text_embeddings.device
+    passes = [(False, precision)]
+    if attack_precision is not None:
+        passes += [(False, attack_precision), (True, attack_precision)]
+    classifier.compile()
+    t0 = time.perf_counter()
+    try:
+        for grad, prec in dict.fromkeys(passes):  # each (grad mode, autocast) pair is one graph; once each
+            # mid-grey, not torch.rand: the warm-up draws nothing from the global RNG the run is seeded with
+            x = torch.full((WARMUP_IMAGES, *image_shape), 0.5, device=device, requires_grad=grad)
+            torch._dynamo.mark_dynamic(x, 0)
+            with torch.set_grad_enabled(grad), autocast_for(device, prec):
+                out = classifier(x)
+            if grad:  # the input gradient, as an attack takes it (no parameter .grad is touched)
+                torch.autograd.grad(out.float().sum(), x)
+    except Exception as e:  # dynamo / inductor raise many types; the user's fix is the same
+        raise ClipguardError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); run without --compile") from None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return round(time.perf_counter() - t0, 3)

@@ -58,13 +58,16 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         from clipguard.attacks.advset import load_adv_set
 
         adv = load_adv_set(cfg.adv_set)
-    p = prepare(cfg.run, resolution=load_resolution(cfg, adv))
+    p = prepare(cfg.run, resolution=load_resolution(cfg, adv),  # --compile: warmed up for the attack's passes too
+                attack_precision=cfg.attack_precision if cfg.attack else None)
     if adv is not None:
         _check_matching_adv_set(p, cfg, adv)
     digests = [] if cfg.predictions else None  # taken in the clean pass: a streamed set is read once
     on_batch = (lambda a, b, x: digests.extend(image_digests(x))) if cfg.predictions else None
     logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.run.batch_size,
                                      precision=p.clip.precision, progress=progress, on_batch=on_batch)
+    if p.compile_s is not None:  # compiling happened in prepare: reported apart, outside every img/s figure
+        timings["compile_s"] = p.compile_s
     metrics = classification_metrics(logits, p.data.labels)
     extra, task = {}, "zeroshot_classification"
     if cfg.attack:

@@ -15,20 +15,26 @@ class Prepared:
     prompts: object  # data.prompts.PromptSet
     text: object  # models.text_embeddings.TextEmbeddings
     classifier: object  # models.classifier.ZeroShotClassifier ([0, 1] pixels -> logits), eval mode
+    compile_s: float | None = None  # --compile: seconds compiling + warming up (timings["compile_s"]); None: eager
 
 
-def prepare(run: RunOptions, *, resolution: str = "model", **overrides) -> Prepared:
+def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str | None = None,
+            **overrides) -> Prepared:
     """Load everything a zero-shot run needs; ``overrides`` replace fields of ``run`` (e.g. ``precision="fp32"``).
 
     ``resolution`` is the one preprocessing protocol (DESIGN contract 2), applied once at load: ``model`` puts
     every image through open_clip's eval geometry for the model's input size (shorter side bicubic, centre
     crop), ``native`` keeps the dataset's own size (one size for the whole set, or a ClipguardError).
 
+    With ``run.compile`` the classifier's forward is compiled here and warmed up on one dummy batch (clean
+    forward; forward + backward too when ``attack_precision`` says an attack follows, in that precision), so
+    the run's own img/s exclude compiling; the seconds it took are ``Prepared.compile_s``.
+
     Errors are ClipguardErrors naming the bad option; both specs are parsed before any slow loading.
     """
     from clipguard.data.prompts import load_prompts
     from clipguard.data.registry import load_dataset
-    from clipguard.models.classifier import ZeroShotClassifier
+    from clipguard.models.classifier import ZeroShotClassifier, compile_classifier
     from clipguard.models.inference import check_resolution
     from clipguard.models.loader import load_clip
     from clipguard.models.text_embeddings import get_text_embeddings
@@ -57,4 +63,8 @@ def prepare(run: RunOptions, *, resolution: str = "model", **overrides) -> Prepa
         visual = load_adapter(run.adapter, clip)
     text = get_text_embeddings(clip, prompts.classnames, prompts.templates)
     classifier = ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()
-    return Prepared(clip, data, prompts, text, classifier)
+    compile_s = None
+    if run.compile:
+        compile_s = compile_classifier(classifier, tuple(data.images.shape[1:]), precision=clip.precision,
+                                       attack_precision=attack_precision)
+    return Prepared(clip, data, prompts, text, classifier, compile_s)
