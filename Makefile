@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/clipguard eval --model toy --dataset toy --attack pgd --eps 8/255 --steps 10
 
+# Test files run on every core (pytest-xdist; a file's tests stay together, so its module fixtures run once).
 test: install
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # ruff, and the layer contract in pyproject.toml ([tool.importlinter]; see ARCHITECTURE.md).
 lint: install

@@ -26,11 +26,19 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "img"):
-    """Yield ``advance(n, **fields)``; the bar shows done/total, img/s, elapsed and extra fields."""
-    if not enabled:
+def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "img", sharded: bool = False):
+    """Yield ``advance(n, **fields)``; the bar shows done/total, img/s, elapsed and extra fields.
+
+    Under torchrun only rank 0 draws. ``sharded``: ``total`` is split over the ranks and ``advance`` counts rank 0's
+    share, so the bar counts it ``world_size`` times (the ranks move at the same pace) and says so."""
+    from clipguard.distributed import is_main, world_size
+
+    if not enabled or not is_main():
         yield lambda n=1, **fields: None
         return
+    scale = world_size() if sharded else 1
+    if scale > 1:
+        description = f"{description} [x{scale} ranks]"
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                         TimeElapsedColumn(), TextColumn("{task.fields[extra]}"), console=console_err,
                         transient=False)
@@ -39,6 +47,6 @@ def progress_bar(total: int, description: str, *, enabled: bool = True, unit: st
 
         def advance(n: int = 1, **fields) -> None:
             extra = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            progress.update(task, advance=n, extra=extra)
+            progress.update(task, advance=n * scale, extra=extra)
 
         yield advance

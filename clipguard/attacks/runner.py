@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipguard.attacks.registry import AttackConfig, build_attack
+from clipguard.distributed import gather_objects, gather_rows
 from clipguard.models.inference import Autocast, attack_inputs, rate_fields, run_batches
 from clipguard.progress import progress_bar
 
@@ -61,12 +62,12 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
     target = classifier if precision == "fp32" else Autocast(classifier, precision)
     source = craft_on if craft_on is not None else target
     attack = build_attack(source, cfg)
-    torch.manual_seed(cfg.seed)
     clean, adv, hit, kept, s_clean, s_adv = [], [], [], [], [], []
     stats = {"max_linf": 0.0, "max_l2": 0.0, "min": 1.0, "max": 0.0, "nan": 0, "zero_grad": 0, "attacked": 0,
              "correct": 0}
 
     def compute(a: int, b: int, batch: torch.Tensor) -> tuple:
+        torch.manual_seed(batch_seed(cfg.seed, a))  # random starts depend on (seed, batch) only: any rank, any order
         x = attack_inputs(classifier, batch, resolution)
         y = labels[a:b].to(device)
         with torch.no_grad():
@@ -99,13 +100,42 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
         advance(b - a, robust=stats["correct"] / b, **rate_fields(images, time.perf_counter() - t0))
 
     t0, n = time.perf_counter(), images.shape[0]
-    with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress) as advance:
+    with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress,
+                      sharded=True) as advance:
         batch_size = run_batches(images, batch_size, compute, consume)
     stats.pop("correct")
+    # Under torchrun: every rank's images, in dataset order, on every rank (a no-op in one process).
+    stats = merge_stats(gather_objects(stats))
+    preds = [gather_rows(_cat(p, torch.long)) for p in (clean, adv, s_clean, s_adv)]
+    attacked = gather_rows(_cat(hit, torch.bool))
+    size = classifier.input_size if resolution == "model" else tuple(images.shape[-2:])
+    adv_images = gather_rows(torch.cat(kept) if kept else torch.empty(0, 3, *size)) if keep_adv else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return AttackRun(torch.cat(clean), torch.cat(adv), torch.cat(hit), stats,
+    return AttackRun(preds[0], preds[1], attacked, stats,
                      {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size},
-                     torch.cat(kept) if keep_adv else None,
-                     torch.cat(s_clean) if s_clean else None, torch.cat(s_adv) if s_adv else None)
+                     adv_images, preds[2] if craft_on is not None else None,
+                     preds[3] if craft_on is not None else None)
+
+
+def batch_seed(seed: int, position: int) -> int:
+    """The seed of the batch starting at ``position``: a pure function of both, so a batch draws the same random
+    start whichever process attacks it, and in whatever order."""
+    return (seed * 1_000_003 + position) % 2**63
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+def merge_stats(per_rank: list[dict]) -> dict:
+    """One rank's statistics, or every rank's combined (max of the maxima, min of the minima, sums of counts)."""
+    out = dict(per_rank[0])
+    for st in per_rank[1:]:
+        for k in ("max_linf", "max_l2", "max"):
+            out[k] = max(out[k], st[k])
+        out["min"] = min(out["min"], st["min"])
+        for k in ("nan", "zero_grad", "attacked"):
+            out[k] += st[k]
+    return out

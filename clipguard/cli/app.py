@@ -4,6 +4,7 @@ torch (``--help`` stays fast); each command imports its library call when it run
 from __future__ import annotations
 
 import sys
+import time
 
 import typer
 
@@ -34,19 +35,41 @@ app.command("datasets")(datasets_command)
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv`` and return the exit code; user errors print one line to stderr (code 2)."""
+    """Run the CLI on ``argv`` and return the exit code; user errors print one line to stderr (code 2).
+
+    Under torchrun every rank runs this. An error found before the ranks start working on their own images
+    (every option check) is the same on every rank and printed once, by rank 0. One a single rank meets later is
+    printed by that rank, naming it, and left in the process group's store: a rank whose next collective breaks
+    because of it ends with the same line (unless torchrun has stopped it first)."""
+    from clipguard import distributed
     from clipguard.errors import ClipguardError
 
+    distributed.bind_device()
     try:
         app(args=argv, prog_name="clipguard")  # standalone: usage errors print and exit 2 themselves
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except ClipguardError as e:
-        typer.echo(f"Error: {e}", err=True)
+        if distributed.started():  # this rank alone may have met it: say which, and tell the others
+            line = f"Error (rank {distributed.rank()} of {distributed.world_size()}): {e}"
+            distributed.report_error(line)
+            typer.echo(line, err=True)
+        elif distributed.is_main():
+            typer.echo(f"Error: {e}", err=True)
+        else:  # every rank met the same error; rank 0 says it: give it the time before torchrun stops the run
+            time.sleep(5)
         return e.exit_code
     except KeyboardInterrupt:
         typer.echo("Aborted.", err=True)
         return 130
+    except RuntimeError:  # a collective broke because another rank stopped: end with its line, if it left one
+        line = distributed.peer_error() if distributed.started() else None
+        if line is None:
+            raise
+        typer.echo(line, err=True)
+        return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -15,7 +15,8 @@ EVAL = "Final evaluation"
 
 
 @o.run_options(split="train", batch_size=128, exclude=("adapter",),
-               help={"split": "Training split.", "batch_size": "Images per optimizer step.",
+               help={"split": "Training split.",
+                     "batch_size": "Images per optimizer step, per process under torchrun (a step: this x processes).",
                      "seed": "Seeds init, data order, attacks, --limit and the final evaluation."})
 def finetune_command(
     run: RunOptions,

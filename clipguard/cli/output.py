@@ -50,9 +50,14 @@ def check_outputs(files: dict[str, object] | None = None, folders: dict[str, obj
 
 
 def emit(record: dict, *, out: Path | None, as_json: bool, table) -> None:
-    """Write the record (atomically) and print either its JSON or a human table."""
+    """Write the record (atomically) and print either its JSON or a human table (under torchrun: rank 0 only,
+    every rank holds the same record)."""
     from rich.console import Console
 
+    from clipguard.distributed import is_main
+
+    if not is_main():
+        return
     if out is not None:
         from clipguard.records.schema import write_record
 

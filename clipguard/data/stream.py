@@ -27,11 +27,15 @@ SMALL_SET = 1024
 
 
 def default_workers() -> int:
-    """Decode processes by default: the cores this process may use."""
+    """Decode processes by default: the cores this process may use, shared with the other processes of a
+    ``torchrun`` on this machine."""
+    from clipguard.distributed import local_world_size
+
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_world_size())
 
 
 class Reader:
@@ -212,20 +216,23 @@ class ImageStream:
         return out
 
 
-def chunks(images, batch_size: int, *, pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-    """(position, uint8 or float batch) in order: slices of an in-memory tensor, or a stream's decoded batches."""
+def chunks(images, batch_size: int, *, pin_memory: bool = False, start: int = 0,
+           stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(position, uint8 or float batch) in order over positions [start, stop): slices of an in-memory tensor, or a
+    stream's decoded batches."""
+    stop = images.shape[0] if stop is None else stop
     if isinstance(images, ImageStream):
         images.stats = DecodeStats(images.workers)  # each pass counts its own rates
         threads = torch.get_num_threads()
         if images.workers:  # the workers have the other cores: OpenMP threads here would only wait on them
             torch.set_num_threads(max(1, min(threads, default_workers() - images.workers)))
         try:
-            yield from images.batches(batch_size, pin_memory=pin_memory)
+            yield from images.batches(batch_size, start=start, stop=stop, pin_memory=pin_memory)
         finally:
             torch.set_num_threads(threads)
         return
-    for a in range(0, images.shape[0], batch_size):
-        yield a, images[a:a + batch_size]
+    for a in range(start, stop, batch_size):
+        yield a, images[a:min(a + batch_size, stop)]
 
 
 def choose_mode(mode: str, nbytes: int) -> str:

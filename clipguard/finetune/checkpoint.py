@@ -2,7 +2,8 @@
 
 ``<run>/checkpoint.pt`` holds everything a run needs to continue bit-for-bit: the trainable tensors,
 optimizer and scheduler state, RNG states (torch CPU/CUDA and the data-order generator; the loop uses no
-numpy or Python randomness), the data position and the config hash. ``<run>/checkpoint.json`` repeats
+numpy or Python randomness; under torchrun every rank's, and the number of processes), the data position and
+the config hash. ``<run>/checkpoint.json`` repeats
 the config and step so ``--resume`` can be checked before any model is loaded.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from clipguard.distributed import world_size
 from clipguard.errors import ClipguardError
 from clipguard.finetune.config import FinetuneConfig, config_diff, config_hash, hashed_fields
 from clipguard.fsutil import atomic_write, atomic_write_json
@@ -34,12 +36,14 @@ class TrainState:
     config: dict  # the hashed config fields
     config_hash: str
     loss: float  # last finite training loss
+    world_size: int = 1  # processes that trained (torchrun); rng["ranks"] then holds each rank's random state
 
     def to_disk(self, run_dir: str | Path) -> Path:
         d = Path(run_dir)
         path = atomic_write(d / CHECKPOINT, lambda tmp: torch.save(asdict(self), tmp))
         atomic_write_json(d / SUMMARY, {"step": self.step, "epoch": self.epoch, "position": self.position,
-                                        "loss": self.loss, "config_hash": self.config_hash, "config": self.config})
+                                        "loss": self.loss, "config_hash": self.config_hash, "config": self.config,
+                                        "world_size": self.world_size})
         return path
 
     @classmethod
@@ -76,6 +80,11 @@ def check_resume(run_dir: str | Path, cfg: FinetuneConfig) -> dict:
         raise ClipguardError(f"--resume {str(run_dir)!r}: no {SUMMARY} there (nothing to resume)") from None
     except json.JSONDecodeError as e:
         raise ClipguardError(f"--resume {str(run_dir)!r}: {SUMMARY} is not valid JSON ({e})") from None
+    written_by, here = summary.get("world_size", 1), world_size()
+    if written_by != here:
+        raise ClipguardError(f"--resume {str(run_dir)!r}: the checkpoint was written by {written_by} process(es), "
+                             f"this run has {here}: resume with the same number (torchrun --nproc-per-node "
+                             f"{written_by}{'' if written_by > 1 else ', or without torchrun'})")
     if summary.get("config_hash") != config_hash(cfg):
         diff = config_diff(summary.get("config", {}), hashed_fields(cfg))
         raise ClipguardError(f"--resume {str(run_dir)!r}: the checkpoint was made with another config "

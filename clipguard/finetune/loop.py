@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipguard.distributed import all_reduce_sum_, barrier, gather_objects, is_main, rank, world_size
+from clipguard.distributed import start as start_ranks
 from clipguard.errors import ClipguardError
 from clipguard.finetune.checkpoint import TrainState, capture_rng, restore_rng
 from clipguard.finetune.config import FinetuneConfig, config_hash, hashed_fields
@@ -83,7 +85,7 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     alpha = parse_eps(cfg.alpha) if cfg.alpha else eps  # TeCoA: step = eps, from a random start
     adversary = build_train_attack(cfg.train_attack, model, objective, surrogate=surrogate, eps=eps, alpha=alpha,
                                    steps=cfg.steps, autocast=autocast)
-    steps_per_epoch = math.ceil(len(p.data) / cfg.run.batch_size)
+    steps_per_epoch = math.ceil(len(p.data) / (cfg.run.batch_size * world_size()))  # a step: batch x ranks
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -107,7 +109,9 @@ def restore(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator) -> tuple[i
         named[k].data.copy_(v)
     s.opt.load_state_dict(st.optimizer)
     s.sched.load_state_dict(st.scheduler)
-    restore_rng(st.rng, data_gen)  # after every setup step that draws random numbers
+    # (checkpoint.check_resume has refused another number of processes before anything loaded)
+    rng = st.rng["ranks"][rank()] if world_size() > 1 else st.rng  # each rank's own random stream
+    restore_rng(rng, data_gen)  # after every setup step that draws random numbers
     log.info("resumed %s at step %d/%d (epoch %d)", cfg.resume, st.step, s.total, st.epoch + 1)
     return st.step, st.epoch, st.position, st.order, st.loss
 
@@ -126,7 +130,10 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
 
     s = setup(cfg, p)
     out, chash, bs, dev = Path(cfg.run_dir), config_hash(cfg), cfg.run.batch_size, p.clip.device
-    labels, n = p.data.labels, len(p.data)
+    labels, n, ranks = p.data.labels, len(p.data), world_size()
+    start_ranks()  # from here an error on one rank is printed by that rank
+    if ranks > 1:  # same initial weights on every rank (setup's seed); random starts differ from here on
+        torch.manual_seed(cfg.run.seed * 1_000_003 + rank())
 
     # ---- where we are: a fresh start, or exactly where the checkpoint left off
     data_gen = torch.Generator().manual_seed(cfg.run.seed)  # data order; its state is checkpointed
@@ -136,36 +143,55 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
         step, epoch, position, order, loss_value = restore(cfg, s, data_gen)
         last_saved = step
 
-    def save() -> None:
-        TrainState(step, epoch, position, order.clone(), {k: v.cpu() for k, v in trainable_state(s.visual).items()},
-                   s.opt.state_dict(), s.sched.state_dict(), capture_rng(data_gen), hashed_fields(cfg), chash,
-                   loss_value).to_disk(out)
+    def save() -> None:  # under torchrun: every rank's random state, written once by rank 0
+        rng = capture_rng(data_gen)
+        if ranks > 1:
+            rng = {**rng, "ranks": gather_objects(rng)}
+        if is_main():
+            TrainState(step, epoch, position, order.clone(),
+                       {k: v.cpu() for k, v in trainable_state(s.visual).items()}, s.opt.state_dict(),
+                       s.sched.state_dict(), rng, hashed_fields(cfg), chash, loss_value, ranks).to_disk(out)
 
     # ---- the loop
     start_step, losses, seen, t0 = step, [], 0, time.perf_counter()
     batches = epoch_batches(p.data, order, position, bs)
-    with progress_bar((s.total - step) * bs, f"finetune {cfg.method}/{cfg.objective}", enabled=progress) as advance:
+    with progress_bar((s.total - step) * bs * ranks, f"finetune {cfg.method}/{cfg.objective}",
+                      enabled=progress) as advance:
         while step < s.total:
-            idx, batch = next(batches)
-            x = attack_inputs(s.model, batch, s.resolution)
-            y = labels[idx].to(dev)
-            # Craft in eval mode (no dropout): a fresh adversary against the weights as they are now.
-            s.model.eval()
-            ref = None
-            if s.objective.reference:
-                with torch.no_grad(), s.autocast():
-                    ref = s.frozen.visual(s.frozen.preprocess(x)).float()
-            x_adv = s.adversary(x, y, ref)
-            s.model.train()
-            with s.autocast():
-                loss = s.objective.loss(s.model, x_adv, y, ref).mean()
-            loss_value = loss.item()
+            idx, batch, whole = next(batches)
+            if len(idx):
+                x = attack_inputs(s.model, batch, s.resolution)
+                y = labels[idx].to(dev)
+                # Craft in eval mode (no dropout): a fresh adversary against the weights as they are now.
+                s.model.eval()
+                ref = None
+                if s.objective.reference:
+                    with torch.no_grad(), s.autocast():
+                        ref = s.frozen.visual(s.frozen.preprocess(x)).float()
+                x_adv = s.adversary(x, y, ref)
+                s.model.train()
+                with s.autocast():
+                    per_image = s.objective.loss(s.model, x_adv, y, ref)
+                # Under torchrun each rank's loss is its share of the whole batch's mean; the gradients are
+                # summed over the ranks below (one all-reduce), so every rank takes the whole batch's step.
+                loss = per_image.mean() if ranks == 1 else per_image.sum() / whole
+                loss.backward()
+                loss_value = loss.item()
+            else:  # this rank's share of a last, tiny batch is empty: it adds nothing to the sum
+                s.model.train()
+                loss_value = 0.0
+            if ranks > 1:
+                grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in s.params]
+                summed = torch.tensor([loss_value])
+                all_reduce_sum_([*grads, summed])
+                for q, g in zip(s.params, grads, strict=True):
+                    q.grad = g
+                loss_value = float(summed)
             if not math.isfinite(loss_value):
                 kept = f"the last good checkpoint (step {last_saved}) is kept in {out}" if last_saved is not None \
                     else "no checkpoint was saved yet"
                 raise ClipguardError(f"training loss became {loss_value} at step {step + 1}/{s.total}: stopped; "
                                      f"{kept}; try a lower --lr")
-            loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
             s.opt.step()
@@ -178,8 +204,8 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
                 batches = epoch_batches(p.data, order, 0, bs)
                 log.info("epoch %d done, loss %.4f", epoch, loss_value)
             losses.append(loss_value)
-            seen += len(y)
-            advance(len(y), loss=loss_value, lr=f"{s.sched.get_last_lr()[0]:.2e}")
+            seen += whole
+            advance(whole, loss=loss_value, lr=f"{s.sched.get_last_lr()[0]:.2e}")
             if cfg.save_every and step % cfg.save_every == 0:
                 save()
                 last_saved = step
@@ -192,8 +218,11 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     # ---- the adapter (manifest last: a directory with a manifest is complete)
     info = {"objective": cfg.objective, "train_attack": cfg.train_attack, "config_hash": chash, "steps": step,
             "config": {k: v for k, v in flat(cfg).items() if k != "resume"}}
-    save_adapter(out, s.visual, method=cfg.method, clip=p.clip, info=info)
-    return {"steps": step, "total_steps": s.total, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+    if is_main():
+        save_adapter(out, s.visual, method=cfg.method, clip=p.clip, info=info)
+    barrier()  # the adapter is on disk before any rank evaluates it
+    return {"steps": step, "world_size": ranks, "global_batch_size": bs * ranks, "total_steps": s.total,
+            "epochs": cfg.epochs, "max_steps": cfg.max_steps,
             "data_mode": "stream" if p.data.streamed else "memory",
             "resumed_from_step": start_step if cfg.resume else None, "images": seen, "wall_s": round(wall, 3),
             "images_per_s": round(seen / wall, 2) if wall else None, "lr": s.lr,
@@ -202,16 +231,21 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
 
 
 def epoch_batches(data, order: torch.Tensor, position: int, bs: int):
-    """(indices, uint8 batch) for this epoch's ``order`` from batch ``position`` on: indexed in memory, or decoded
-    ahead by a streamed set's workers in exactly this order (so a resumed run sees the same batches)."""
-    ranges = [order[a:a + bs] for a in range(position * bs, len(order), bs)]
+    """(indices, uint8 batch, images in the whole step) for this epoch's ``order`` from step ``position`` on: indexed
+    in memory, or decoded ahead by a streamed set's workers in exactly this order (so a resumed run sees the same
+    batches). Under torchrun a step takes ``bs x world_size`` images of the order and each rank its share (an
+    even split: shares differ by at most one image, and only the last step's can be empty)."""
+    whole, ranks = bs * world_size(), world_size()
+    steps = [order[a:a + whole] for a in range(position * whole, len(order), whole)]
+    ranges = [torch.tensor_split(g, ranks)[rank()] for g in steps]
     if not data.streamed:
-        for idx in ranges:
-            yield idx, data.images[idx]
+        for idx, g in zip(ranges, steps, strict=True):
+            yield idx, data.images[idx], len(g)
         return
-    loader = data.images.loader([r.tolist() for r in ranges], pin_memory=torch.cuda.is_available())
-    for idx, (batch, _) in zip(ranges, loader, strict=True):
-        yield idx, batch
+    nonempty = [r.tolist() for r in ranges if len(r)]
+    loader = iter(data.images.loader(nonempty, pin_memory=torch.cuda.is_available())) if nonempty else iter(())
+    for idx, g in zip(ranges, steps, strict=True):
+        yield idx, (next(loader)[0] if len(idx) else None), len(g)
 
 
 def _mean(xs: list[float]) -> float | None:

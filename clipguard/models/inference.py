@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from clipguard.data.stream import chunks
+from clipguard.distributed import batch_range, gather_rows
+from clipguard.distributed import start as start_ranks
 from clipguard.errors import ClipguardError
 from clipguard.progress import progress_bar
 
@@ -61,9 +63,14 @@ def is_oom(e: BaseException) -> bool:
 def run_batches(images, batch_size: int, compute, consume) -> int:
     """Walk ``images`` (a uint8/float tensor or an ``ImageStream``) in order: ``out = compute(a, b, x)`` on the
     batch ``x`` = images[a:b], then ``consume(a, b, out)``. A CUDA out-of-memory error inside ``compute`` halves
-    the batch and retries it (``consume`` only ever sees finished batches). Returns the batch size that worked."""
+    the batch and retries it (``consume`` only ever sees finished batches). Returns the batch size that worked.
+
+    Under torchrun each rank walks only its own whole batches (:func:`clipguard.distributed.batch_range`): the
+    caller gathers what ``consume`` kept (:func:`clipguard.distributed.gather_rows`)."""
     pin = torch.cuda.is_available()
-    for start, chunk in chunks(images, batch_size, pin_memory=pin):
+    start_ranks()  # under torchrun: from here an error on one rank is printed by that rank
+    first, last = batch_range(images.shape[0], batch_size)
+    for start, chunk in chunks(images, batch_size, pin_memory=pin, start=first, stop=last):
         i = 0
         while i < chunk.shape[0]:
             stop = min(i + batch_size, chunk.shape[0])
@@ -99,6 +106,7 @@ def predict_logits(classifier, images, *, batch_size: int = 256, precision: str 
     """
     device = classifier.text_embeddings.device
     out, n = [], images.shape[0]
+    num_classes = classifier.text_embeddings.shape[0]
 
     def compute(a: int, b: int, x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, precision):
@@ -108,16 +116,17 @@ def predict_logits(classifier, images, *, batch_size: int = 256, precision: str 
         return logits
 
     t0 = time.perf_counter()
-    with progress_bar(n, description, enabled=progress) as advance:
+    with progress_bar(n, description, enabled=progress, sharded=True) as advance:
         def consume(a: int, b: int, logits: torch.Tensor) -> None:
             out.append(logits)
             advance(b - a, **rate_fields(images, time.perf_counter() - t0))
 
         batch_size = run_batches(images, batch_size, compute, consume)
+    logits = gather_rows(torch.cat(out) if out else torch.empty(0, num_classes))
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    return torch.cat(out), {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size,
+    return logits, {"wall_s": round(wall, 4), "images_per_s": round(n / wall, 2), "batch_size": batch_size,
                             **decode_rates(images, wall)}
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from clipguard.distributed import describe
 from clipguard.fsutil import atomic_write_json
 
 SCHEMA = "clipguard.result/1"
@@ -38,6 +39,7 @@ def environment(device=None, precision: str | None = None) -> dict:
         env["device_name"] = (torch.cuda.get_device_name(device) if str(device).startswith("cuda")
                               else _cpu_name())
     env["cpu_count"] = os.cpu_count()
+    env["distributed"] = describe()  # world_size: how many processes (torchrun ranks) made this record
     return env
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from clipguard.distributed import is_main
 from clipguard.records.schema import make_record
 from clipguard.run_options import flat
 from clipguard.tasks.eval import EvalConfig, attack_config, load_resolution
@@ -40,7 +41,7 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
                      resolution=resolution, precision=cfg.attack_precision, keep_adv=True, progress=progress,
                      craft_on=surrogate)
     adv = run.adv_images
-    if quantize:
+    if quantize and is_main():
         clean = p.data.images
         if tuple(adv.shape[-2:]) != tuple(clean.shape[-2:]):  # model resolution: the exact float image attacked
             bs = cfg.run.batch_size
@@ -52,12 +53,13 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
               "precision": cfg.attack_precision, "surrogate": cfg.surrogate}
     source = {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "surrogate": cfg.surrogate,
               "adapter": cfg.run.adapter}
-    manifest = {"data": p.data.to_record(), "images_digest": image_digest(p.data.images), "source": source,
-                "attack": attack, "quantized": quantize}
-    save_adv_set(out, adv, p.data.labels, manifest)
+    if is_main():  # under torchrun every rank holds the whole set, in dataset order: one writes it
+        manifest = {"data": p.data.to_record(), "images_digest": image_digest(p.data.images), "source": source,
+                    "attack": attack, "quantized": quantize}
+        save_adv_set(out, adv, p.data.labels, manifest)
     entry = robust_entry(run, p.data.labels, base)
     pngs = []
-    if png_dir:
+    if png_dir and is_main():
         from clipguard.report.pictures import adversarial_grid
 
         pngs = adversarial_grid(p, run, png_dir, n=n_png)

@@ -83,9 +83,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         metrics.update(extra.pop("metrics"))
     adv_preds = extra.pop("_preds", {})
     if cfg.predictions:
+        from clipguard.distributed import gather_objects, is_main
         from clipguard.records.predictions import prediction_table, write_predictions
 
-        write_predictions(cfg.predictions, prediction_table(digests, p.data.labels, logits.argmax(1), adv_preds))
+        digests = [d for part in gather_objects(digests) for d in part]  # under torchrun: every rank's, in order
+        if is_main():
+            write_predictions(cfg.predictions, prediction_table(digests, p.data.labels, logits.argmax(1), adv_preds))
         extra["predictions"] = {"path": str(cfg.predictions), "rows": len(p.data)}
     return make_record(task, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
                        text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg), **extra)

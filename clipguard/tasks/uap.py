@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from clipguard.distributed import barrier, is_main, world_size
 from clipguard.errors import ClipguardError
 from clipguard.records.schema import make_record
 from clipguard.run_options import RunOptions, flat, split_run
@@ -127,6 +128,9 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     from clipguard.attacks.uap.fit import fit_uap, uap_metrics
 
     ucfg = uap_config(cfg)
+    if ucfg.method != "sgd" and world_size() > 1:
+        raise ClipguardError(f"--method {ucfg.method} fits on one process (its loop walks the images one by one); "
+                             "under torchrun use --method sgd, or run this without torchrun")
     p = _prepare(cfg, ucfg.resolution)
     ucfg = replace(ucfg, target_class=resolve_target(cfg.target_class, p.prompts.classnames))
     inputs = _inputs(p, ucfg.resolution)
@@ -140,12 +144,17 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
                 "fitting": {**metrics, "history": fit.history, "epochs_run": fit.timings["epochs_run"]}}
     fitted = tensor_digest(fit.delta)  # before anything is written
     uap = UAPFile(fit.delta, manifest)
-    uap.to_disk(cfg.uap)
+    if is_main():  # under torchrun every rank holds the same v; one writes it, the others read its manifest
+        uap.to_disk(cfg.uap)
+    barrier()
+    if not is_main():
+        uap = UAPFile.from_disk(cfg.uap)
     stored = load_file(str(cfg.uap))["uap"]  # the raw tensor as it is on disk, no validation in between
     same = tensor_digest(stored) == fitted
     checks = [_norm_check(stored, ucfg.norm, ucfg.eps.value),
               check("reload_identical", same, same, "the tensor on disk has the bits that were fitted")]
-    pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) if cfg.png else []
+    pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) \
+        if cfg.png and is_main() else []
     return make_record("uap_fit", clip=p.clip, dataset=p.data, prompts=p.prompts,
                        metrics={**metrics, "fooling_history": fit.history}, timings=fit.timings, attack=attack,
                        uap={"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
@@ -185,7 +194,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
             warnings.append(f"target class {uap.target_name!r} is not a class here: targeted success not measured")
     t0 = time.perf_counter()
     with progress_bar(len(p.data), f"uap eval {uap.norm.value} eps={uap.manifest['attack']['eps']['text']}",
-                      enabled=progress) as advance:
+                      enabled=progress, sharded=True) as advance:
         control = universal_attack(random_control(v, uap.norm, cfg.run.seed))
         clean, adv, rand = predict(p.classifier, p.data.images, inputs, None, universal_attack(v), control,
                                    batch_size=cfg.run.batch_size, advance=advance)
@@ -203,7 +212,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
             "source": src, "fitted_on": uap.manifest.get("data"), "fitting": uap.manifest.get("fitting"),
             "evaluated_on_fit_images": same_images,
             "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.run.adapter}
-    pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png else []
+    pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png and is_main() else []
     return make_record("uap_evaluation", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings={"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)},
                        attack=uap.manifest["attack"], uap=info, checks=checks,

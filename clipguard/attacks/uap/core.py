@@ -181,10 +181,13 @@ def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: 
     attack differs from the first (the fooling rate when called as ``predict(m, x, f, None, universal_attack(v))``).
     """
     from clipguard.data.stream import chunks
+    from clipguard.distributed import batch_range, gather_rows, start
 
     out: list[list[torch.Tensor]] = [[] for _ in attacks]
     changed = done = 0
-    for _, batch in chunks(images, batch_size):  # a streamed set is decoded by its workers
+    start()
+    first, last = batch_range(images.shape[0], batch_size)  # under torchrun: this rank's batches, gathered below
+    for _, batch in chunks(images, batch_size, start=first, stop=last):  # a stream is decoded by its workers
         x = inputs(batch)
         for preds, attack in zip(out, attacks, strict=True):
             preds.append(model(attack(x, None) if attack is not None else x).argmax(1))
@@ -192,7 +195,8 @@ def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: 
             changed += int((out[1][-1] != out[0][-1]).sum()) if len(out) > 1 else 0
             done += x.shape[0]
             advance(x.shape[0], fooling=changed / done)
-    return [torch.cat(p) for p in out]
+    device = model.text_embeddings.device if hasattr(model, "text_embeddings") else None
+    return [gather_rows(torch.cat(p) if p else torch.empty(0, dtype=torch.long, device=device)) for p in out]
 
 
 def random_control(v: torch.Tensor, norm: Norm, seed: int = 0) -> torch.Tensor:

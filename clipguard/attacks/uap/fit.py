@@ -67,7 +67,7 @@ def fit_uap(model: nn.Module, images: torch.Tensor, cfg: UAPConfig, inputs: Call
     v = torch.zeros(1, 3, *size, device=reference.device)
     history, seen = [], 0
     desc = f"uap {cfg.method} {cfg.norm.value} eps={cfg.eps.text}"
-    with progress_bar(n * cfg.epochs, desc, enabled=progress) as advance:
+    with progress_bar(n * cfg.epochs, desc, enabled=progress, sharded=True) as advance:
         ctx = FitContext(model, images, reference, inputs, cfg, counted, advance,
                          torch.Generator().manual_seed(cfg.seed))
         for epoch in range(cfg.epochs):
