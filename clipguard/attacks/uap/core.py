@@ -180,21 +180,27 @@ def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: 
     ``advance(n, fooling=...)`` reports the running share of images whose prediction under the second
     attack differs from the first (the fooling rate when called as ``predict(m, x, f, None, universal_attack(v))``).
     """
-    from clipguard.data.stream import chunks
-    from clipguard.distributed import batch_range, gather_rows, start
+    from clipguard.distributed import gather_rows
+    from clipguard.models.inference import run_batches
 
     out: list[list[torch.Tensor]] = [[] for _ in attacks]
     changed = done = 0
-    start()
-    first, last = batch_range(images.shape[0], batch_size)  # under torchrun: this rank's batches, gathered below
-    for _, batch in chunks(images, batch_size, start=first, stop=last):  # a stream is decoded by its workers
+
+    def compute(a: int, b: int, batch: torch.Tensor) -> list[torch.Tensor]:
         x = inputs(batch)
-        for preds, attack in zip(out, attacks, strict=True):
-            preds.append(model(attack(x, None) if attack is not None else x).argmax(1))
+        return [model(attack(x, None) if attack is not None else x).argmax(1) for attack in attacks]
+
+    def consume(a: int, b: int, preds: list[torch.Tensor]) -> None:
+        nonlocal changed, done
+        for store, p in zip(out, preds, strict=True):
+            store.append(p)
         if advance is not None:
-            changed += int((out[1][-1] != out[0][-1]).sum()) if len(out) > 1 else 0
-            done += x.shape[0]
-            advance(x.shape[0], fooling=changed / done)
+            changed += int((preds[1] != preds[0]).sum()) if len(preds) > 1 else 0
+            done += b - a
+            advance(b - a, fooling=changed / done)
+
+    # the shared batch walker: a stream decoded by its workers, under torchrun this rank's batches (gathered below)
+    run_batches(images, batch_size, compute, consume)
     device = model.text_embeddings.device if hasattr(model, "text_embeddings") else None
     return [gather_rows(torch.cat(p) if p else torch.empty(0, dtype=torch.long, device=device)) for p in out]
 
