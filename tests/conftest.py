@@ -90,6 +90,24 @@ def kill_at_checkpoint(monkeypatch):
 
 
 @pytest.fixture
+def fake_task(monkeypatch):
+    """``seen = arm(module, name, record)``: the task function ``module.name`` (e.g. ``run_certify``) becomes a
+    recorder of what the command handed it (``seen["cfg"]``, ``seen["progress"]``) that returns ``record`` (default:
+    a minimal result record), so a CLI test checks the option parsing without running the task."""
+    def arm(module, name: str, record: dict | None = None) -> dict:
+        seen = {}
+
+        def fake(cfg, *, progress):
+            seen["cfg"], seen["progress"] = cfg, progress
+            return record if record is not None else {"schema": "clipguard.result/1"}
+
+        monkeypatch.setattr(module, name, fake)
+        return seen
+
+    return arm
+
+
+@pytest.fixture
 def cli(capsys):
     """Run the clipguard CLI in-process: returns (exit_code, stdout, stderr)."""
     from clipguard.cli.app import run

@@ -195,16 +195,10 @@ def finetune_config_for(**opts):
     return finetune_config(model="toy", dataset="toy", run_dir="unused", **opts)
 
 
-def test_cli_builds_the_config(monkeypatch, cli, tmp_path):
+def test_cli_builds_the_config(fake_task, cli, tmp_path):
     import clipguard.tasks.certify as task
 
-    got = {}
-
-    def fake(cfg, progress):
-        got["cfg"] = cfg
-        return {"schema": "clipguard.result/1"}
-
-    monkeypatch.setattr(task, "run_certify", fake)
+    got = fake_task(task, "run_certify")
     code, _, err = cli("certify", "--model", "toy", "--dataset", "toy", "--limit", "7", "--sigma", "0.5", "--n0",
                        "50", "--n", "2000", "--alpha", "0.01", "--noise-batch", "500", "--radii", "0,1",
                        "--seed", "3", "--out", tmp_path / "r.json", "--json")

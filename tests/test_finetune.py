@@ -192,16 +192,10 @@ def test_objectives_and_transfer_run(tmp_path, objective, attack, surrogate):
     assert train["steps"] == 4 and train["loss_last10"] is not None and rec["finetune"]["objective"] == objective
 
 
-def test_cli_builds_the_config(monkeypatch, cli, tmp_path):
+def test_cli_builds_the_config(fake_task, cli, tmp_path):
     import clipguard.tasks.finetune as loop
 
-    got = {}
-
-    def fake(cfg, progress):
-        got["cfg"] = cfg
-        return {"schema": "clipguard.result/1"}
-
-    monkeypatch.setattr(loop, "run_finetune", fake)
+    got = fake_task(loop, "run_finetune")
     code, _, err = cli("finetune", "--resume", tmp_path, "--method", "lora", "--lora-targets", "c_fc, c_proj",
                        "--eps", "4/255", "--lr", "0.02", "--json")
     assert code == 0, err

@@ -163,16 +163,10 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path, sgd_uap, case):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_fit_command_passes_its_options(cli, monkeypatch):
+def test_fit_command_passes_its_options(cli, fake_task):
     import clipguard.tasks.uap as ur
 
-    seen = {}
-
-    def fake(cfg, *, progress):
-        seen["cfg"], seen["progress"] = cfg, progress
-        return {"fake": True}
-
-    monkeypatch.setattr(ur, "run_uap_fit", fake)
+    seen = fake_task(ur, "run_uap_fit", {"fake": True})
     code, out, err = cli("uap", "fit", "--uap", "v.safetensors", "--model", "toy@seed1", "--eps", "8/255", "--norm",
                          "l2", "--method", "deepfool", "--target-fooling", "0.7", "--epochs", "4", "--batch-size",
                          "32", "--target-class", "red circle", "--resolution", "native", "--json")
