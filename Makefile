@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install demo test lint toy bench-toy bench-seed report gate-toy clean
+.PHONY: install demo test lint toy bench-toy bench-seed report gate-toy clean gpu-carry
 
 install: $(VENV)/.installed
 
@@ -55,3 +55,13 @@ gate-toy: bench-toy
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# Wheels the GPU machine's image lacks (it has no network), at the versions installed here, for Python 3.12 there:
+# carried to it as .devcarry by benchmarks/gpu_session.sh's lease (see that script).
+GPU_WHEELS := open_clip_torch ftfy wcwidth torchattacks pyautoattack webdataset braceexpand datasets dill \
+	multiprocess huggingface_hub clip-benchmark
+gpu-carry: install
+	rm -rf .devcarry/wheels && mkdir -p .devcarry/wheels
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--dest .devcarry/wheels $$($(BIN)/pip freeze | grep -i -E "^($$(echo $(GPU_WHEELS) | tr ' ' '|'))==" )
+	ls .devcarry/wheels

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 DATA_MODES = ("auto", "memory", "stream")  # how a dataset is held: data.stream.choose_mode
+DECODES = ("pil", "device")  # how files are decoded: data.device_decode
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RunOptions:
     workers: int | None = None  # decode processes; None = the machine's cores (0 below 1,024 images)
     data_mode: str = "auto"  # memory | stream | auto (memory up to 512 MiB of pixels): the same pixels either way
     streaming: bool = False  # hf: hub datasets: read the first --limit rows as a stream, download nothing else
+    decode: str = "pil"  # pil (the protocol, CPU workers) | device (JPEGs decoded + resized on --device)
     compile: bool = False  # torch.compile the classifier's forward (compile time is reported apart from run time)
 
     def check(self) -> RunOptions:
@@ -41,11 +43,21 @@ class RunOptions:
         check_positive("--batch-size", self.batch_size)
         if self.workers is not None and self.workers < 0:
             raise ClipguardError(f"--workers {self.workers} must be >= 0 (0 decodes in the main process)")
+        check_decode(self.decode)
         if self.data_mode not in DATA_MODES:
             raise ClipguardError(f"--data-mode {self.data_mode!r}: use auto, memory or stream")
         parse_model_spec(self.model)
         parse_dataset_spec(self.dataset, image_column=self.image_column, label_column=self.label_column)
         return self
+
+
+def check_decode(decode: str) -> str:
+    if decode not in DECODES:
+        from clipguard.errors import ClipguardError
+
+        raise ClipguardError(f"--decode {decode!r}: use pil (the CPU protocol) or device (JPEG files decoded on the "
+                             "run's device)")
+    return decode
 
 
 RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
@@ -55,6 +67,10 @@ RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
 # made before they existed changes; a hash that must ignore them when set too (a resumed fine-tuning run) lists
 # them among its unhashed fields.
 SPEED_ONLY = {"compile": False}
+
+# Fields that ``flat`` leaves out at their default, so records and config hashes made before the field existed stay
+# valid: the speed-only ones, and ``decode`` (``device`` changes pixels slightly, so once set it is hashed).
+OMIT_AT_DEFAULT = {**SPEED_ONLY, "decode": "pil"}
 
 
 def split_run(opts: dict) -> tuple[dict, dict]:
@@ -69,4 +85,4 @@ def flat(cfg) -> dict:
 
     d = asdict(cfg)
     out = {**d.pop("run", {}), **d}
-    return {k: v for k, v in out.items() if not (k in SPEED_ONLY and v == SPEED_ONLY[k])}
+    return {k: v for k, v in out.items() if not (k in OMIT_AT_DEFAULT and v == OMIT_AT_DEFAULT[k])}

@@ -29,6 +29,18 @@ import clipguard.records.schema as _schema  # noqa: E402
 _schema.make_record = _robust_never_above_clean(_schema.make_record)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where CUDA is present (a GPU machine: ``pytest -m gpu``) and are skipped here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device, and this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny toy models on a shared 2-core machine: two OpenMP threads make every small op wait on a descheduled

@@ -86,6 +86,27 @@ def test_compiled_attack_matches_eager_and_is_warmed_up(toy_prepared):
     assert (comp.adv_pred != eager.adv_pred).sum() <= 1  # measured: 0
 
 
+def test_attack_command_compiles_before_its_timed_attack(monkeypatch, tmp_path):
+    """``clipguard attack --compile`` (run_craft) warms the attack's forward + backward up in prepare: the record
+    has compile_s and no graph compiles inside the timed attack. uap fit/eval and certify share Prepared.timings."""
+    import clipguard.attacks.runner as runner
+    from clipguard.tasks.craft import run_craft
+    from clipguard.tasks.eval import eval_config
+
+    real, seen = runner.run_attack, {}
+
+    def spied(*a, **k):
+        before = _graphs()
+        out = real(*a, **k)
+        seen["new_graphs"] = _graphs() - before
+        return out
+
+    monkeypatch.setattr(runner, "run_attack", spied)
+    cfg = eval_config(**{**TOY, "limit": 100}, attack="pgd", steps=2, compile=True)
+    rec = run_craft(cfg, str(tmp_path / "adv"), progress=False)
+    assert rec["timings"]["compile_s"] > 0 and seen["new_graphs"] == 0
+
+
 def test_compile_changes_no_config_hash():
     """compile is a speed option: absent from records and hashes at its default, so every existing run keeps its
     finetune config hash (resume) and record config; set, the record says so."""

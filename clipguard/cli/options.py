@@ -51,6 +51,10 @@ StreamingOpt = Annotated[bool, typer.Option(help="hf: hub datasets: read the fir
 DataModeOpt = Annotated[str, typer.Option(help="memory (decode once, hold the set), stream (decode batch by batch, "
                                                "memory bounded) or auto (memory up to 512 MiB of pixels).",
                                           rich_help_panel=PERF)]
+DecodeOpt = Annotated[str, typer.Option(help="pil (the protocol: PIL on the decode workers) or device (JPEG files "
+                                             "decoded by torchvision on --device, nvJPEG on a GPU, and resized "
+                                             "there; within the README's tolerance of pil, named in the record).",
+                                        rich_help_panel=PERF)]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the classifier's forward (inductor; "
                                                           "compile time is reported apart from run time).",
                                          rich_help_panel=PERF)]
@@ -59,7 +63,7 @@ _RUN_PARAMS = {"model": ModelOpt, "dataset": DatasetOpt, "split": SplitOpt, "lim
                "prompts": PromptsOpt, "templates": TemplatesOpt, "image_column": ImageColOpt,
                "label_column": LabelColOpt, "adapter": AdapterOpt, "device": DeviceOpt, "precision": PrecisionOpt,
                "batch_size": BatchOpt, "workers": WorkersOpt, "data_mode": DataModeOpt, "streaming": StreamingOpt,
-               "compile": CompileOpt}
+               "decode": DecodeOpt, "compile": CompileOpt}
 
 
 def _option_group(arg: str, params: dict, base: dict, make, *, exclude: tuple[str, ...] = (),

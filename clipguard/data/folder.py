@@ -43,6 +43,12 @@ class FileReader(Reader):
         with Image.open(self.files[i]) as im:
             return im.convert("RGB")
 
+    def raw(self, i: int) -> bytes | None:
+        if os.path.splitext(self.files[i])[1].lower() not in (".jpg", ".jpeg"):
+            return None
+        with open(self.files[i], "rb") as f:
+            return f.read()
+
     def fingerprint(self) -> str:
         return files_fingerprint(self.files)
 

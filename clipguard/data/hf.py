@@ -30,6 +30,22 @@ class HFReader(Reader):
     def open(self, i: int):
         return self.ds[i][self.column]
 
+    def __getstate__(self):
+        return {**self.__dict__, "_raw": None}  # each process makes its own undecoded view
+
+    def raw(self, i: int) -> bytes | None:
+        """The stored bytes of an ``Image`` column (None for another column type, or an image stored by path)."""
+        if getattr(self, "_raw", None) is None:
+            import datasets
+
+            feature = self.ds.features[self.column]
+            self._raw = self.ds.cast_column(self.column, datasets.Image(decode=False)) \
+                if isinstance(feature, datasets.Image) else False
+        if self._raw is False:
+            return None
+        cell = self._raw[i][self.column]
+        return cell.get("bytes") if isinstance(cell, dict) else None
+
     def fingerprint(self) -> str:
         return f"{self.ds._fingerprint}:{self.column}"
 

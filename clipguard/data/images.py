@@ -27,10 +27,18 @@ def as_size(size) -> tuple[int, int] | None:
     return (h, w)
 
 
-def protocol_name(size) -> str:
-    """What records store as ``dataset.preprocess``: ``native`` or ``open_clip eval geometry HxW``."""
+def protocol_name(size, decode_device=None) -> str:
+    """What records store as ``dataset.preprocess``: ``native`` or ``open_clip eval geometry HxW`` (plus the
+    decoder, for ``--decode device`` on ``decode_device``)."""
     size = as_size(size)
-    return NATIVE if size is None else f"open_clip eval geometry {size[0]}x{size[1]}"
+    if size is None:
+        return NATIVE
+    name = f"open_clip eval geometry {size[0]}x{size[1]}"
+    if decode_device is not None:
+        from clipguard.data.device_decode import protocol_suffix
+
+        name += protocol_suffix(decode_device)
+    return name
 
 
 def eval_geometry(img, size):

@@ -89,7 +89,8 @@ def list_dataset_kinds() -> list[str]:
 def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | None = None, seed: int = 0,
                  image_column: str | None = None, label_column: str | None = None,
                  size: int | tuple[int, int] | None = None, mode: str = "auto", workers: int | None = None,
-                 use_prepared: bool = True, streaming: bool = False) -> ImageSet:
+                 use_prepared: bool = True, streaming: bool = False, decode: str = "pil",
+                 decode_device=None) -> ImageSet:
     """Load a dataset as uint8 images, through the one preprocessing protocol.
 
     Args:
@@ -106,6 +107,9 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
         workers: decode processes (None: the machine's cores; 0: this process).
         use_prepared: read a finished prepared cache of exactly this selection and size when one exists.
         streaming: an ``hf`` hub dataset read as a stream: its first ``limit`` rows, nothing else downloaded.
+        decode: ``pil`` (the protocol, on the CPU workers) or ``device``: JPEG files decoded and resized on
+            ``decode_device`` (:mod:`clipguard.data.device_decode`; close to PIL, not identical: the record's
+            ``preprocess`` names it). Needs a ``size`` and files to decode (not the toy set, not ``--streaming``).
 
     Returns:
         An ImageSet whose ``images`` is a uint8 (N, 3, H, W) tensor or an ``ImageStream`` of that shape, and whose
@@ -114,12 +118,25 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
     Raises:
         ClipguardError: unknown spec, missing path, bad limit, unreachable hub, mixed sizes with ``size=None``.
     """
+    from clipguard.data.device_decode import check_decode
     from clipguard.data.images import as_size, protocol_name
 
     check_positive("--limit", limit, "a positive number of images (or omitted for all)")
     size = as_size(size)
     if isinstance(spec, str):
         spec = parse_dataset_spec(spec, image_column=image_column, label_column=label_column)
+    if check_decode(decode) == "device":
+        decode_device = torch.device(decode_device or "cpu")
+        why = ("the toy images are generated, not decoded" if spec.kind == "toy" else
+               "--streaming decodes the rows as they arrive" if streaming else
+               "a prepared cache holds decoded pixels" if spec.kind == "prepared" else
+               "it resizes to the model's input (--resolution model)" if size is None else None)
+        if why:
+            raise ClipguardError(f"--decode device does not apply to --dataset {spec.text!r}: {why}; "
+                                 "leave --decode at pil")
+    else:
+        decode_device = None
+    protocol = protocol_name(size, decode_device)
     if streaming and spec.kind != "hf":
         raise ClipguardError(f"--streaming reads Hugging Face hub datasets; {spec.text!r} is read from disk anyway")
     if spec.kind == "toy":
@@ -132,18 +149,19 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
                       name=spec.name, split=split, limit=limit, seed=seed, info=info)
     else:
         ds = from_source(SOURCES.get(spec.kind)(spec, split), spec, split, limit, seed, size, mode, workers,
-                          use_prepared)
+                          use_prepared, decode_device=decode_device)
     if len(ds) == 0:
         raise ClipguardError(f"--dataset {spec.text!r} split {split!r} holds no images")
     assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4, "datasets hold uint8 (N, 3, H, W)"
     assert size is None or tuple(ds.images.shape[-2:]) == size, "the source must apply the size it is given"
-    ds.info["preprocess"] = protocol_name(size)
+    ds.info["preprocess"] = protocol
     return ds
 
 
 def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, size, mode: str, workers,
-                 use_prepared: bool) -> ImageSet:
-    """The ``limit`` selection of ``src`` as an ImageSet: in memory, or streamed (by ``mode`` and size)."""
+                 use_prepared: bool, decode_device: torch.device | None = None) -> ImageSet:
+    """The ``limit`` selection of ``src`` as an ImageSet: in memory, or streamed (by ``mode`` and size);
+    ``decode_device``: JPEGs decoded there (``--decode device``)."""
     from clipguard.data.images import protocol_name, to_uint8_chw
 
     idx = stratified_indices(src.labels, limit, seed)
@@ -161,12 +179,12 @@ def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, si
             from clipguard.data.prepared import cache_key, find_prepared, prepared_root
 
             if prepared_root().is_dir():  # fingerprinting a source costs a stat per file: only when caches exist
-                found = find_prepared(cache_key(reader, idx, labels, protocol_name(size)))
+                found = find_prepared(cache_key(reader, idx, labels, protocol_name(size, decode_device)))
                 if found is not None:
                     from clipguard.data.prepared import PreparedReader
 
                     reader, positions, info["prepared"] = PreparedReader(found), np.arange(len(idx)), str(found)
-        stream = ImageStream(reader, positions, size, workers)
+        stream = ImageStream(reader, positions, size, workers, decode_device=decode_device)
         info["data_mode"] = choose_mode(mode, stream.nbytes())
         images = stream if info["data_mode"] == "stream" else _materialize(stream, spec)
     return ImageSet(images=images, labels=torch.from_numpy(np.ascontiguousarray(labels)), classnames=src.classnames,

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from clipguard.data.device_decode import is_jpeg
 from clipguard.errors import ClipguardError
 
 # The in-memory path is chosen up to this many bytes of uint8 pixels (auto mode); above it, the set streams.
@@ -56,6 +57,10 @@ class Reader:
 
     holds_pixels = False  # True: the source holds preprocessed uint8 pixels (a prepared cache): no decode
 
+    def raw(self, i: int) -> bytes | None:
+        """Item ``i``'s encoded bytes when they are a JPEG file (``--decode device`` decodes them), else None."""
+        return None
+
     def read_range(self, a: int, b: int, size) -> torch.Tensor:
         """uint8 (b - a, 3, H, W) for contiguous items of a source that ``holds_pixels``."""
         raise NotImplementedError
@@ -81,22 +86,31 @@ def files_fingerprint(paths: Sequence[str]) -> str:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """What a worker process runs: position -> (uint8 (3, H, W), seconds spent decoding)."""
+    """What a worker process runs: position -> (uint8 (3, H, W), seconds spent decoding). With ``raw`` (``--decode
+    device``) a JPEG item is only read: (its bytes as uint8 (L,), seconds); other items are decoded as usual."""
 
-    def __init__(self, reader: Reader, indices: np.ndarray, size: tuple[int, int]):
-        self.reader, self.indices, self.size = reader, indices, size
+    def __init__(self, reader: Reader, indices: np.ndarray, size: tuple[int, int], raw: bool = False):
+        self.reader, self.indices, self.size, self.raw = reader, indices, size, raw
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int):
         t0 = time.perf_counter()
-        a = self.reader.read(int(self.indices[k]), self.size)
+        i = int(self.indices[k])
+        data = self.reader.raw(i) if self.raw else None
+        if data is not None and is_jpeg(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), time.perf_counter() - t0
+        a = self.reader.read(i, self.size)
         return torch.from_numpy(a).permute(2, 0, 1).contiguous(), time.perf_counter() - t0
 
 
 def _collate(items):
     return torch.stack([x for x, _ in items]), sum(s for _, s in items)
+
+
+def _collate_list(items):  # --decode device: encoded and decoded items side by side, decoded together afterwards
+    return [x for x, _ in items], sum(s for _, s in items)
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -118,17 +132,24 @@ class _Ranges(torch.utils.data.Sampler):
 
 
 class DecodeStats:
-    """Decode seconds (summed over workers) and model-side seconds, to show which one bounds a run."""
+    """Decode seconds (summed over workers) and model-side seconds, to show which one bounds a run. With
+    ``--decode device`` the workers only read files, the device's decode counts as model-side time, and
+    ``by_pil`` counts the images that went through PIL all the same (not JPEG, or refused by the decoder)."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, on_device: bool = False):
         self.workers, self.images, self.decode_s, self.wait_s = max(1, workers), 0, 0.0, 0.0
+        self.on_device, self.by_pil = on_device, 0
 
     def rates(self, elapsed: float) -> dict:
         """{"decode_img_s": what the workers can deliver, "model_img_s": what the consumer processes}."""
         decode = self.images * self.workers / self.decode_s if self.decode_s else None
         busy = elapsed - self.wait_s
         model = self.images / busy if busy > 0 else None
-        return {"decode_img_s": round(decode, 1) if decode else None, "model_img_s": round(model, 1) if model else None}
+        out = {"decode_img_s": round(decode, 1) if decode else None,
+               "model_img_s": round(model, 1) if model else None}
+        if self.on_device:
+            out["decoded_on_device"], out["decoded_by_pil"] = self.images - self.by_pil, self.by_pil
+        return out
 
 
 class ImageStream:
@@ -140,17 +161,24 @@ class ImageStream:
         size: (H, W) every image is brought to (the model's input size).
         workers: decode processes for ``batches`` (0: decode in this process; None: the machine's cores, or 0
             for a set under :data:`SMALL_SET` images).
+        decode_device: ``--decode device``: JPEG items are decoded and resized on this device
+            (:mod:`clipguard.data.device_decode`) and batches come out there; None: the PIL protocol in the workers.
     """
 
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(self, reader: Reader, indices: Sequence[int], size: tuple[int, int], workers: int | None = None):
+    def __init__(self, reader: Reader, indices: Sequence[int], size: tuple[int, int], workers: int | None = None,
+                 decode_device: torch.device | None = None):
         self.reader, self.indices, self.size = reader, np.asarray(indices, dtype=np.int64), tuple(size)
         if workers is None:
             workers = default_workers() if len(self.indices) >= SMALL_SET else 0
         self.workers = workers
-        self.stats = DecodeStats(self.workers)
+        self.decode_device = None if reader.holds_pixels or decode_device is None else torch.device(decode_device)
+        self.stats = self.new_stats()
+
+    def new_stats(self) -> DecodeStats:
+        return DecodeStats(self.workers, on_device=self.decode_device is not None)
 
     @property
     def shape(self) -> torch.Size:
@@ -171,16 +199,36 @@ class ImageStream:
         src = self.indices[pos]
         if self.reader.holds_pixels and np.all(np.diff(src) == 1):
             return self.reader.read_range(int(src[0]), int(src[-1]) + 1, self.size)
+        if self.decode_device is not None:  # the same decode as the batches: the same pixels
+            items = _Decode(self.reader, src, self.size, raw=True)
+            return self._on_device([items[k][0] for k in range(len(src))]).cpu()
         arrays = [self.reader.read(int(i), self.size) for i in src]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
+    def _on_device(self, items: list[torch.Tensor]) -> torch.Tensor:
+        from clipguard.data.device_decode import decode_batch
+
+        x, by_pil = decode_batch(items, self.size, self.decode_device)
+        self.stats.by_pil += by_pil
+        return x
+
     def loader(self, batch_sampler, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-        """A DataLoader over positions: ``batch_sampler`` yields lists of positions; batches come in its order."""
+        """A DataLoader over positions: ``batch_sampler`` yields lists of positions; batches come in its order, as
+        (uint8 batch, decode seconds), or with ``decode_device`` as (list of items, seconds): see
+        :meth:`decoded`."""
+        raw = self.decode_device is not None
         return torch.utils.data.DataLoader(
-            _Decode(self.reader, self.indices, self.size), batch_sampler=batch_sampler, num_workers=self.workers,
-            collate_fn=_collate, pin_memory=pin_memory, worker_init_fn=_one_thread if self.workers else None,
+            _Decode(self.reader, self.indices, self.size, raw=raw), batch_sampler=batch_sampler,
+            num_workers=self.workers, collate_fn=_collate_list if raw else _collate,
+            pin_memory=pin_memory and not raw, worker_init_fn=_one_thread if self.workers else None,
             prefetch_factor=2 if self.workers else None,
             generator=torch.Generator().manual_seed(0))  # its worker seeds: never a draw from the global RNG
+
+    def decoded(self, batch_sampler, *, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        """The uint8 batches of ``batch_sampler`` (lists of positions) in its order: decoded by the workers, or
+        with ``decode_device`` read by them and decoded on the device (the batch is then on the device)."""
+        for x, _ in self.loader(batch_sampler, pin_memory=pin_memory):
+            yield self._on_device(x) if self.decode_device is not None else x
 
     def batches(self, batch_size: int, *, start: int = 0, stop: int | None = None,
                 pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
@@ -203,6 +251,8 @@ class ImageStream:
             except OSError as e:  # a file that does not decode: name it, no traceback
                 raise ClipguardError(f"cannot read an image ({str(e).splitlines()[0]})") from None
             self.stats.wait_s += time.perf_counter() - t0
+            if self.decode_device is not None:
+                x = self._on_device(x)
             self.stats.decode_s += seconds
             self.stats.images += len(x)
             yield a, x
@@ -222,7 +272,7 @@ def chunks(images, batch_size: int, *, pin_memory: bool = False, start: int = 0,
     stream's decoded batches."""
     stop = images.shape[0] if stop is None else stop
     if isinstance(images, ImageStream):
-        images.stats = DecodeStats(images.workers)  # each pass counts its own rates
+        images.stats = images.new_stats()  # each pass counts its own rates
         threads = torch.get_num_threads()
         if images.workers:  # the workers have the other cores: OpenMP threads here would only wait on them
             torch.set_num_threads(max(1, min(threads, default_workers() - images.workers)))

@@ -42,14 +42,16 @@ class TarReader(Reader):
     def __len__(self) -> int:
         return len(self.where)
 
-    def open(self, i: int):
-        from PIL import Image
-
+    def raw(self, i: int) -> bytes:
         shard, offset, size = (int(v) for v in self.where[i])
         with open(self.shards[shard], "rb") as f:
             f.seek(offset)
-            data = f.read(size)
-        with Image.open(io.BytesIO(data)) as im:
+            return f.read(size)
+
+    def open(self, i: int):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.raw(i))) as im:
             return im.convert("RGB")
 
     def fingerprint(self) -> str:

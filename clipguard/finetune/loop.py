@@ -243,9 +243,9 @@ def epoch_batches(data, order: torch.Tensor, position: int, bs: int):
             yield idx, data.images[idx], len(g)
         return
     nonempty = [r.tolist() for r in ranges if len(r)]
-    loader = iter(data.images.loader(nonempty, pin_memory=torch.cuda.is_available())) if nonempty else iter(())
+    loader = iter(data.images.decoded(nonempty, pin_memory=torch.cuda.is_available())) if nonempty else iter(())
     for idx, g in zip(ranges, steps, strict=True):
-        yield idx, (next(loader)[0] if len(idx) else None), len(g)
+        yield idx, (next(loader) if len(idx) else None), len(g)
 
 
 def _mean(xs: list[float]) -> float | None:

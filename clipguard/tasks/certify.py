@@ -107,7 +107,8 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
     checks, empirical = _checks(p, cfg, smoothed, certs, radii)
     timings["check_wall_s"] = round(time.perf_counter() - t0, 3)
     return make_record("certified_robustness", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
-                       timings=timings, text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg),
+                       timings=p.timings(timings), text_embeddings=p.text.to_record(), adapter=cfg.run.adapter,
+                       config=flat(cfg),
                        smoothing=_protocol(cfg, p), empirical_l2=empirical, checks=checks,
                        checks_passed=all(c["passed"] for c in checks), per_image=_per_image(p, certs, base_pred))
 

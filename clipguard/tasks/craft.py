@@ -31,7 +31,7 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
         raise ClipguardError("--quantize rounds within an L-inf ball; with --norm l2 rounding can leave the L2 ball, "
                              "so it is not offered: save the float set (drop --quantize)")
     resolution = load_resolution(cfg)
-    p = prepare(cfg.run, resolution=resolution)
+    p = prepare(cfg.run, resolution=resolution, attack_precision=cfg.attack_precision)  # --compile: warmed up
     surrogate = None
     if cfg.surrogate:  # crafted on the dataset's own images
         from clipguard.attacks.surrogates import build_surrogate
@@ -69,5 +69,5 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
         metrics.update(surrogate_clean_acc=entry["surrogate_clean_acc"],
                        surrogate_robust_acc=entry["surrogate_robust_acc"])
     return make_record("attack", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
-                       timings=run.timings, attack=attack, adv_set={"path": str(out), "quantized": quantize},
+                       timings=p.timings(run.timings), attack=attack, adv_set={"path": str(out), "quantized": quantize},
                        stats=run.stats, pngs=pngs, config=flat(cfg))

@@ -66,8 +66,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     on_batch = (lambda a, b, x: digests.extend(image_digests(x))) if cfg.predictions else None
     logits, timings = predict_logits(p.classifier, p.data.images, batch_size=cfg.run.batch_size,
                                      precision=p.clip.precision, progress=progress, on_batch=on_batch)
-    if p.compile_s is not None:  # compiling happened in prepare: reported apart, outside every img/s figure
-        timings["compile_s"] = p.compile_s
+    timings = p.timings(timings)  # --compile: compiling happened in prepare, reported apart
     metrics = classification_metrics(logits, p.data.labels)
     extra, task = {}, "zeroshot_classification"
     if cfg.attack:

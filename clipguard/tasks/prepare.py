@@ -17,6 +17,11 @@ class Prepared:
     classifier: object  # models.classifier.ZeroShotClassifier ([0, 1] pixels -> logits), eval mode
     compile_s: float | None = None  # --compile: seconds compiling + warming up (timings["compile_s"]); None: eager
 
+    def timings(self, timings: dict) -> dict:
+        """A record's ``timings`` plus ``compile_s`` when --compile compiled the classifier in :func:`prepare`
+        (apart from, and outside, every img/s figure)."""
+        return timings if self.compile_s is None else {**timings, "compile_s": self.compile_s}
+
 
 def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str | None = None,
             **overrides) -> Prepared:
@@ -47,7 +52,7 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
     clip = load_clip(mspec, device=run.device, precision=run.precision)
     size = clip.input_size if resolution == "model" else None
     data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size, mode=run.data_mode,
-                        workers=run.workers, streaming=run.streaming)
+                        workers=run.workers, streaming=run.streaming, decode=run.decode, decode_device=clip.device)
     prompts = load_prompts(data.name, prompts_file=run.prompts, templates=run.templates,
                            fallback_classnames=data.classnames, fallback_templates=data.templates)
     n_classes = len(data.classnames) if data.classnames else int(data.labels.max()) + 1

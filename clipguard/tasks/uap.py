@@ -87,8 +87,9 @@ def resolve_target(name: str | None, classnames: list[str]) -> int | None:
                          + (f" (did you mean {close}?)" if close else f" ({known})"))
 
 
-def _prepare(cfg, resolution: str):
-    return prepare(cfg.run, resolution=resolution, precision="fp32")  # UAPs are fitted and scored in fp32
+def _prepare(cfg, resolution: str, *, gradients: bool = False):
+    """UAPs are fitted and scored in fp32; fitting takes gradients (--compile warms that pass up too)."""
+    return prepare(cfg.run, resolution=resolution, precision="fp32", attack_precision="fp32" if gradients else None)
 
 
 def _inputs(p, resolution: str):
@@ -131,7 +132,7 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     if ucfg.method != "sgd" and world_size() > 1:
         raise ClipguardError(f"--method {ucfg.method} fits on one process (its loop walks the images one by one); "
                              "under torchrun use --method sgd, or run this without torchrun")
-    p = _prepare(cfg, ucfg.resolution)
+    p = _prepare(cfg, ucfg.resolution, gradients=True)
     ucfg = replace(ucfg, target_class=resolve_target(cfg.target_class, p.prompts.classnames))
     inputs = _inputs(p, ucfg.resolution)
     # Fitting draws random batches over the whole set: a streamed set is decoded into memory once.
@@ -156,7 +157,8 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) \
         if cfg.png and is_main() else []
     return make_record("uap_fit", clip=p.clip, dataset=p.data, prompts=p.prompts,
-                       metrics={**metrics, "fooling_history": fit.history}, timings=fit.timings, attack=attack,
+                       metrics={**metrics, "fooling_history": fit.history}, timings=p.timings(fit.timings),
+                       attack=attack,
                        uap={"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
                             "linf": float(fit.delta.abs().max()), "l2": float(fit.delta.norm(p=2))},
                        checks=checks, checks_passed=all(c["passed"] for c in checks), pngs=pngs,
@@ -214,7 +216,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
             "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.run.adapter}
     pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png and is_main() else []
     return make_record("uap_evaluation", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
-                       timings={"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)},
+                       timings=p.timings({"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)}),
                        attack=uap.manifest["attack"], uap=info, checks=checks,
                        checks_passed=all(c["passed"] for c in checks), warnings=warnings, pngs=pngs,
                        text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg))
