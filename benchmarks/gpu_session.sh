@@ -31,6 +31,8 @@ case $part in
         --out "$OUT/perf_eval-vit-l-14-random-$gpu.json"
     python3 perf_attack.py --attack-all --out "$OUT/perf_attack-$gpu.json"
     python3 perf_attack.py --attack-all --compile --out "$OUT/perf_attack-compile-$gpu.json"
+    python3 perf_attack.py --attack-all --compile --compile-mode reduce-overhead \
+        --out "$OUT/perf_attack-cudagraphs-$gpu.json"
     ;;
 2)  # 10,000 JPEGs end to end (eval + PGD-10), PIL workers vs nvJPEG; LoRA-TeCoA with a 10-step inner attack
     python3 perf_decode.py --model ViT-B-32:none --n 10000 --batch-size 500 --out "$OUT/perf_decode-$gpu.json"

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--compile", action="store_true", help="torch.compile the classifier first")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--attack-all", action="store_true",
                     help="label images with the model's clean predictions: every image is attacked (throughput)")
     ap.add_argument("--out", required=True)
@@ -66,8 +67,8 @@ def main() -> None:
         if args.attack_all:  # clean-correct by construction: RobustBench's accounting then attacks them all
             data.labels = predict_logits(clf, data.images, batch_size=bs[kind], progress=False)[0].argmax(1)
         shape = (3, *clip.input_size)  # the attack perturbs (and the classifier sees) the model's input size
-        compile_s = compile_classifier(clf, shape, precision="fp32", attack_precision="fp32") if args.compile \
-            else None
+        compile_s = compile_classifier(clf, shape, precision="fp32", attack_precision="fp32",
+                                       mode=args.compile_mode) if args.compile else None
         run_attack(clf, data.images[: bs[kind]], data.labels[: bs[kind]], cfg, batch_size=bs[kind], progress=False)
         run = run_attack(clf, data.images, data.labels, cfg, batch_size=bs[kind], progress=False)
         n, attacked = len(data), int(run.attacked.sum())
@@ -79,6 +80,7 @@ def main() -> None:
                            precision=rf.matmul_precision("fp32", dev), device=dev, flops_model=what)
         results[name] = {"model_spec": spec, "n": n, "batch_size": bs[kind],
                          "input_size": list(clip.input_size), "attacked": attacked, "compile_s": compile_s,
+                         "compile_mode": args.compile_mode if args.compile else None,
                          "images_per_s": run.timings["images_per_s"], "wall_s": run.timings["wall_s"],
                          "robust_acc": (run.adv_pred == data.labels).float().mean().item(), "roofline": line}
         print(f"{name}: PGD-{args.steps} {run.timings['images_per_s']:,.1f} img/s ({n} images, {dev})")

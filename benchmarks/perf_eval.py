@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="tile the images R times (longer timed runs on a GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile clipguard's classifier first")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -78,8 +79,8 @@ def main() -> None:
     _sync(dev)
     text_s = time.perf_counter() - t0
     clf = ZeroShotClassifier.from_clip(clip, emb).eval()
-    compile_s = compile_classifier(clf, tuple(data.images.shape[1:]), precision=clip.precision) if args.compile \
-        else None
+    compile_s = compile_classifier(clf, tuple(data.images.shape[1:]), precision=clip.precision,
+                                   mode=args.compile_mode) if args.compile else None
     predict_logits(clf, data.images[: args.batch_size], batch_size=args.batch_size, precision=clip.precision,
                    progress=False)  # warm-up
     ours, timing = predict_logits(clf, data.images, batch_size=args.batch_size, precision=clip.precision,
@@ -109,7 +110,9 @@ def main() -> None:
         "resolution_in": list(data.images.shape[-2:]),
         "model_input": list(clip.input_size), "precision": clip.precision,
         "clipguard": {"images_per_s": ours_ips, "wall_s": timing["wall_s"], "text_embeddings_s": round(text_s, 3),
-                      "compile_s": compile_s, "acc1": classification_metrics(ours, data.labels)["acc1"]},
+                      "compile_s": compile_s,
+                      "compile_mode": args.compile_mode if args.compile else None,
+                      "acc1": classification_metrics(ours, data.labels)["acc1"]},
         "clip_benchmark": {"images_per_s": theirs_ips, "wall_s": round(their_s, 4), "dataloader_workers": args.workers,
                            "acc1": classification_metrics(theirs, data.labels)["acc1"]},
         "speedup": round(ours_ips / theirs_ips, 3), "top1_agreement": agree,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 DATA_MODES = ("auto", "memory", "stream")  # how a dataset is held: data.stream.choose_mode
 DECODES = ("pil", "device")  # how files are decoded: data.device_decode
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RunOptions:
     streaming: bool = False  # hf: hub datasets: read the first --limit rows as a stream, download nothing else
     decode: str = "pil"  # pil (the protocol, CPU workers) | device (JPEGs decoded + resized on --device)
     compile: bool = False  # torch.compile the classifier's forward (compile time is reported apart from run time)
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune ...
 
     def check(self) -> RunOptions:
         """Cheap checks before anything loads: positive --limit / --batch-size, parseable specs."""
@@ -44,6 +46,10 @@ class RunOptions:
         if self.workers is not None and self.workers < 0:
             raise ClipguardError(f"--workers {self.workers} must be >= 0 (0 decodes in the main process)")
         check_decode(self.decode)
+        if self.compile_mode not in COMPILE_MODES:
+            raise ClipguardError(f"--compile-mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ClipguardError(f"--compile-mode {self.compile_mode} chooses how --compile compiles: add --compile")
         if self.data_mode not in DATA_MODES:
             raise ClipguardError(f"--data-mode {self.data_mode!r}: use auto, memory or stream")
         parse_model_spec(self.model)
@@ -66,7 +72,7 @@ RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
 # tolerance), with their defaults. ``flat`` leaves them out at their default, so no record or config hash of a run
 # made before they existed changes; a hash that must ignore them when set too (a resumed fine-tuning run) lists
 # them among its unhashed fields.
-SPEED_ONLY = {"compile": False}
+SPEED_ONLY = {"compile": False, "compile_mode": "default"}
 
 # Fields that ``flat`` leaves out at their default, so records and config hashes made before the field existed stay
 # valid: the speed-only ones, and ``decode`` (``device`` changes pixels slightly, so once set it is hashed).

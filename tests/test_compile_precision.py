@@ -118,6 +118,35 @@ def test_compile_changes_no_config_hash():
     assert "compile" not in hashed_fields(finetune_config(model="toy", dataset="toy"))
 
 
+def test_compile_mode_reaches_torch_compile_and_is_speed_only(monkeypatch):
+    """--compile-mode is handed to torch.compile (reduce-overhead = CUDA graphs on a GPU; on this CPU it compiles as
+    default, so the predictions stay eager's), is left out of records at its default and never hashed."""
+    from clipguard.finetune.config import finetune_config, hashed_fields
+
+    seen = []
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: (seen.append(kw), real(self, **kw))[1])
+    eager, e = _eval_spied(monkeypatch)
+    rec, c = _eval_spied(monkeypatch, compile=True, compile_mode="reduce-overhead")
+    assert seen == [{"mode": "reduce-overhead"}]
+    assert torch.equal(c["logits"].argmax(1), e["logits"].argmax(1)) and c["new_graphs"] == 0
+    assert rec["config"]["compile_mode"] == "reduce-overhead" and "compile_mode" not in eager["config"]
+    assert "compile_mode" not in hashed_fields(finetune_config(model="toy", dataset="toy", compile=True,
+                                                               compile_mode="max-autotune"))
+
+
+@pytest.mark.parametrize("opts, says", [
+    ({"compile": True, "compile_mode": "fastest"}, "--compile-mode 'fastest': use one of default, reduce-overhead"),
+    ({"compile_mode": "reduce-overhead"}, "add --compile"),
+])
+def test_bad_compile_mode_is_one_line(opts, says):
+    from clipguard.errors import ClipguardError
+    from clipguard.run_options import RunOptions
+
+    with pytest.raises(ClipguardError, match=says):
+        RunOptions(**opts).check()
+
+
 def test_compile_is_one_shared_option_in_the_performance_panel(cli, monkeypatch):
     import clipguard.tasks.eval as ev
     from clipguard.cli import options as o

@@ -169,3 +169,40 @@ def test_training_batches_decode_on_the_device_in_the_seeded_order(jpeg_folder):
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     for idx, x, _ in epoch_batches(ds, order, 0, 32):
         assert torch.equal(x.cpu(), ds.images[idx])
+
+
+def test_hf_arrow_jpeg_bytes_decode_on_the_device(jpeg_folder, tmp_path):
+    """An HF dataset stores each image's encoded bytes: its JPEGs are read undecoded and decoded on the device."""
+    import datasets
+
+    from clipguard.data.toy import TOY_CLASSNAMES
+
+    _, files = jpeg_folder
+    jpegs = [f for f in files if f.suffix == ".jpg"][:40]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=TOY_CLASSNAMES)})
+    rows = {"image": [{"bytes": f.read_bytes(), "path": None} for f in jpegs],
+            "label": [TOY_CLASSNAMES.index(f.parent.name) for f in jpegs]}
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "arrow"))
+    p, pred, timings = _eval(f"hf:{tmp_path / 'arrow'}", split="train", decode="device", data_mode="stream",
+                             workers=0)
+    assert timings["decoded_on_device"] == len(jpegs) and timings["decoded_by_pil"] == 0
+    ref, pred_pil, _ = _eval(f"hf:{tmp_path / 'arrow'}", split="train")
+    assert (pred == pred_pil).float().mean() >= TOLERANCE["top1_agreement"]
+
+
+@pytest.mark.gpu
+def test_batches_copied_ahead_are_the_batches(toy_prepared):
+    """copied_ahead (pinned, side-stream copies one batch ahead) hands over exactly the bytes a plain .to() moves,
+    in order, and predictions through run_batches are those of the CPU."""
+    from clipguard.models.inference import copied_ahead, predict_logits
+
+    images = toy_prepared.data.images
+    walk = ((a, images[a:a + 64]) for a in range(0, len(images), 64))
+    got = list(copied_ahead(walk, torch.device("cuda")))
+    assert [a for a, _ in got] == list(range(0, len(images), 64))
+    assert all(x.is_cuda and torch.equal(x.cpu(), images[a:a + 64]) for a, x in got)
+    clf = toy_prepared.classifier
+    cpu = predict_logits(clf, images, batch_size=64, progress=False)[0]
+    gpu = predict_logits(clf.to("cuda"), images, batch_size=64, progress=False)[0]
+    clf.to("cpu")
+    assert (gpu.argmax(1) == cpu.argmax(1)).float().mean() >= 0.99

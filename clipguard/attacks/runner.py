@@ -102,7 +102,7 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
     t0, n = time.perf_counter(), images.shape[0]
     with progress_bar(n, description or f"{cfg.name} eps={cfg.eps.text}", enabled=progress,
                       sharded=True) as advance:
-        batch_size = run_batches(images, batch_size, compute, consume)
+        batch_size = run_batches(images, batch_size, compute, consume, device=device)
     stats.pop("correct")
     # Under torchrun: every rank's images, in dataset order, on every rank (a no-op in one process).
     stats = merge_stats(gather_objects(stats))

@@ -55,6 +55,10 @@ DecodeOpt = Annotated[str, typer.Option(help="pil (the protocol: PIL on the deco
                                              "decoded by torchvision on --device, nvJPEG on a GPU, and resized "
                                              "there; within the README's tolerance of pil, named in the record).",
                                         rich_help_panel=PERF)]
+CompileModeOpt = Annotated[str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead (CUDA "
+                                                  "graphs: replays each batch shape's kernels without launch "
+                                                  "overhead), max-autotune or max-autotune-no-cudagraphs.",
+                                             rich_help_panel=PERF)]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the classifier's forward (inductor; "
                                                           "compile time is reported apart from run time).",
                                          rich_help_panel=PERF)]
@@ -63,7 +67,8 @@ _RUN_PARAMS = {"model": ModelOpt, "dataset": DatasetOpt, "split": SplitOpt, "lim
                "prompts": PromptsOpt, "templates": TemplatesOpt, "image_column": ImageColOpt,
                "label_column": LabelColOpt, "adapter": AdapterOpt, "device": DeviceOpt, "precision": PrecisionOpt,
                "batch_size": BatchOpt, "workers": WorkersOpt, "data_mode": DataModeOpt, "streaming": StreamingOpt,
-               "decode": DecodeOpt, "compile": CompileOpt}
+               "decode": DecodeOpt, "compile": CompileOpt,
+               "compile_mode": CompileModeOpt}
 
 
 def _option_group(arg: str, params: dict, base: dict, make, *, exclude: tuple[str, ...] = (),

@@ -74,13 +74,14 @@ WARMUP_IMAGES = 4  # images in the dummy batch a compiled classifier is warmed u
 
 
 def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision: str = "fp32",
-                       attack_precision: str | None = None) -> float:
+                       attack_precision: str | None = None, mode: str = "default") -> float:
     """``torch.compile`` the classifier's forward in place (``nn.Module.compile``: the same object, attributes
     and state_dict keys, so every attack and evaluation uses it unchanged) and warm it up on one dummy batch of
     ``image_shape`` (C, H, W) for each pass that follows, so compiling happens here and not inside a timed run:
     the clean forward (no grad, ``precision``) and, when an attack follows, its forward and forward + backward in
     ``attack_precision``. The batch dimension is marked dynamic: any batch size (but 1, which dynamo specialises)
-    reuses the same graphs.
+    reuses the same graphs. ``mode`` is torch.compile's (``reduce-overhead``: CUDA graphs, recorded per batch
+    shape on first use; on a CPU it compiles as ``default``).
 
     Returns:
         Seconds spent compiling and warming up (the record's ``compile_s``, apart from run time).
@@ -97,7 +98,7 @@ def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision
     passes = [(False, precision)]
     if attack_precision is not None:
         passes += [(False, attack_precision), (True, attack_precision)]
-    classifier.compile()
+    classifier.compile(mode=None if mode == "default" else mode)
     t0 = time.perf_counter()
     try:
         for grad, prec in dict.fromkeys(passes):  # each (grad mode, autocast) pair is one graph; once each

@@ -60,17 +60,73 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_batches(images, batch_size: int, compute, consume) -> int:
+def copied_ahead(batches, device: torch.device | None):
+    """(position, batch) pairs of ``batches`` with each batch on ``device``, copied while the model works.
+
+    On CUDA a helper thread draws and pins batch k + 2 (page-locked memory: the copy can run asynchronously), batch
+    k + 1 is copied on a side stream, and batch k is handed over once the current stream is made to wait for its
+    copy: the host-to-device copy overlaps the model's kernels instead of queuing behind them on one stream.
+    Batches already on the device (``--decode device``) pass through. Elsewhere this is ``batches`` unchanged
+    (``to_pixels`` moves each batch when it is used)."""
+    if device is None or device.type != "cuda":
+        yield from batches
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    side = torch.cuda.Stream(device)
+    it = iter(batches)
+
+    def draw():
+        item = next(it, None)
+        if item is None or item[1].is_cuda or item[1].is_pinned():
+            return item
+        return item[0], item[1].pin_memory()
+
+    def copy(item):
+        a, x = item
+        if x.is_cuda:
+            return a, x, None
+        with torch.cuda.stream(side):
+            y = x.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(side)
+        return a, y, done
+
+    def hand_over(staged):
+        a, y, done = staged
+        if done is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            y.record_stream(current)  # allocated on the side stream, used on this one
+        return a, y
+
+    staged = None
+    with ThreadPoolExecutor(1, thread_name_prefix="clipguard-pin") as pool:
+        upcoming = pool.submit(draw)
+        while (item := upcoming.result()) is not None:
+            upcoming = pool.submit(draw)
+            issued = copy(item)
+            if staged is not None:
+                yield hand_over(staged)
+            staged = issued
+    if staged is not None:
+        yield hand_over(staged)
+
+
+def run_batches(images, batch_size: int, compute, consume, *, device: torch.device | None = None) -> int:
     """Walk ``images`` (a uint8/float tensor or an ``ImageStream``) in order: ``out = compute(a, b, x)`` on the
     batch ``x`` = images[a:b], then ``consume(a, b, out)``. A CUDA out-of-memory error inside ``compute`` halves
     the batch and retries it (``consume`` only ever sees finished batches). Returns the batch size that worked.
+    With a CUDA ``device`` the batches arrive there already, copied while the previous one ran
+    (:func:`copied_ahead`).
 
     Under torchrun each rank walks only its own whole batches (:func:`clipguard.distributed.batch_range`): the
     caller gathers what ``consume`` kept (:func:`clipguard.distributed.gather_rows`)."""
     pin = torch.cuda.is_available()
     start_ranks()  # under torchrun: from here an error on one rank is printed by that rank
     first, last = batch_range(images.shape[0], batch_size)
-    for start, chunk in chunks(images, batch_size, pin_memory=pin, start=first, stop=last):
+    walk = chunks(images, batch_size, pin_memory=pin, start=first, stop=last)
+    for start, chunk in copied_ahead(walk, device):
         i = 0
         while i < chunk.shape[0]:
             stop = min(i + batch_size, chunk.shape[0])
@@ -121,7 +177,7 @@ def predict_logits(classifier, images, *, batch_size: int = 256, precision: str 
             out.append(logits)
             advance(b - a, **rate_fields(images, time.perf_counter() - t0))
 
-        batch_size = run_batches(images, batch_size, compute, consume)
+        batch_size = run_batches(images, batch_size, compute, consume, device=device)
     logits = gather_rows(torch.cat(out) if out else torch.empty(0, num_classes))
     if device.type == "cuda":
         torch.cuda.synchronize()

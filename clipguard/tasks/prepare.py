@@ -71,5 +71,5 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
     compile_s = None
     if run.compile:
         compile_s = compile_classifier(classifier, tuple(data.images.shape[1:]), precision=clip.precision,
-                                       attack_precision=attack_precision)
+                                       attack_precision=attack_precision, mode=run.compile_mode)
     return Prepared(clip, data, prompts, text, classifier, compile_s)

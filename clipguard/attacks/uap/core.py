@@ -200,8 +200,8 @@ def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: 
             advance(b - a, fooling=changed / done)
 
     # the shared batch walker: a stream decoded by its workers, under torchrun this rank's batches (gathered below)
-    run_batches(images, batch_size, compute, consume)
     device = model.text_embeddings.device if hasattr(model, "text_embeddings") else None
+    run_batches(images, batch_size, compute, consume, device=device)
     return [gather_rows(torch.cat(p) if p else torch.empty(0, dtype=torch.long, device=device)) for p in out]
 
 
