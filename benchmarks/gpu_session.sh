@@ -39,9 +39,15 @@ case $part in
     python3 perf_finetune.py --model ViT-B-32:none --methods lora --attack-steps 10 --batch-size 256 --steps 20 \
         --out "$OUT/perf_finetune-vit-b-32-random-$gpu.json"
     ;;
-3)  # AutoAttack standard on 1,000 images: clipguard's runs against the reference package called directly
+3)  # AutoAttack standard on 1,000 images: clipguard's runs against the reference package called directly;
+    # compiled fine-tuning (LoRA on the MLPs: peft's attention LoRA does not compile; VPT; full)
     python3 perf_autoattack.py --model ViT-B-32:none --n 1000 --batch-size 500 \
         --out "$OUT/autoattack-vit-b-32-random-$gpu.json"
+    python3 perf_finetune.py --model ViT-B-32:none --methods lora --lora-targets c_fc,c_proj --attack-steps 10 \
+        --batch-size 256 --steps 20 --out "$OUT/perf_finetune-vit-b-32-random-mlp-lora-$gpu.json"
+    python3 perf_finetune.py --model ViT-B-32:none --methods lora,vpt,full --lora-targets c_fc,c_proj \
+        --attack-steps 10 --batch-size 256 --steps 20 --compile \
+        --out "$OUT/perf_finetune-vit-b-32-random-compile-$gpu.json"
     ;;
 *)  echo "unknown part $part: 1, 2 or 3" >&2; exit 2 ;;
 esac

@@ -30,7 +30,8 @@ def _config(args, method: str, steps: int, out: str):
     return finetune_config(model=args.model, dataset=args.dataset, split="train", limit=steps * args.batch_size,
                            method=method, objective=args.objective, eps=args.eps, steps=args.attack_steps, epochs=1,
                            batch_size=args.batch_size, lr=lr, device=args.device, run_dir=out, save_every=0,
-                           eval_limit=4, eval_batch_size=4, eval_steps=1)
+                           eval_limit=4, eval_batch_size=4, eval_steps=1, compile=args.compile,
+                           lora_targets=args.lora_targets.split(",") if args.lora_targets else None)
 
 
 def _run(args, method: str, steps: int, out: str) -> dict:
@@ -74,6 +75,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="finetune --compile (compile_s apart from the timing; "
+                    "LoRA needs --lora-targets off the attention modules)")
+    ap.add_argument("--lora-targets", default=None, help="LoRA targets, comma list (default: the attention modules)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.threads:
@@ -95,6 +99,7 @@ def main() -> None:
             results.append({"method": method, "objective": args.objective, "steps": t["steps"], "images": t["images"],
                             "wall_s": t["wall_s"], "images_per_s": t["images_per_s"],
                             "trainable_params": t["trainable_params"], "loss_last": t["loss_last10"],
+                            "compile_s": t.get("compile_s"), "lora_targets": args.lora_targets,
                             "roofline": line})
             print(f"{args.model} {method:5s} {t['images_per_s']:>9,.1f} img/s  ({t['images']} images, "
                   f"{t['wall_s']:.2f} s, {t['trainable_params']:,} trainable)")
@@ -102,7 +107,8 @@ def main() -> None:
     env = rec["environment"] if rec else environment()
     out = {"schema": "clipguard.perf/1", "benchmark": "perf_finetune", "model_spec": args.model,
            "dataset": args.dataset, "batch_size": args.batch_size, "attack_steps": args.attack_steps,
-           "eps": args.eps, "device": env.get("device"), "precision": env.get("precision"), "results": results,
+           "eps": args.eps, "compile": args.compile, "device": env.get("device"), "precision": env.get("precision"),
+           "results": results,
            "environment": {**env, "cpu_threads": torch.get_num_threads()}}
     write_record(args.out, out)
     print(f"-> {args.out}")

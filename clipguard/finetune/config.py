@@ -122,6 +122,10 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.method == "lora" and cfg.lora_dropout and not cfg.lora_targets:  # default targets: attention modules
         raise ClipguardError("LoRA on nn.MultiheadAttention merges its weights each forward, so dropout never "
                              "applies: use --lora-dropout 0 (or --lora-targets c_fc,c_proj, where it does)")
+    if cfg.method == "lora" and cfg.run.compile and not cfg.lora_targets:  # default targets: attention modules
+        from clipguard.finetune.methods import LORA_MHA_NO_COMPILE
+
+        raise ClipguardError(LORA_MHA_NO_COMPILE)
     if cfg.run.precision == "fp16":
         raise ClipguardError("--precision fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
     if cfg.train_attack == "transfer" and not cfg.surrogate:

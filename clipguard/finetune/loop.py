@@ -97,6 +97,46 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
                  resolution, autocast)
 
 
+def compile_trainable(s: Setup, shape: tuple[int, ...], device: torch.device, mode: str = "default") -> float:
+    """``--compile``: torch.compile the trainable classifier in place (parameters, adapter and checkpoints are the
+    same objects) and warm up the passes a step takes on one mid-grey batch (the adversary's forward + input
+    gradient in eval mode, the objective's forward + backward in train mode; shapes dynamic), so no timed step
+    compiles. Random state, buffers and gradients are put back: the run draws what an eager run draws.
+    Returns the seconds it took (the summary's ``compile_s``, outside images/s)."""
+    from clipguard.models.classifier import WARMUP_IMAGES, compile_failed
+
+    t0 = time.perf_counter()
+    rng = capture_rng(torch.Generator())
+    buffers = {k: b.clone() for k, b in s.model.named_buffers()}
+    # dynamic=True: the adversary perturbs tensors it makes itself (no batch dimension to mark), so a static first
+    # graph would recompile at the first real batch, inside the timed loop
+    s.model.compile(mode=None if mode == "default" else mode, dynamic=True)
+    try:
+        x = torch.full((WARMUP_IMAGES, *shape), 0.5, device=device)
+        y = torch.zeros(WARMUP_IMAGES, dtype=torch.long, device=device)
+        s.model.eval()
+        ref = None
+        if s.objective.reference:
+            with torch.no_grad(), s.autocast():
+                ref = s.frozen.visual(s.frozen.preprocess(x)).float()
+        x_adv = s.adversary(x, y, ref)
+        s.model.train()
+        with s.autocast():
+            s.objective.loss(s.model, x_adv, y, ref).mean().backward()
+    except Exception as e:
+        raise compile_failed(e) from None
+    finally:
+        for q in s.params:
+            q.grad = None
+        with torch.no_grad():
+            for k, b in s.model.named_buffers():
+                b.copy_(buffers[k])
+        restore_rng(rng, torch.Generator())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return round(time.perf_counter() - t0, 3)
+
+
 def restore(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator) -> tuple[int, int, int, torch.Tensor, float]:
     """Load ``cfg.resume``'s checkpoint into ``s`` and the data generator; returns (step, epoch, position, order,
     loss) exactly where the checkpoint left off."""
@@ -130,6 +170,10 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
 
     s = setup(cfg, p)
     out, chash, bs, dev = Path(cfg.run_dir), config_hash(cfg), cfg.run.batch_size, p.clip.device
+    compile_s = None
+    if cfg.run.compile:  # before anything draws from the seeded streams, and before the clock starts
+        shape = (3, *p.clip.input_size) if s.resolution == "model" else tuple(p.data.images.shape[1:])
+        compile_s = compile_trainable(s, shape, dev, cfg.run.compile_mode)
     labels, n, ranks = p.data.labels, len(p.data), world_size()
     start_ranks()  # from here an error on one rank is printed by that rank
     if ranks > 1:  # same initial weights on every rank (setup's seed); random starts differ from here on
@@ -225,7 +269,7 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             "epochs": cfg.epochs, "max_steps": cfg.max_steps,
             "data_mode": "stream" if p.data.streamed else "memory",
             "resumed_from_step": start_step if cfg.resume else None, "images": seen, "wall_s": round(wall, 3),
-            "images_per_s": round(seen / wall, 2) if wall else None, "lr": s.lr,
+            "images_per_s": round(seen / wall, 2) if wall else None, "compile_s": compile_s, "lr": s.lr,
             "trainable_params": sum(q.numel() for q in s.params),
             "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:])}
 

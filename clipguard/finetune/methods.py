@@ -24,10 +24,23 @@ class Method:
     summary: str
 
 
+# peft's LoRA on nn.MultiheadAttention merges the LoRA weights into the attention's weights before each forward and
+# takes them out after (Parameter .data swaps): inductor refuses to compile that with a backward (measured with torch
+# 2.14: "Encountered a set_ on a graph input"). LoRA on nn.Linear targets, VPT and full fine-tuning compile.
+LORA_MHA_NO_COMPILE = ("--compile cannot compile LoRA on the attention modules (peft merges their weights in place "
+                       "every forward, which torch.compile cannot trace with a backward): fine-tune without "
+                       "--compile, or with --lora-targets c_fc,c_proj, --method vpt or --method full")
+
+
 def _lora(visual: nn.Module, cfg) -> nn.Module:
+    from clipguard.errors import ClipguardError
     from clipguard.models.adapters import apply_lora
 
-    return apply_lora(copy.deepcopy(visual), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)[0]
+    model = apply_lora(copy.deepcopy(visual), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)[0]
+    if cfg.run.compile and any(isinstance(getattr(m, "base_layer", None), nn.MultiheadAttention)
+                               for m in model.modules()):
+        raise ClipguardError(LORA_MHA_NO_COMPILE)
+    return model
 
 
 def _vpt(visual: nn.Module, cfg) -> nn.Module:

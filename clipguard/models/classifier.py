@@ -73,6 +73,14 @@ class ZeroShotClassifier(nn.Module):
 WARMUP_IMAGES = 4  # images in the dummy batch a compiled classifier is warmed up on (batch size stays dynamic)
 
 
+def compile_failed(e: Exception):
+    """The one-line error for a torch.compile failure (dynamo / inductor raise many types; the fix is the same)."""
+    from clipguard.errors import ClipguardError
+
+    return ClipguardError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); run without --compile")
+
+
 def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision: str = "fp32",
                        attack_precision: str | None = None, mode: str = "default") -> float:
     """``torch.compile`` the classifier's forward in place (``nn.Module.compile``: the same object, attributes
@@ -91,7 +99,6 @@ def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision
     """
     import time
 
-    from clipguard.errors import ClipguardError
     from clipguard.models.inference import autocast_for
 
     device = classifier.text_embeddings.device
@@ -110,8 +117,7 @@ def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision
             if grad:  # the input gradient, as an attack takes it (no parameter .grad is touched)
                 torch.autograd.grad(out.float().sum(), x)
     except Exception as e:  # dynamo / inductor raise many types; the user's fix is the same
-        raise ClipguardError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); run without --compile") from None
+        raise compile_failed(e) from None
     if device.type == "cuda":
         torch.cuda.synchronize()
     return round(time.perf_counter() - t0, 3)

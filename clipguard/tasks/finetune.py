@@ -41,7 +41,9 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
                              f"{cfg.run_dir} or choose another --run-dir")
     # PGD perturbs at the model's input size (TeCoA/FARE); a transfer surrogate sees the dataset's own images.
     resolution = "native" if cfg.train_attack == "transfer" else "model"
-    summary = train(cfg, prepare(cfg.run, resolution=resolution), progress=progress)
+    # --compile compiles the tower that trains (finetune.loop.compile_trainable), not the frozen base prepare loads
+    summary = train(cfg, prepare(replace(cfg.run, compile=False, compile_mode="default"), resolution=resolution),
+                    progress=progress)
     return final_record(cfg, summary, progress)
 
 
