@@ -97,6 +97,20 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
                  resolution, autocast)
 
 
+def adversarial_loss(s: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One step's per-image training loss: a fresh adversary against the weights as they are now, crafted in eval
+    mode (no dropout; FARE's reference embedding from the frozen base), then the objective in train mode."""
+    s.model.eval()
+    ref = None
+    if s.objective.reference:
+        with torch.no_grad(), s.autocast():
+            ref = s.frozen.visual(s.frozen.preprocess(x)).float()
+    x_adv = s.adversary(x, y, ref)
+    s.model.train()
+    with s.autocast():
+        return s.objective.loss(s.model, x_adv, y, ref)
+
+
 def compile_trainable(s: Setup, shape: tuple[int, ...], device: torch.device, mode: str = "default") -> float:
     """``--compile``: torch.compile the trainable classifier in place (parameters, adapter and checkpoints are the
     same objects) and warm up the passes a step takes on one mid-grey batch (the adversary's forward + input
@@ -114,15 +128,7 @@ def compile_trainable(s: Setup, shape: tuple[int, ...], device: torch.device, mo
     try:
         x = torch.full((WARMUP_IMAGES, *shape), 0.5, device=device)
         y = torch.zeros(WARMUP_IMAGES, dtype=torch.long, device=device)
-        s.model.eval()
-        ref = None
-        if s.objective.reference:
-            with torch.no_grad(), s.autocast():
-                ref = s.frozen.visual(s.frozen.preprocess(x)).float()
-        x_adv = s.adversary(x, y, ref)
-        s.model.train()
-        with s.autocast():
-            s.objective.loss(s.model, x_adv, y, ref).mean().backward()
+        adversarial_loss(s, x, y).mean().backward()
     except Exception as e:
         raise compile_failed(e) from None
     finally:
@@ -206,16 +212,7 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             if len(idx):
                 x = attack_inputs(s.model, batch, s.resolution)
                 y = labels[idx].to(dev)
-                # Craft in eval mode (no dropout): a fresh adversary against the weights as they are now.
-                s.model.eval()
-                ref = None
-                if s.objective.reference:
-                    with torch.no_grad(), s.autocast():
-                        ref = s.frozen.visual(s.frozen.preprocess(x)).float()
-                x_adv = s.adversary(x, y, ref)
-                s.model.train()
-                with s.autocast():
-                    per_image = s.objective.loss(s.model, x_adv, y, ref)
+                per_image = adversarial_loss(s, x, y)
                 # Under torchrun each rank's loss is its share of the whole batch's mean; the gradients are
                 # summed over the ranks below (one all-reduce), so every rank takes the whole batch's step.
                 loss = per_image.mean() if ranks == 1 else per_image.sum() / whole
