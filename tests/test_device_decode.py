@@ -206,3 +206,16 @@ def test_batches_copied_ahead_are_the_batches(toy_prepared):
     gpu = predict_logits(clf.to("cuda"), images, batch_size=64, progress=False)[0]
     clf.to("cpu")
     assert (gpu.argmax(1) == cpu.argmax(1)).float().mean() >= 0.99
+
+
+def test_a_broken_jpeg_is_a_one_line_error(jpeg_folder, tmp_path, cli):
+    """A file with JPEG's magic bytes that neither the device's decoder nor PIL can read: one line, no traceback."""
+    import shutil
+
+    root, files = jpeg_folder
+    shutil.copytree(root, tmp_path / "set")
+    victim = next(tmp_path.glob("set/test/*/*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:40])
+    code, _, err = cli("eval", "--model", "toy", "--dataset", f"imagefolder:{tmp_path / 'set'}", "--device", "cpu",
+                       "--decode", "device", "--data-mode", "stream", "--workers", "0")
+    assert code == 2 and "cannot read an image" in err and "Traceback" not in err, err

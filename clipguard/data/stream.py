@@ -208,7 +208,10 @@ class ImageStream:
     def _on_device(self, items: list[torch.Tensor]) -> torch.Tensor:
         from clipguard.data.device_decode import decode_batch
 
-        x, by_pil = decode_batch(items, self.size, self.decode_device)
+        try:
+            x, by_pil = decode_batch(items, self.size, self.decode_device)
+        except OSError as e:  # refused by the device's decoder and by PIL: a broken file, named without a traceback
+            raise ClipguardError(f"cannot read an image ({str(e).splitlines()[0]})") from None
         self.stats.by_pil += by_pil
         return x
 
