@@ -21,21 +21,23 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from perf_data import generate
+from perf_data import generate, run_measured
 
 
 def clipguard(args: list[str]) -> tuple[dict, float]:
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "clipguard.cli.app", *args, "--json"], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        sys.exit(f"failed: clipguard {' '.join(args)}\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout), wall
+    """(record, wall seconds from launch to exit) of one ``clipguard`` command, without memory sampling."""
+    out, wall, _ = run_measured([sys.executable, "-m", "clipguard.cli.app", *args, "--json"], memory=False)
+    return json.loads(out), wall
+
+
+def clean_predictions(path: Path) -> list[int]:
+    """The ``clean_pred`` column of a ``--predictions`` CSV, in dataset order."""
+    with open(path) as f:
+        return [int(r["clean_pred"]) for r in csv.DictReader(f)]
 
 
 def file_by_prediction(files: list[Path], preds: list[int], tree: Path) -> Path:
@@ -80,8 +82,7 @@ def main() -> None:
     # 2. file every image under the class the model predicts (PIL protocol), so PGD attacks (almost) all of them
     first, _ = clipguard(["eval", "--dataset", f"imagefolder:{folder.parent}", *common,
                           "--predictions", str(root / "preds-generated.csv")])
-    with open(root / "preds-generated.csv") as f:
-        preds = [int(r["clean_pred"]) for r in csv.DictReader(f)]
+    preds = clean_predictions(root / "preds-generated.csv")
     # sorted paths are the folder reader's order (class folders sorted, files sorted in each): the CSV's order
     tree = file_by_prediction(files, preds, root / f"filed-{args.model.replace(':', '-')}")
 
@@ -101,8 +102,7 @@ def main() -> None:
                    "device": rec["environment"].get("device_name") or rec["environment"].get("device")}
             runs[decode].append(row)
             print(decode, r, row, file=sys.stderr)
-    pil_pred = [int(r["clean_pred"]) for r in csv.DictReader(open(root / "preds-pil.csv"))]
-    dev_pred = [int(r["clean_pred"]) for r in csv.DictReader(open(root / "preds-device.csv"))]
+    pil_pred, dev_pred = (clean_predictions(root / f"preds-{d}.csv") for d in ("pil", "device"))
     agree = sum(a == b for a, b in zip(pil_pred, dev_pred, strict=True)) / len(pil_pred)
 
     def best(rows: list[dict]) -> float:

@@ -120,24 +120,24 @@ def compile_trainable(s: Setup, shape: tuple[int, ...], device: torch.device, mo
     from clipguard.models.classifier import WARMUP_IMAGES, compile_failed
 
     t0 = time.perf_counter()
-    rng = capture_rng(torch.Generator())
     buffers = {k: b.clone() for k, b in s.model.named_buffers()}
     # dynamic=True: the adversary perturbs tensors it makes itself (no batch dimension to mark), so a static first
     # graph would recompile at the first real batch, inside the timed loop
     s.model.compile(mode=None if mode == "default" else mode, dynamic=True)
-    try:
-        x = torch.full((WARMUP_IMAGES, *shape), 0.5, device=device)
-        y = torch.zeros(WARMUP_IMAGES, dtype=torch.long, device=device)
-        adversarial_loss(s, x, y).mean().backward()
-    except Exception as e:
-        raise compile_failed(e) from None
-    finally:
-        for q in s.params:
-            q.grad = None
-        with torch.no_grad():
-            for k, b in s.model.named_buffers():
-                b.copy_(buffers[k])
-        restore_rng(rng, torch.Generator())
+    # fork_rng: the warm-up's random starts (and any dropout) are drawn from a copy of the RNG state
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            x = torch.full((WARMUP_IMAGES, *shape), 0.5, device=device)
+            y = torch.zeros(WARMUP_IMAGES, dtype=torch.long, device=device)
+            adversarial_loss(s, x, y).mean().backward()
+        except Exception as e:
+            raise compile_failed(e) from None
+        finally:
+            for q in s.params:
+                q.grad = None
+            with torch.no_grad():
+                for k, b in s.model.named_buffers():
+                    b.copy_(buffers[k])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return round(time.perf_counter() - t0, 3)
