@@ -32,7 +32,7 @@ lint: install
 
 # Re-train the toy world's committed weights (toy CLIPs with seeds 0 and 1, toy CNN) on CPU.
 toy: install
-	$(BIN)/python -m clipguard.models.toy_train --out clipguard/assets
+	$(BIN)/python benchmarks/toy_train.py --out clipguard/assets
 
 # The whole toy pipeline as a benchmark suite (cells already done are skipped), then its report.
 bench-toy: install

@@ -18,11 +18,11 @@ import torch
 
 
 def _fit_one(p, method: str, args, n: int) -> dict:
-    from clipguard.attacks.uap.core import UAPConfig, predict, random_control, universal_attack
-    from clipguard.attacks.uap.fit import check_uap_config, fit_uap
     from clipguard.data.registry import load_dataset
     from clipguard.models.inference import attack_inputs
     from clipguard.specs import parse_eps
+    from clipguard.uap.core import UAPConfig, predict, random_control, universal_attack
+    from clipguard.uap.fit import check_uap_config, fit_uap
 
     cfg = UAPConfig(eps=parse_eps(args.eps), norm=args.norm, method=method, target_fooling=1.0,
                     epochs=args.epochs, batch_size=args.batch_size)
@@ -66,7 +66,7 @@ def main() -> None:
 
     from clipguard.records.schema import environment, write_record
     from clipguard.run_options import RunOptions
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     p = prepare(RunOptions(model=args.model, dataset=args.dataset, split=args.split,
                            limit=max(args.n, args.n_deepfool), device=args.device, precision="fp32"))

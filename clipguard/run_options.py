@@ -1,6 +1,6 @@
 """``RunOptions``: the options every command shares (what model, which images, which prompts, where to run).
 
-Each task config nests one (``cfg.run``); :func:`clipguard.tasks.prepare.prepare` turns it into a loaded
+Each task config nests one (``cfg.run``); :func:`clipguard.tasks.setup.prepare` turns it into a loaded
 model, data, prompts, text embeddings and classifier; the CLI declares each of these options once
 (:mod:`clipguard.cli.options`). No torch import here.
 """

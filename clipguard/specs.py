@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 from pathlib import Path
 
@@ -61,6 +62,23 @@ def parse_eps_list(text: str, *, name: str = "--eps") -> list[Eps]:
     if not parts:
         raise ClipguardError(f"{name} is empty: give one value or a comma list such as 0,4/255,8/255")
     return [parse_eps(p.strip(), name=name) for p in parts]
+
+
+class Norm(StrEnum):
+    """A threat model: the ball a perturbation lives in (linf: max |delta| per pixel; l2: ||delta||_2 per image).
+    ``Norm("linf")``, ``Norm.LINF`` and the string ``"linf"`` compare equal."""
+
+    LINF = "linf"
+    L2 = "l2"
+
+
+def parse_norm(text: str | Norm) -> Norm:
+    if isinstance(text, Norm):
+        return text
+    try:
+        return Norm(str(text).lower())
+    except ValueError:
+        raise ClipguardError(f"--norm {text!r} is unknown: use linf or l2") from None
 
 
 # --------------------------------------------------------------------------------------------- model

@@ -65,7 +65,7 @@ def toy_clip():
 def toy_prepared():
     """Toy CLIP + toy test split (first 300, stratified) + classifier, shared read-only."""
     from clipguard.run_options import RunOptions
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     return prepare(RunOptions(model="toy", dataset="toy", split="test", limit=300, device="cpu", precision="fp32"))
 

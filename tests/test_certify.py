@@ -11,9 +11,9 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
-import clipguard.attacks.smoothing as smoothing
-from clipguard.attacks.smoothing import ABSTAIN, Smoothed, certificate_check, certify
+import clipguard.smoothing.core as smoothing
 from clipguard.errors import ClipguardError
+from clipguard.smoothing.core import ABSTAIN, Smoothed, certificate_check, certify
 from clipguard.tasks.certify import certify_config, run_certify
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread

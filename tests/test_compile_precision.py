@@ -32,7 +32,7 @@ def _eval_spied(monkeypatch, **kw):
     during the timed clean pass."""
     import clipguard.tasks.eval as ev
     from clipguard.models.inference import predict_logits as real_predict
-    from clipguard.tasks.prepare import prepare as real_prepare
+    from clipguard.tasks.setup import prepare as real_prepare
 
     seen = {}
 
@@ -90,7 +90,7 @@ def test_attack_command_compiles_before_its_timed_attack(monkeypatch, tmp_path):
     """``clipguard attack --compile`` (run_craft) warms the attack's forward + backward up in prepare: the record
     has compile_s and no graph compiles inside the timed attack. uap fit/eval and certify share Prepared.timings."""
     import clipguard.attacks.runner as runner
-    from clipguard.tasks.craft import run_craft
+    from clipguard.tasks.attack import run_craft
     from clipguard.tasks.eval import eval_config
 
     real, seen = runner.run_attack, {}

@@ -94,7 +94,7 @@ def test_gpu_decode_is_within_tolerance_of_the_pil_protocol(jpeg_folder, size):
 
 def _eval(dataset: str, device: str = "cpu", **kw):
     from clipguard.models.inference import predict_logits
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     p = prepare(RunOptions(model="toy", dataset=dataset, device=device, precision="fp32", batch_size=32, **kw))
     logits, timings = predict_logits(p.classifier, p.data.images, batch_size=32, progress=False)

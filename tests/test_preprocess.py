@@ -103,7 +103,7 @@ def test_toy_world_follows_the_protocol():
 
 def test_prepare_loads_data_at_the_models_input_size(tmp_path):
     from clipguard.run_options import RunOptions
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     _write_folder(tmp_path, {"a": [(250, 190), (97, 311)], "b": [(64, 64), (40, 30)]})
     run = RunOptions(model="toy", dataset=f"imagefolder:{tmp_path}", device="cpu", precision="fp32")

@@ -43,7 +43,7 @@ def test_autoattack_is_the_reference_and_the_strongest(cli, tecoa_adapter):
     from pyautoattack import AutoAttack
 
     from clipguard.run_options import RunOptions
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     common = ["--adapter", str(tecoa_adapter), "--limit", str(N_AA), "--eps", "4/255"]
     aa = _eval(cli, *common, *FARE)
@@ -182,8 +182,8 @@ def test_uap_on_its_own_fitting_images_needs_allow_fit_split(cli, tmp_path):
 
 
 def test_uap_checks_read_the_file_and_fail_when_it_is_wrong(cli, tmp_path, monkeypatch):
-    from clipguard.attacks.uap import file as uapfile
-    from clipguard.attacks.uap import sgd
+    from clipguard.uap import file as uapfile
+    from clipguard.uap import sgd
 
     def run(name):
         code, out, err = cli("uap", "fit", "--uap", tmp_path / f"{name}.safetensors", "--limit", "40", "--epochs", "1",

@@ -89,7 +89,7 @@ def _reference_logits(images: list[Image.Image], clf) -> torch.Tensor:
 
 def _run(dataset: str, **kw):
     from clipguard.models.inference import predict_logits
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     p = prepare(RunOptions(model="toy", dataset=dataset, device="cpu", precision="fp32", batch_size=16, **kw))
     return p, predict_logits(p.classifier, p.data.images, batch_size=16, progress=False)[0]

@@ -115,9 +115,16 @@ def test_registered_config_creates_model():
 
 @pytest.mark.parametrize("variant", sorted(TOY_VARIANTS))
 def test_committed_clip_weights_load_strict_and_classify(variant):
+    import importlib.util
+    from pathlib import Path
+
     import open_clip
 
-    from clipguard.models.toy_train import zero_shot_accuracy
+    spec = importlib.util.spec_from_file_location("toy_train", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "toy_train.py")
+    toy_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_train)
+    zero_shot_accuracy = toy_train.zero_shot_accuracy
 
     register_toy_config()
     model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None)

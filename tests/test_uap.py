@@ -41,7 +41,7 @@ def _eval(cli, tmp_path, uap: str, *args: str) -> dict:
 
 
 def _fooling(p, v: torch.Tensor) -> float:
-    from clipguard.attacks.uap.core import predict, universal_attack
+    from clipguard.uap.core import predict, universal_attack
 
     inputs = lambda b: b.float() / 255  # noqa: E731 (toy: native size == model input size)
     clean, adv = predict(p.classifier, p.data.images, inputs, None, universal_attack(v))
@@ -62,7 +62,7 @@ def test_sgd_uap_fools_held_out_images(cli, tmp_path, sgd_uap, toy_prepared):
     assert rec["uap"]["transfer"] is False and rec["checks_passed"]
     assert sorted(p.split("/")[-1] for p in rec["pngs"]) == ["uap_grid.png", "uap_perturbation.png"]
     # Independently of the record: random +-eps sign patterns (the same L-inf norm) barely fool.
-    from clipguard.attacks.uap.file import UAPFile
+    from clipguard.uap.file import UAPFile
 
     v = UAPFile.from_disk(path).delta
     uap_rate = _fooling(toy_prepared, v)
@@ -75,7 +75,7 @@ def test_sgd_uap_fools_held_out_images(cli, tmp_path, sgd_uap, toy_prepared):
 def test_saved_uap_within_eps_and_reloads_bit_identically(sgd_uap, tmp_path):
     from safetensors.torch import load_file
 
-    from clipguard.attacks.uap.file import UAPFile, tensor_digest
+    from clipguard.uap.file import UAPFile, tensor_digest
 
     path, fit = sgd_uap
     a, b = UAPFile.from_disk(path), UAPFile.from_disk(path)
@@ -92,7 +92,7 @@ def test_saved_uap_within_eps_and_reloads_bit_identically(sgd_uap, tmp_path):
 
 
 def test_l2_uap_within_eps(tmp_path):
-    from clipguard.attacks.uap.file import UAPFile
+    from clipguard.uap.file import UAPFile
 
     path, fit = _fit(tmp_path, "l2", "--norm", "l2", "--eps", "1", "--epochs", "4", "--limit", "512",
                      "--batch-size", "64")
@@ -117,8 +117,9 @@ def test_targeted_uap(cli, tmp_path):
 
 
 def test_uap_of_another_size_is_resized_and_stays_in_the_ball(cli, tmp_path, sgd_uap):
-    from clipguard.attacks.uap.core import Norm, fit_to
-    from clipguard.attacks.uap.file import UAPFile
+    from clipguard.specs import Norm
+    from clipguard.uap.core import fit_to
+    from clipguard.uap.file import UAPFile
 
     src = UAPFile.from_disk(sgd_uap[0])
     small = UAPFile(torch.nn.functional.avg_pool2d(src.delta, 2).contiguous(), dict(src.manifest))
@@ -133,7 +134,7 @@ def test_uap_of_another_size_is_resized_and_stays_in_the_ball(cli, tmp_path, sgd
 def _bad_shape_file(tmp_path, src_path: str, shape) -> str:
     from safetensors.torch import save_file
 
-    from clipguard.attacks.uap.file import UAPFile, tensor_digest
+    from clipguard.uap.file import UAPFile, tensor_digest
 
     src, t = UAPFile.from_disk(src_path), torch.zeros(shape)
     manifest = {**src.manifest, "shape": list(shape), "sha256": tensor_digest(t)}

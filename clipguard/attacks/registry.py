@@ -5,7 +5,7 @@ labels and returns adversarial images in [0, 1] of the same shape. Every attack 
 logits module (the :class:`~clipguard.models.classifier.ZeroShotClassifier` unchanged, a surrogate, or a
 training objective seen as logits), so eps and alpha are always in [0, 1] pixel units. Evaluation
 (``attacks.runner``), the fine-tuning adversary (``finetune.adversary``) and a fitted UAP
-(``attacks.uap.fit.universal_attack``) all hand out this contract.
+(``uap.fit.universal_attack``) all hand out this contract.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from torch import nn
 
 from clipguard.errors import ClipguardError
 from clipguard.registry import Registry
-from clipguard.specs import Eps, parse_eps
+from clipguard.specs import Eps, Norm, parse_eps, parse_norm
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x in [0,1], labels) -> x_adv in [0,1]
 
 
-NORMS = ("linf", "l2")  # threat models; eps is max |delta| (linf) or ||delta||_2 per image (l2), [0, 1] pixel units
 AA_VERSIONS = ("standard", "plus", "rand", "custom")  # the reference AutoAttack's versions
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")  # what --aa-attacks may list (custom)
 _TARGETED = ("apgd-t", "fab-t", "apgd-dlr")  # need >= 4 classes (targeted DLR loss uses the 3rd/4th logit)
@@ -41,9 +40,12 @@ class AttackConfig:
     steps: int = 10  # iterations (PGD, APGD)
     restarts: int = 1  # random restarts (PGD, APGD); a sample counts as broken if any restart breaks it
     seed: int = 0  # seeds random starts
-    norm: str = "linf"  # linf | l2
+    norm: Norm = Norm.LINF  # linf | l2 (a string is parsed)
     aa_version: str = "standard"  # AutoAttack: standard | plus | rand | custom
     aa_attacks: tuple[str, ...] | None = None  # AutoAttack custom: which of AA_ATTACKS run, in order
+
+    def __post_init__(self):
+        object.__setattr__(self, "norm", parse_norm(self.norm))  # "linf" and Norm.LINF both work
 
     @property
     def alpha_value(self) -> float:
@@ -173,8 +175,7 @@ def list_attacks() -> list[str]:
 def check_attack(cfg: AttackConfig) -> None:
     """A known attack, norm and AutoAttack version, at least one step and one restart; one-line errors."""
     ATTACKS.check(cfg.name)
-    if cfg.norm not in NORMS:
-        raise ClipguardError(f"--norm {cfg.norm!r} is unknown: use linf or l2")
+    parse_norm(cfg.norm)
     for name, value in (("--steps", cfg.steps), ("--restarts", cfg.restarts)):
         if value < 1:
             raise ClipguardError(f"{name} {value} must be at least 1")

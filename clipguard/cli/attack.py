@@ -28,7 +28,7 @@ def attack_command(
 ) -> None:
     """Craft adversarial examples (eps in [0, 1] pixel units) and save them for `eval --adv-set`."""
     from clipguard.errors import ClipguardError
-    from clipguard.tasks.craft import run_craft
+    from clipguard.tasks.attack import run_craft
     from clipguard.tasks.eval import EvalConfig, attack_config
 
     adv_set, out = artefact_path(adv_set, out, record, option="--adv-set")

@@ -24,7 +24,7 @@ def prepare_command(
     """Decode and preprocess DATASET once (open_clip's eval geometry at the model's input size) into a
     content-keyed, memory-mapped uint8 cache; later commands with the same dataset options read it at memory
     speed. A killed run resumes at its first missing shard."""
-    from clipguard.tasks.cache import PrepareConfig, run_prepare
+    from clipguard.tasks.prepare import PrepareConfig, run_prepare
 
     check_outputs({"--out": out})
     emit(run_prepare(PrepareConfig(run=run, size=size), progress=not json_out), out=out, as_json=json_out,

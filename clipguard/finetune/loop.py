@@ -166,7 +166,7 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     """Robustly fine-tune ``p``'s image tower on ``p``'s data; writes the adapter + manifest and checkpoints into
     ``cfg.run_dir`` and returns the training summary (steps, images/s, losses) for the record.
 
-    ``p`` is the prepared base model and training data (:func:`clipguard.tasks.prepare.prepare`).
+    ``p`` is the prepared base model and training data (:func:`clipguard.tasks.setup.prepare`).
 
     Raises:
         ClipguardError: a resume with a changed config, or a non-finite loss (the last good checkpoint is kept).

@@ -3,7 +3,7 @@
 The CLIP architecture lives in configs/clipguard-toy.json and is registered with open_clip's own
 config registry, so `open_clip.create_model("clipguard-toy")` works like any built-in name. Weights
 for two training seeds and for the CNN are committed under clipguard/assets/ and reproduced by
-`python -m clipguard.models.toy_train --out clipguard/assets`.
+`python benchmarks/toy_train.py --out clipguard/assets`.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def load_toy_cnn(device: str | torch.device = "cpu") -> ToyCNN:
     """The committed ToyCNN, in eval mode with frozen parameters.
 
     Raises:
-        FileNotFoundError: the weights file is missing (rebuild: python -m clipguard.models.toy_train).
+        FileNotFoundError: the weights file is missing (rebuild: python benchmarks/toy_train.py).
     """
     from safetensors.torch import load_file
 
@@ -99,7 +99,7 @@ def load_toy_cnn(device: str | torch.device = "cpu") -> ToyCNN:
     if not path.is_file():
         raise FileNotFoundError(
             f"toy CNN weights not found at {path}; rebuild them with "
-            "`python -m clipguard.models.toy_train --out clipguard/assets --only cnn`"
+            "`python benchmarks/toy_train.py --out clipguard/assets --only cnn`"
         )
     model = ToyCNN()
     model.load_state_dict(load_file(str(path)), strict=True)

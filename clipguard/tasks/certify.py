@@ -1,7 +1,7 @@
 """``clipguard certify`` as a library function: config in, record out.
 
 Certified L2 robustness of the zero-shot classifier smoothed with Gaussian noise (Cohen et al. 2019's CERTIFY,
-:mod:`clipguard.attacks.smoothing`), at the model's input resolution, noise in [0, 1] pixel units. The record
+:mod:`clipguard.smoothing.core`), at the model's input resolution, noise in [0, 1] pixel units. The record
 holds every image's certificate, certified accuracy over a grid of radii, the smoothed classifier's clean accuracy
 and abstain rate, timings, and an integrity check: SmoothAdv's L2 PGD at each checked image's certified radius
 must not beat the certificate. The same attack at the grid radii gives the empirical robust accuracy of the
@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from clipguard.attacks.smoothing import (
+from clipguard.errors import ClipguardError, check_positive
+from clipguard.models.inference import autocast_for, to_pixels
+from clipguard.progress import progress_bar
+from clipguard.records.schema import make_record
+from clipguard.run_options import RunOptions, flat, split_run
+from clipguard.smoothing.core import (
     ABSTAIN,
     Smoothed,
     certificate_check,
@@ -28,12 +33,7 @@ from clipguard.attacks.smoothing import (
     majority,
     smoothadv_pgd,
 )
-from clipguard.errors import ClipguardError, check_positive
-from clipguard.models.inference import autocast_for, to_pixels
-from clipguard.progress import progress_bar
-from clipguard.records.schema import make_record
-from clipguard.run_options import RunOptions, flat, split_run
-from clipguard.tasks.prepare import prepare
+from clipguard.tasks.setup import prepare
 
 CERTIFY_STREAM, CHECK_STREAM = 0, 1  # independent noise streams of one seed: certificates, integrity check
 

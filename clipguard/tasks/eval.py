@@ -9,7 +9,7 @@ from clipguard.records.metrics import attack_success_rate, classification_metric
 from clipguard.records.predictions import image_digests
 from clipguard.records.schema import make_record
 from clipguard.run_options import RunOptions, flat, split_run
-from clipguard.tasks.prepare import prepare
+from clipguard.tasks.setup import prepare
 
 
 @dataclass

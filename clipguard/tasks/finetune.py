@@ -31,7 +31,7 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
         >>> rec["metrics"]["robust_acc"]
     """
     from clipguard.finetune.loop import train
-    from clipguard.tasks.prepare import prepare
+    from clipguard.tasks.setup import prepare
 
     validate(cfg)
     if cfg.resume:

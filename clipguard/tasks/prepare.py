@@ -1,75 +1,55 @@
-"""The set-up every command shares: RunOptions -> model + dataset + prompts + cached text embeddings -> classifier."""
+"""``clipguard prepare``: decode and preprocess a dataset once into the prepared cache (``data.prepared``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field
 
-from clipguard.errors import ClipguardError
-from clipguard.run_options import RunOptions
+from clipguard.run_options import RunOptions, flat
 
 
 @dataclass
-class Prepared:
-    clip: object  # models.loader.LoadedClip
-    data: object  # data.base.ImageSet
-    prompts: object  # data.prompts.PromptSet
-    text: object  # models.text_embeddings.TextEmbeddings
-    classifier: object  # models.classifier.ZeroShotClassifier ([0, 1] pixels -> logits), eval mode
-    compile_s: float | None = None  # --compile: seconds compiling + warming up (timings["compile_s"]); None: eager
-
-    def timings(self, timings: dict) -> dict:
-        """A record's ``timings`` plus ``compile_s`` when --compile compiled the classifier in :func:`prepare`
-        (apart from, and outside, every img/s figure)."""
-        return timings if self.compile_s is None else {**timings, "compile_s": self.compile_s}
+class PrepareConfig:
+    run: RunOptions = field(default_factory=RunOptions)  # model (its input size), dataset, split, limit, seed, workers
+    size: int | None = None  # input size in pixels (square) instead of the model's
 
 
-def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str | None = None,
-            **overrides) -> Prepared:
-    """Load everything a zero-shot run needs; ``overrides`` replace fields of ``run`` (e.g. ``precision="fp32"``).
+def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
+    """Write (or finish) the prepared cache of ``cfg``'s selection at the model's input size; returns a record."""
+    from clipguard.data.images import as_size, protocol_name
+    from clipguard.data.prepared import cache_key, write_prepared
+    from clipguard.data.registry import SOURCES, from_source
+    from clipguard.errors import ClipguardError, check_positive
+    from clipguard.models.inference import rate_fields
+    from clipguard.progress import progress_bar
+    from clipguard.records.schema import SCHEMA, environment
+    from clipguard.specs import parse_dataset_spec
 
-    ``resolution`` is the one preprocessing protocol (DESIGN contract 2), applied once at load: ``model`` puts
-    every image through open_clip's eval geometry for the model's input size (shorter side bicubic, centre
-    crop), ``native`` keeps the dataset's own size (one size for the whole set, or a ClipguardError).
+    run = cfg.run.check()
+    check_positive("--size", cfg.size)
+    spec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
+    if spec.kind in ("toy", "prepared"):
+        raise ClipguardError(f"--dataset {spec.text!r} is already in memory or prepared: nothing to prepare")
+    if cfg.size is None:
+        from clipguard.models.loader import model_input_size
 
-    With ``run.compile`` the classifier's forward is compiled here and warmed up on one dummy batch (clean
-    forward; forward + backward too when ``attack_precision`` says an attack follows, in that precision), so
-    the run's own img/s exclude compiling; the seconds it took are ``Prepared.compile_s``.
-
-    Errors are ClipguardErrors naming the bad option; both specs are parsed before any slow loading.
-    """
-    from clipguard.data.prompts import load_prompts
-    from clipguard.data.registry import load_dataset
-    from clipguard.models.classifier import ZeroShotClassifier, compile_classifier
-    from clipguard.models.inference import check_resolution
-    from clipguard.models.loader import load_clip
-    from clipguard.models.text_embeddings import get_text_embeddings
-    from clipguard.specs import parse_dataset_spec, parse_model_spec
-
-    check_resolution(resolution)
-    run = replace(run, **overrides).check()
-    mspec = parse_model_spec(run.model)
-    dspec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
-    clip = load_clip(mspec, device=run.device, precision=run.precision)
-    size = clip.input_size if resolution == "model" else None
-    data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size, mode=run.data_mode,
-                        workers=run.workers, streaming=run.streaming, decode=run.decode, decode_device=clip.device)
-    prompts = load_prompts(data.name, prompts_file=run.prompts, templates=run.templates,
-                           fallback_classnames=data.classnames, fallback_templates=data.templates)
-    n_classes = len(data.classnames) if data.classnames else int(data.labels.max()) + 1
-    if len(prompts.classnames) != n_classes:
-        raise ClipguardError(
-            f"prompts {prompts.source} name {len(prompts.classnames)} classes but {data.spec} has {n_classes}: "
-            "pass a matching --prompts FILE"
-        )
-    visual = clip.model.visual
-    if run.adapter:
-        from clipguard.models.adapters import load_adapter
-
-        visual = load_adapter(run.adapter, clip)
-    text = get_text_embeddings(clip, prompts.classnames, prompts.templates)
-    classifier = ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()
-    compile_s = None
-    if run.compile:
-        compile_s = compile_classifier(classifier, tuple(data.images.shape[1:]), precision=clip.precision,
-                                       attack_precision=attack_precision, mode=run.compile_mode)
-    return Prepared(clip, data, prompts, text, classifier, compile_s)
+        size = model_input_size(run.model)
+    else:
+        size = as_size(cfg.size)
+    src = SOURCES.get(spec.kind)(spec, run.split)
+    ds = from_source(src, spec, run.split, run.limit, run.seed, size, "stream", run.workers, use_prepared=False)
+    stream, labels = ds.images, ds.labels.numpy()  # the selection, undecoded: positions in the source
+    key = cache_key(src.reader, stream.indices, labels, protocol_name(size))
+    meta = {"spec": spec.text, "name": ds.name, "split": run.split, "limit": run.limit, "seed": run.seed,
+            "preprocess": protocol_name(size), "classnames": ds.classnames, "templates": ds.templates,
+            "source": ds.info}
+    t0 = time.perf_counter()
+    with progress_bar(len(stream), f"prepare {spec.text} {size[0]}x{size[1]}", enabled=progress) as advance:
+        path, written = write_prepared(stream, labels, key, meta, batch_size=run.batch_size,
+                                       progress=lambda n: advance(n, **rate_fields(stream, time.perf_counter() - t0)))
+    wall = time.perf_counter() - t0
+    return {"schema": SCHEMA, "task": "prepare", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dataset": ds.name, "data": ds.to_record(), "prepared": {"path": str(path), "key": key,
+            "shards_written": written, "bytes": sum(f.stat().st_size for f in path.iterdir())},
+            "timings": {"wall_s": round(wall, 3), **stream.stats.rates(wall)},
+            "config": flat(cfg), "environment": environment()}

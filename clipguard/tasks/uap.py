@@ -4,7 +4,7 @@ Both run in fp32 (attack precision). The perturbation is added at the resolution
 "model" (images resized to the model's input size first, as attacks do) or "native" (the dataset's own
 size; the classifier upsamples ``x + v``). A UAP whose size differs from those inputs (evaluated on
 another model or dataset) is resized bicubically and projected back onto its eps-ball; see
-:func:`clipguard.attacks.uap.core.fit_to`.
+:func:`clipguard.uap.core.fit_to`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from clipguard.distributed import barrier, is_main, world_size
 from clipguard.errors import ClipguardError
 from clipguard.records.schema import make_record
 from clipguard.run_options import RunOptions, flat, split_run
-from clipguard.tasks.prepare import prepare
+from clipguard.tasks.setup import prepare
 
 
 def _fit_run() -> RunOptions:
@@ -29,7 +29,7 @@ class UAPFitConfig:
     run: RunOptions = field(default_factory=_fit_run)  # the fitting set (split train) and model; fp32 always
     eps: str = "10/255"  # radius of v, [0, 1] pixel units (linf: max |v|; l2: ||v||_2)
     norm: str = "linf"  # linf | l2
-    method: str = "sgd"  # a name in clipguard.attacks.uap.fit.UAP_METHODS: sgd | deepfool
+    method: str = "sgd"  # a name in clipguard.uap.fit.UAP_METHODS: sgd | deepfool
     target_fooling: float = 0.8  # stop once the fitting-set fooling rate reaches this share
     epochs: int = 10  # at most this many passes over the fitting set
     step: str | None = None  # sgd step per batch, [0, 1] pixel units; None = eps/10
@@ -60,10 +60,10 @@ def uap_eval_config(**opts) -> UAPEvalConfig:
 
 
 def uap_config(cfg: UAPFitConfig):
-    """The validated :class:`~clipguard.attacks.uap.UAPConfig` (target class still unresolved)."""
-    from clipguard.attacks.uap.core import UAPConfig, parse_norm
-    from clipguard.attacks.uap.fit import check_uap_config
-    from clipguard.specs import parse_eps
+    """The validated :class:`~clipguard.uap.UAPConfig` (target class still unresolved)."""
+    from clipguard.specs import parse_eps, parse_norm
+    from clipguard.uap.core import UAPConfig
+    from clipguard.uap.fit import check_uap_config
 
     cfg.run.check()
     step = parse_eps(cfg.step, name="--step", allow_zero=False) if cfg.step else None
@@ -100,15 +100,15 @@ def _inputs(p, resolution: str):
 
 def _norm_check(v, norm, eps: float) -> dict:
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap.core import NORM_SLACK, norm_of
+    from clipguard.uap.core import NORM_SLACK, norm_of
 
     size = norm_of(v, norm)
     return check("norm_within_eps", size, size <= eps + NORM_SLACK, f"||v||_{norm.value} vs eps {eps:.6g}")
 
 
 def _pictures(p, inputs, v, clean_pred, adv_pred, png_dir, n: int = 8) -> list[str]:
-    from clipguard.attacks.uap.core import perturb
     from clipguard.report.uap_pictures import uap_pictures
+    from clipguard.uap.core import perturb
 
     x = inputs(p.data.images[:n]).cpu()
     return uap_pictures(v.cpu(), x, perturb(x, v.cpu()), clean_pred[:n], adv_pred[:n], p.data.labels[:n],
@@ -125,8 +125,8 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     from safetensors.torch import load_file
 
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap.file import UAPFile, tensor_digest
-    from clipguard.attacks.uap.fit import fit_uap, uap_metrics
+    from clipguard.uap.file import UAPFile, tensor_digest
+    from clipguard.uap.fit import fit_uap, uap_metrics
 
     ucfg = uap_config(cfg)
     if ucfg.method != "sgd" and world_size() > 1:
@@ -171,10 +171,10 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     The record also holds ``random_fooling_rate``: a random sign pattern of the same norm, the chance level.
     """
     from clipguard.attacks.integrity import check
-    from clipguard.attacks.uap.core import fit_to, predict, random_control, scaled_eps, universal_attack
-    from clipguard.attacks.uap.file import UAPFile
-    from clipguard.attacks.uap.fit import uap_metrics
     from clipguard.progress import progress_bar
+    from clipguard.uap.core import fit_to, predict, random_control, scaled_eps, universal_attack
+    from clipguard.uap.file import UAPFile
+    from clipguard.uap.fit import uap_metrics
 
     uap = UAPFile.from_disk(cfg.uap)  # a bad file fails before any model loads
     p = _prepare(cfg, uap.resolution)

@@ -5,11 +5,11 @@ Fooling rate = share of images whose predicted class changes when ``v`` is added
 *prediction*, not the label, as in Moosavi-Dezfooli et al. 2017). Targeted UAPs count success as
 "the prediction becomes the target class" instead.
 
-Methods (the registry ``UAP_METHODS`` in :mod:`clipguard.attacks.uap.fit`; each runs one epoch over the fitting set):
+Methods (the registry ``UAP_METHODS`` in :mod:`clipguard.uap.fit`; each runs one epoch over the fitting set):
 - ``sgd``: projected sign-gradient ascent on ``v`` over mini-batches with per-image clipped cross-entropy
-  (the SGD-UAP family, Shafahi et al. 2020), see :mod:`clipguard.attacks.uap.sgd`. Fast on a GPU.
+  (the SGD-UAP family, Shafahi et al. 2020), see :mod:`clipguard.uap.sgd`. Fast on a GPU.
 - ``deepfool``: the original loop (Moosavi-Dezfooli et al. 2017, "Universal adversarial perturbations"),
-  see :mod:`clipguard.attacks.uap.deepfool`.
+  see :mod:`clipguard.uap.deepfool`.
 
 Where ``v`` lives: "model" resolution (default) is the model's input size and images are resized to it
 first, as attacks do; "native" is the dataset's own size and the classifier upsamples ``x + v``. Applied
@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -31,25 +30,9 @@ from torch import nn
 
 from clipguard.errors import ClipguardError
 from clipguard.models.inference import check_resolution
-from clipguard.specs import Eps, parse_eps
+from clipguard.specs import Eps, Norm, parse_eps, parse_norm
 
 NORM_SLACK = 1e-6  # float32 rounding allowed above eps in checks
-
-
-class Norm(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11; we support 3.10)
-    """The ball ``v`` lives in; ``Norm("linf")`` and ``Norm.LINF`` are the same."""
-
-    LINF = "linf"
-    L2 = "l2"
-
-
-def parse_norm(text: str | Norm) -> Norm:
-    if isinstance(text, Norm):
-        return text
-    try:
-        return Norm(str(text).lower())
-    except ValueError:
-        raise ClipguardError(f"--norm {text!r} is unknown: use linf or l2") from None
 
 
 @dataclass(frozen=True)
@@ -58,7 +41,7 @@ class UAPConfig:
 
     eps: Eps = parse_eps("10/255")  # radius of v: max |v| (linf) or ||v||_2 over the whole of v (l2)
     norm: Norm = Norm.LINF  # linf or l2
-    method: str = "sgd"  # a name in clipguard.attacks.uap.fit.UAP_METHODS
+    method: str = "sgd"  # a name in clipguard.uap.fit.UAP_METHODS
     target_fooling: float = 0.8  # stop once the fitting-set fooling (or targeted success) rate reaches this
     epochs: int = 10  # at most this many passes over the fitting set
     batch_size: int = 128  # images per gradient step (sgd) or per prediction pass (deepfool)
@@ -80,7 +63,7 @@ class UAPConfig:
 
     def validate(self) -> UAPConfig:
         """Raise a one-line ClipguardError for any bad field but ``method`` (checked by
-        :func:`clipguard.attacks.uap.fit.check_uap_config`, where the methods are registered); returns self."""
+        :func:`clipguard.uap.fit.check_uap_config`, where the methods are registered); returns self."""
         if self.eps.value <= 0:
             raise ClipguardError(f"--eps {self.eps.text} must be > 0 (e.g. 10/255, [0, 1] pixel units)")
         check_resolution(self.resolution)

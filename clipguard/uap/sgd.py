@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipguard.attacks.uap.core import FitContext, Norm, hits, perturb, project
+from clipguard.specs import Norm
+from clipguard.uap.core import FitContext, hits, perturb, project
 
 
 def sgd_epoch(ctx: FitContext, v: torch.Tensor, epoch: int) -> tuple[torch.Tensor, float]:

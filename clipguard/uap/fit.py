@@ -2,7 +2,7 @@
 
 A method is one epoch over the fitting set, ``(ctx, v, epoch) -> (v, rate)``: it optimises the one delta
 ``v`` shared by every image (per-image attacks are :mod:`clipguard.attacks.registry`). Once fitted, ``v``
-is applied through the same attack contract as every other attack: :func:`~clipguard.attacks.uap.core.universal_attack`.
+is applied through the same attack contract as every other attack: :func:`~clipguard.uap.core.universal_attack`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipguard.attacks.uap.core import FitContext, UAPConfig, predict, universal_attack
-from clipguard.attacks.uap.deepfool import deepfool_uap_epoch
-from clipguard.attacks.uap.sgd import sgd_epoch
 from clipguard.records.metrics import attack_success_rate
 from clipguard.registry import Registry
+from clipguard.uap.core import FitContext, UAPConfig, predict, universal_attack
+from clipguard.uap.deepfool import deepfool_uap_epoch
+from clipguard.uap.sgd import sgd_epoch
 
 Method = Callable[[FitContext, torch.Tensor, int], tuple[torch.Tensor, float]]  # (ctx, v, epoch) -> (v, rate)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from clipguard.attacks.uap.core import NORM_SLACK, Norm, norm_of
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write
+from clipguard.specs import Norm
+from clipguard.uap.core import NORM_SLACK, norm_of
 
 SCHEMA = "clipguard.uap/1"
 

@@ -8,7 +8,7 @@ from clipguard.distributed import is_main
 from clipguard.records.schema import make_record
 from clipguard.run_options import flat
 from clipguard.tasks.eval import EvalConfig, attack_config, load_resolution
-from clipguard.tasks.prepare import prepare
+from clipguard.tasks.setup import prepare
 
 
 def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str | None = None,

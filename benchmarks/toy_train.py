@@ -1,6 +1,6 @@
 """Reproduce the committed toy weights: two toy CLIPs (seeds 0 and 1) and the ToyCNN surrogate.
 
-    python -m clipguard.models.toy_train --out clipguard/assets [--only clip-seed0|clip-seed1|cnn]
+    python benchmarks/toy_train.py --out clipguard/assets [--only clip-seed0|clip-seed1|cnn]
 
 Deterministic on CPU: fixed torch seeds, fixed data seeds, two threads. About two minutes on 2 cores.
 The CLIPs see only freshly generated captioned images (never the labelled splits); the CNN trains on

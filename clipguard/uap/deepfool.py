@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipguard.attacks.uap.core import FitContext, Norm, hits, perturb, predict, project, universal_attack
+from clipguard.specs import Norm
+from clipguard.uap.core import FitContext, hits, perturb, predict, project, universal_attack
 
 TINY = 1e-4  # added to |f| so a step lands just past the boundary, not on it
 
