@@ -19,6 +19,9 @@ import math
 import os
 from datetime import timedelta
 
+# torch is imported inside the functions that use it: cli.app.run imports this module for every command, --help
+# included, and --help must not load torch (tests/test_cli.py). Without torchrun none of those functions runs.
+
 TIMEOUT = timedelta(minutes=30)  # a rank stuck this long in a collective ends the run (torch's default is 10)
 
 

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from clipguard.distributed import is_main, world_size
+
 console_err = Console(stderr=True)
 
 
@@ -31,8 +33,6 @@ def progress_bar(total: int, description: str, *, enabled: bool = True, unit: st
 
     Under torchrun only rank 0 draws. ``sharded``: ``total`` is split over the ranks and ``advance`` counts rank 0's
     share, so the bar counts it ``world_size`` times (the ranks move at the same pace) and says so."""
-    from clipguard.distributed import is_main, world_size
-
     if not enabled or not is_main():
         yield lambda n=1, **fields: None
         return

@@ -1,94 +1,87 @@
 """``RunOptions``: the options every command shares (what model, which images, which prompts, where to run).
 
-Each task config nests one (``cfg.run``); :func:`clipguard.tasks.setup.prepare` turns it into a loaded
-model, data, prompts, text embeddings and classifier; the CLI declares each of these options once
-(:mod:`clipguard.cli.options`). No torch import here.
+Each command config inlines one (``cfg.run``); :func:`clipguard.tasks.setup.prepare` turns it into a loaded model,
+data, prompts, text embeddings and classifier. Each field declares its option once (:mod:`clipguard.config`).
+No torch import here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from clipguard.config import MODEL_DATA, PERF, Config, choice, non_negative, option, positive
+from clipguard.errors import ClipguardError
 
 DATA_MODES = ("auto", "memory", "stream")  # how a dataset is held: data.stream.choose_mode
 DECODES = ("pil", "device")  # how files are decoded: data.device_decode
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-@dataclass
-class RunOptions:
-    model: str = "toy"  # model spec: ARCH:TAG, ARCH:/path/weights.safetensors, ARCH:none, hf-hub:ORG/NAME, toy
-    dataset: str = "toy"  # dataset spec: toy, a catalogue name, hf:ORG/NAME, imagefolder:PATH, wds:PATH, prepared:PATH
-    split: str = "test"  # dataset split
-    limit: int | None = None  # images kept (seeded, stratified by class); None = all
-    seed: int = 0  # seeds --limit selection and everything random downstream (attacks, training)
-    prompts: str | None = None  # prompts JSON overriding prompts/<dataset>.json
-    templates: str = "seed"  # template set within the prompts file
-    image_column: str | None = None  # image column of an hf: dataset (None: the Image feature)
-    label_column: str | None = None  # label column of an hf: dataset (None: the ClassLabel feature)
-    adapter: str | None = None  # LoRA / VPT / full adapter directory made by `clipguard finetune`
-    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # clean passes: auto = bf16 on capable GPUs, else fp32
-    batch_size: int = 256  # images per batch (halved automatically on GPU out-of-memory)
-    workers: int | None = None  # decode processes; None = the machine's cores (0 below 1,024 images)
-    data_mode: str = "auto"  # memory | stream | auto (memory up to 512 MiB of pixels): the same pixels either way
-    streaming: bool = False  # hf: hub datasets: read the first --limit rows as a stream, download nothing else
-    decode: str = "pil"  # pil (the protocol, CPU workers) | device (JPEGs decoded + resized on --device)
-    compile: bool = False  # torch.compile the classifier's forward (compile time is reported apart from run time)
-    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune ...
+def _spec(parse_name: str):
+    def parse(value, name: str) -> str:
+        from clipguard import specs
 
-    def check(self) -> RunOptions:
-        """Cheap checks before anything loads: positive --limit / --batch-size, parseable specs."""
-        from clipguard.errors import ClipguardError, check_positive
-        from clipguard.specs import parse_dataset_spec, parse_model_spec
+        getattr(specs, parse_name)(str(value))  # a one-line error for a malformed spec, before anything loads
+        return str(value)
 
-        check_positive("--limit", self.limit, "a positive number of images (or omitted for all)")
-        check_positive("--batch-size", self.batch_size)
-        if self.workers is not None and self.workers < 0:
-            raise ClipguardError(f"--workers {self.workers} must be >= 0 (0 decodes in the main process)")
-        check_decode(self.decode)
-        if self.compile_mode not in COMPILE_MODES:
-            raise ClipguardError(f"--compile-mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    return parse
+
+
+@dataclass(frozen=True)
+class RunOptions(Config):
+    model: str = option("toy", short="-m", metavar="SPEC", panel=MODEL_DATA, parse=_spec("parse_model_spec"),
+                        help="Model spec: ViT-B-32:openai, ARCH:/path/weights.safetensors, ARCH:none (random init), "
+                             "hf-hub:ORG/NAME, or toy.")
+    dataset: str = option("toy", short="-d", metavar="SPEC", panel=MODEL_DATA,
+                          help="Dataset spec: toy, a catalogue name (cifar10, imagenet1k, ...: clipguard datasets), "
+                               "hf:ORG/NAME or hf:SAVED_DIR, imagefolder:PATH (ImageNet's layout too), wds:PATH "
+                               "(CLIP_benchmark shards) or prepared:PATH.")
+    split: str = option("test", panel=MODEL_DATA, help="Dataset split.")
+    limit: int | None = option(None, panel=MODEL_DATA, parse=positive, metavar="N",
+                               help="Keep N images, stratified by class and seeded by --seed.")
+    seed: int = option(0, panel=MODEL_DATA, help="Seed for --limit selection, attacks and training.")
+    prompts: str | None = option(None, panel=MODEL_DATA, metavar="FILE",
+                                 help="Prompts JSON overriding prompts/<dataset>.json.")
+    templates: str = option("seed", panel=MODEL_DATA, help="Template set in the prompts file: seed or openai.")
+    image_column: str | None = option(None, panel=MODEL_DATA, help="Image column of an hf: dataset.")
+    label_column: str | None = option(None, panel=MODEL_DATA, help="Label column of an hf: dataset.")
+    adapter: str | None = option(None, panel=MODEL_DATA, metavar="DIR",
+                                 help="Adapter directory (LoRA, VPT or full) made by finetune.")
+    device: str = option("auto", panel=PERF, trains=False, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    precision: str = option("auto", panel=PERF, parse=choice(*PRECISIONS),
+                            help="Clean passes: auto (bf16 on capable GPUs, else fp32), fp32, bf16, fp16.")
+    batch_size: int = option(256, panel=PERF, parse=positive,
+                             help="Images per batch, per process under torchrun (halved automatically on GPU "
+                                  "out-of-memory).")
+    workers: int | None = option(None, panel=PERF, parse=non_negative, trains=False,
+                                 help="Decode processes (default: the machine's cores; 0: decode in the main process).")
+    data_mode: str = option("auto", panel=PERF, parse=choice(*DATA_MODES), trains=False,
+                            help="memory (decode once, hold the set), stream (decode batch by batch, memory bounded) "
+                                 "or auto (memory up to 512 MiB of pixels).")
+    streaming: bool = option(False, panel=MODEL_DATA, omit_at_default=True,
+                             help="hf: hub datasets: read the first --limit rows as a stream instead of downloading "
+                                  "the whole set (not stratified).")
+    decode: str = option("pil", panel=PERF, parse=choice(*DECODES), omit_at_default=True,
+                         help="pil (the protocol: PIL on the decode workers) or device (JPEG files decoded by "
+                              "torchvision on --device, nvJPEG on a GPU, and resized there; within the README's "
+                              "tolerance of pil, named in the record).")
+    compile: bool = option(False, panel=PERF, speed_only=True,
+                           help="torch.compile the classifier's forward (inductor; compile time is reported apart "
+                                "from run time).")
+    compile_mode: str = option("default", panel=PERF, parse=choice(*COMPILE_MODES), speed_only=True,
+                               help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: replays "
+                                    "each batch shape's kernels without launch overhead), max-autotune or "
+                                    "max-autotune-no-cudagraphs.")
+
+    def check(self) -> None:
+        from clipguard.specs import parse_dataset_spec
+
         if self.compile_mode != "default" and not self.compile:
             raise ClipguardError(f"--compile-mode {self.compile_mode} chooses how --compile compiles: add --compile")
-        if self.data_mode not in DATA_MODES:
-            raise ClipguardError(f"--data-mode {self.data_mode!r}: use auto, memory or stream")
-        parse_model_spec(self.model)
         parse_dataset_spec(self.dataset, image_column=self.image_column, label_column=self.label_column)
-        return self
 
 
 def check_decode(decode: str) -> str:
-    if decode not in DECODES:
-        from clipguard.errors import ClipguardError
-
-        raise ClipguardError(f"--decode {decode!r}: use pil (the CPU protocol) or device (JPEG files decoded on the "
-                             "run's device)")
-    return decode
-
-
-RUN_FIELDS = tuple(f.name for f in fields(RunOptions))
-
-# Fields that change how fast a run goes, not what it measures (compiled kernels round differently, within float
-# tolerance), with their defaults. ``flat`` leaves them out at their default, so no record or config hash of a run
-# made before they existed changes; a hash that must ignore them when set too (a resumed fine-tuning run) lists
-# them among its unhashed fields.
-SPEED_ONLY = {"compile": False, "compile_mode": "default"}
-
-# Fields that ``flat`` leaves out at their default, so records and config hashes made before the field existed stay
-# valid: the speed-only ones, and ``decode`` (``device`` changes pixels slightly, so once set it is hashed).
-OMIT_AT_DEFAULT = {**SPEED_ONLY, "decode": "pil"}
-
-
-def split_run(opts: dict) -> tuple[dict, dict]:
-    """A flat dict of options (a suite cell, keyword arguments) -> (RunOptions fields, the rest)."""
-    run = {k: v for k, v in opts.items() if k in RUN_FIELDS}
-    return run, {k: v for k, v in opts.items() if k not in RUN_FIELDS}
-
-
-def flat(cfg) -> dict:
-    """A task config as one flat dict (its ``run`` options inlined): what records and hashes store."""
-    from dataclasses import asdict
-
-    d = asdict(cfg)
-    out = {**d.pop("run", {}), **d}
-    return {k: v for k, v in out.items() if not (k in OMIT_AT_DEFAULT and v == OMIT_AT_DEFAULT[k])}
+    """``decode`` if it is one of DECODES, else the one-line error (for callers below the configs)."""
+    return choice(*DECODES)(decode, "--decode")

@@ -12,6 +12,7 @@ from enum import StrEnum
 from fractions import Fraction
 from pathlib import Path
 
+from clipguard.catalogue import catalogue, wds_dir
 from clipguard.errors import ClipguardError
 from clipguard.registry import suggest
 
@@ -155,8 +156,6 @@ SPEC_FORMS = "toy, a catalogue name (clipguard datasets), hf:ORG/NAME, imagefold
 def _wds_name(path: str) -> str:
     """``.../wds_vtab-caltech101[/test/{0..3}.tar]`` -> the catalogue name of that CLIP_benchmark set, else the
     folder name without ``wds_``."""
-    from clipguard.catalogue import catalogue
-
     p = Path(path)
     folder = next((q.name for q in (p, *p.parents) if q.name.startswith("wds_")), p.name)
     short = folder.removeprefix("wds_")
@@ -166,8 +165,6 @@ def _wds_name(path: str) -> str:
 
 def _catalogue_spec(t: str, image_column: str | None, label_column: str | None) -> DatasetSpec | None:
     """A catalogue name: its CLIP_benchmark shards when present under the data root, else its HF dataset."""
-    from clipguard.catalogue import catalogue, wds_dir
-
     entry = catalogue().get(t)
     if entry is None:
         return None
@@ -210,8 +207,6 @@ def parse_dataset_spec(
             raise ClipguardError(f"--dataset {t!r}: no such folder or shard {rest!r} (CLIP_benchmark's layout: "
                                  "DIR/test/0.tar ... with DIR/classnames.txt)")
         return DatasetSpec(kind="wds", name=_wds_name(rest), path=rest, text=t)
-    from clipguard.catalogue import catalogue
-
     close = suggest(t, ["toy", *catalogue()])
     hint = f" (did you mean {close}?)" if close else ""
     raise ClipguardError(f"--dataset {t!r} is unknown{hint}: use {SPEC_FORMS}")

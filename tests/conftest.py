@@ -130,3 +130,25 @@ def cli(capsys):
         return code, out.out, out.err
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    """``write(folder, pictures, labels, shards=2)``: PIL pictures and int labels as CLIP_benchmark WebDataset
+    shards (``folder/0.tar`` ... with PNG images and ``cls``) plus ``nshards.txt``."""
+    def write(folder, pictures, labels, shards: int = 2) -> None:
+        import io
+
+        import webdataset as wds
+
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(pictures)
+        for s in range(shards):
+            with wds.TarWriter(str(folder / f"{s}.tar")) as w:
+                for k in range(s * n // shards, (s + 1) * n // shards):
+                    buf = io.BytesIO()
+                    pictures[k].save(buf, format="PNG")
+                    w.write({"__key__": f"s{k:04d}", "png": buf.getvalue(), "cls": int(labels[k])})
+        (folder / "nshards.txt").write_text(f"{shards}\n")
+
+    return write

@@ -1,5 +1,6 @@
-"""The codebase's shape: the layer contract (and that it catches an upward import), the public Python API,
-and the CLI conventions every command shares (--out, --json, help panels, deprecated names)."""
+"""The codebase's shape: the layer contract (and that it catches an upward import), no import cycles (and that a
+back-import is caught), the public Python API, and the CLI conventions every command shares (--out, --json, help
+panels, deprecated names)."""
 
 import json
 import os
@@ -21,7 +22,7 @@ def _lint(cwd: Path, **env) -> subprocess.CompletedProcess:
 
 def test_layer_contract_holds_and_fails_on_an_upward_import(tmp_path):
     ok = _lint(ROOT)
-    assert ok.returncode == 0 and "1 kept, 0 broken" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and "2 kept, 0 broken" in ok.stdout, ok.stdout + ok.stderr
     # The same contract on a copy of the package with one upward import (models -> tasks) must break.
     shutil.copytree(ROOT / "clipguard", tmp_path / "clipguard", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
@@ -30,6 +31,62 @@ def test_layer_contract_holds_and_fails_on_an_upward_import(tmp_path):
     assert bad.returncode != 0, bad.stdout
     assert "clipguard.models is not allowed to import clipguard.tasks" in bad.stdout
     assert "clipguard.models.upward -> clipguard.tasks.eval" in bad.stdout
+
+
+# Every import cycle of the package under the working directory, one line each (``a -> b -> ... -> a``), found with
+# grimp (the graph lint-imports checks): every import counts, those inside functions and under TYPE_CHECKING too. Run
+# in a child process, so a copy of the package is read instead of the one this process imported.
+CYCLES = """
+import json, grimp
+g = grimp.build_graph("clipguard", cache_dir=None)
+seen, cycles = set(), []
+for m in sorted(g.modules):
+    for w in sorted(g.find_modules_directly_imported_by(m)):
+        back = g.find_shortest_chain(importer=w, imported=m)
+        if back and frozenset(back) not in seen:
+            seen.add(frozenset(back))
+            cycles.append(" -> ".join((m, *back)))
+print(json.dumps(cycles))
+"""
+
+
+def _cycles(root: Path) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", CYCLES], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    return json.loads(out.stdout)
+
+
+def _copy(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A copy of the package (and pyproject.toml, for lint-imports) with ``files`` (path -> text) appended."""
+    shutil.copytree(ROOT / "clipguard", tmp_path / "clipguard", ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for name, text in files.items():
+        path = tmp_path / "clipguard" / name
+        path.write_text((path.read_text() if path.exists() else "") + text)
+    return tmp_path
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    assert _cycles(ROOT) == []
+
+
+@pytest.mark.parametrize(("files", "cycle"), [
+    # the circle the device decoder once made: a function-level import back into the module that imports it
+    ({"data/images.py": "\n\ndef _back():\n    from clipguard.data.device_decode import decode_batch\n"},
+     {"clipguard.data.images", "clipguard.data.device_decode"}),
+    # a longer one, where no two modules import each other directly
+    ({"tasks/_a.py": "import clipguard.tasks._b\n", "tasks/_b.py": "import clipguard.tasks._c\n",
+      "tasks/_c.py": "def f():\n    import clipguard.tasks._a\n"},
+     {"clipguard.tasks._a", "clipguard.tasks._b", "clipguard.tasks._c"}),
+], ids=["back-import", "three-modules"])
+def test_a_cycle_is_found_by_the_graph_check_and_by_lint_imports(tmp_path, files, cycle):
+    root = _copy(tmp_path, files)
+    found = _cycles(root)
+    assert [set(c.split(" -> ")) for c in found] == [cycle], found
+    bad = _lint(root, PYTHONPATH=str(root))
+    assert bad.returncode != 0 and "no import cycles BROKEN" in bad.stdout, bad.stdout
+    package = min(cycle).rsplit(".", 1)[0]
+    assert f"No cycles are allowed in {package}." in bad.stdout, bad.stdout
 
 
 def test_public_api_is_documented():
@@ -82,13 +139,10 @@ def test_eval_help_is_grouped_in_panels_and_finetune_takes_columns():
     assert "--image-column" in help_ft and "--label-column" in help_ft
 
 
-def test_deprecated_output_names_still_work_with_one_line(cli, tmp_path):
+def test_the_0_1_output_names_are_gone_and_the_artefact_option_is_asked_for(cli, tmp_path):
     adv, rec = tmp_path / "adv.safetensors", tmp_path / "rec.json"
-    code, _, err = cli("attack", "--limit", "10", "--steps", "1", "--device", "cpu", "--out", adv, "--record", rec)
-    assert code == 0, err
-    assert adv.is_file() and json.loads(rec.read_text())["task"] == "attack"
-    notes = [line for line in err.splitlines() if line.startswith("Deprecated:")]
-    assert len(notes) == 2 and "--adv-set" in notes[0] and "--out FILE" in notes[1]
+    code, _, err = cli("attack", "--limit", "10", "--steps", "1", "--device", "cpu", "--adv-set", adv, "--record", rec)
+    assert code == 2 and "--record" in err and not adv.exists()
     code, _, err = cli("attack", "--limit", "10", "--device", "cpu", "--out", tmp_path / "r.json")
     assert code == 2 and "--adv-set" in err and len(err.strip().splitlines()) == 1
 

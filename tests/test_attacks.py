@@ -145,7 +145,7 @@ def test_saved_set_round_trips(cli, tmp_path):
     (["--attack", "pgd", "--eps", "-1/255"], ">= 0"),
     (["--attack", "pgd", "--steps", "0"], "--steps 0"),
     (["--attack", "nosuch"], "fgsm, pgd, apgd, autoattack"),
-    (["--attack", "pgd", "--resolution", "huge"], "model or native"),
+    (["--attack", "pgd", "--resolution", "huge"], "choose from model, native"),
     (["--attack", "pgd", "--surrogate", "nosuch-model"], "nosuch-model"),
 ])
 def test_bad_attack_input_is_one_line_exit_2(cli, args, needle):

@@ -259,7 +259,7 @@ def test_a_requeued_cell_task_skips_a_done_cell_and_requeues_itself(local, tmp_p
                      "slurm")
     assert run_cell(other)["status"] == "ran" and not marked(out, "base")  # a stale record: the cell runs again
     pytest.importorskip("submitit", reason="the slurm extra is not installed: pip install 'clipguard[slurm]'")
-    again = CellJob().checkpoint(task)
+    again = CellJob(run_cell).checkpoint(task)
     assert isinstance(again.function, CellJob) and again.args == (task,)
 
 

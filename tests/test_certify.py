@@ -181,12 +181,10 @@ def test_noise_trained_adapter_certifies_more_at_half_radius(tmp_path):
 
 
 def test_noise_objective_needs_sigma_and_only_it():
-    from clipguard.finetune.config import validate
-
     with pytest.raises(ClipguardError, match="--sigma"):
-        validate(finetune_config_for(objective="noise"))
+        finetune_config_for(objective="noise")  # checked on construction
     with pytest.raises(ClipguardError, match="--sigma is used only"):
-        validate(finetune_config_for(objective="tecoa", sigma=0.25))
+        finetune_config_for(objective="tecoa", sigma=0.25)
 
 
 def finetune_config_for(**opts):
@@ -204,7 +202,7 @@ def test_cli_builds_the_config(fake_task, cli, tmp_path):
                        "--seed", "3", "--out", tmp_path / "r.json", "--json")
     assert code == 0, err
     cfg = got["cfg"]
-    assert (cfg.sigma, cfg.n0, cfg.n, cfg.alpha, cfg.noise_batch, cfg.radii) == (0.5, 50, 2000, 0.01, 500, "0,1")
+    assert (cfg.sigma, cfg.n0, cfg.n, cfg.alpha, cfg.noise_batch, cfg.radii) == (0.5, 50, 2000, 0.01, 500, (0.0, 1.0))
     assert (cfg.run.limit, cfg.run.seed, cfg.run.model) == (7, 3, "toy")
     code, _, err = cli("certify", "--sigma", "-1")
     assert code == 2 and "--sigma" in err and len(err.strip().splitlines()) == 1

@@ -91,7 +91,7 @@ def test_attack_command_compiles_before_its_timed_attack(monkeypatch, tmp_path):
     has compile_s and no graph compiles inside the timed attack. uap fit/eval and certify share Prepared.timings."""
     import clipguard.attacks.runner as runner
     from clipguard.tasks.attack import run_craft
-    from clipguard.tasks.eval import eval_config
+    from clipguard.tasks.configs import attack_set_config
 
     real, seen = runner.run_attack, {}
 
@@ -102,20 +102,21 @@ def test_attack_command_compiles_before_its_timed_attack(monkeypatch, tmp_path):
         return out
 
     monkeypatch.setattr(runner, "run_attack", spied)
-    cfg = eval_config(**{**TOY, "limit": 100}, attack="pgd", steps=2, compile=True)
-    rec = run_craft(cfg, str(tmp_path / "adv"), progress=False)
+    cfg = attack_set_config(**{**TOY, "limit": 100}, attack="pgd", steps=2, compile=True,
+                            adv_set=str(tmp_path / "adv.safetensors"))
+    rec = run_craft(cfg, progress=False)
     assert rec["timings"]["compile_s"] > 0 and seen["new_graphs"] == 0
 
 
 def test_compile_changes_no_config_hash():
     """compile is a speed option: absent from records and hashes at its default, so every existing run keeps its
     finetune config hash (resume) and record config; set, the record says so."""
+    from clipguard.config import flat
     from clipguard.finetune.config import finetune_config, hashed_fields
-    from clipguard.run_options import flat
     from clipguard.tasks.eval import eval_config
 
     assert "compile" not in flat(eval_config()) and flat(eval_config(compile=True))["compile"] is True
-    assert "compile" not in hashed_fields(finetune_config(model="toy", dataset="toy"))
+    assert "compile" not in hashed_fields(finetune_config(model="toy", dataset="toy", run_dir="x"))
 
 
 def test_compile_mode_reaches_torch_compile_and_is_speed_only(monkeypatch):
@@ -131,12 +132,13 @@ def test_compile_mode_reaches_torch_compile_and_is_speed_only(monkeypatch):
     assert seen == [{"mode": "reduce-overhead"}]
     assert torch.equal(c["logits"].argmax(1), e["logits"].argmax(1)) and c["new_graphs"] == 0
     assert rec["config"]["compile_mode"] == "reduce-overhead" and "compile_mode" not in eager["config"]
-    assert "compile_mode" not in hashed_fields(finetune_config(model="toy", dataset="toy", compile=True,
-                                                               compile_mode="max-autotune"))
+    assert "compile_mode" not in hashed_fields(finetune_config(model="toy", dataset="toy", compile=True, method="vpt",
+                                                               compile_mode="max-autotune", run_dir="x"))
 
 
 @pytest.mark.parametrize("opts, says", [
-    ({"compile": True, "compile_mode": "fastest"}, "--compile-mode 'fastest': use one of default, reduce-overhead"),
+    ({"compile": True, "compile_mode": "fastest"},
+     "--compile-mode 'fastest' is unknown: choose from default, reduce-overhead"),
     ({"compile_mode": "reduce-overhead"}, "add --compile"),
 ])
 def test_bad_compile_mode_is_one_line(opts, says):
@@ -144,14 +146,15 @@ def test_bad_compile_mode_is_one_line(opts, says):
     from clipguard.run_options import RunOptions
 
     with pytest.raises(ClipguardError, match=says):
-        RunOptions(**opts).check()
+        RunOptions(**opts)
 
 
 def test_compile_is_one_shared_option_in_the_performance_panel(cli, monkeypatch):
     import clipguard.tasks.eval as ev
-    from clipguard.cli import options as o
+    from clipguard.config import PERF
+    from clipguard.run_options import RunOptions
 
-    assert o.CompileOpt.__metadata__[0].rich_help_panel == o.PERF
+    assert RunOptions.__dataclass_fields__["compile"].metadata["opt"].panel == PERF
     got = {}
     monkeypatch.setattr(ev, "run_eval", lambda cfg, progress: got.setdefault("cfg", cfg) and {"schema": "x"})
     code, _, err = cli("eval", "--compile", "--json")

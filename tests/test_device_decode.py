@@ -143,7 +143,7 @@ def test_in_memory_and_wds_sources_decode_on_the_device_too(jpeg_folder, tmp_pat
 
 
 def test_decode_is_hashed_only_when_set():
-    from clipguard.run_options import flat
+    from clipguard.config import flat
     from clipguard.tasks.eval import EvalConfig
 
     assert "decode" not in flat(EvalConfig(run=RunOptions()))  # every older record and config hash is unchanged
@@ -151,7 +151,7 @@ def test_decode_is_hashed_only_when_set():
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--decode", "gpu"], "--decode 'gpu': use pil"),
+    (["--decode", "gpu"], "--decode 'gpu' is unknown: choose from pil, device"),
     (["--decode", "device"], "does not apply to --dataset 'toy': the toy images are generated"),
 ])
 def test_bad_decode_options_are_one_line_errors(cli, args, says):

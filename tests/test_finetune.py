@@ -181,6 +181,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_train_step_is_one_update_and_a_non_finite_loss_never_steps(tmp_path):
+    """train_step moves the weights, AdamW's moments and the schedule once; a NaN loss is refused before the optimizer
+    steps, so none of the three takes it (the checkpoint test above cannot see weights that are never saved)."""
+    import math
+
+    import clipguard.finetune.loop as loop
+    from clipguard.finetune.objectives import OBJECTIVES
+    from clipguard.tasks.setup import prepare
+
+    cfg = finetune_config(**{**TINY, "limit": 16}, run_dir=str(tmp_path))
+    p = prepare(cfg.run)
+    s = loop.setup(cfg, p)
+    x, y = p.data.images[:8], p.data.labels[:8]
+
+    def snapshot() -> list[torch.Tensor]:  # weights, then AdamW's state, then the schedule's step
+        moments = [torch.as_tensor(v) for st in s.opt.state.values() for v in st.values()]
+        return [t.detach().clone() for t in (*s.params, *moments)] + [torch.tensor(s.sched.last_epoch)]
+
+    n, before = len(s.params), snapshot()
+    loss = loop.train_step(s, x, y, len(y), cfg.grad_clip)
+    stepped = snapshot()
+    # the twin: a finite loss moves the weights, creates AdamW's moments and steps the schedule once
+    assert math.isfinite(loss) and not all(torch.equal(a, b) for a, b in zip(before[:n], stepped[:n], strict=True))
+    assert len(before) == n + 1 < len(stepped) and int(stepped[-1]) == int(before[-1]) + 1
+    tecoa = OBJECTIVES.get("tecoa").loss
+    s.objective = replace(s.objective, loss=lambda clf, xa, ya, ref: tecoa(clf, xa, ya, ref) * float("nan"))
+    with pytest.raises(loop.NonFiniteLoss, match="training loss became nan"):
+        loop.train_step(s, x, y, len(y), cfg.grad_clip)
+    after = snapshot()
+    assert len(after) == len(stepped) and all(torch.equal(a, b) for a, b in zip(after, stepped, strict=True))
+
+
 @pytest.mark.parametrize("objective,attack,surrogate", [("fare", "pgd", None), ("ce", "transfer", "clip:toy@seed1")])
 def test_objectives_and_transfer_run(tmp_path, objective, attack, surrogate):
     from clipguard.tasks.finetune import run_finetune
@@ -201,7 +233,7 @@ def test_cli_builds_the_config(fake_task, cli, tmp_path):
     assert code == 0, err
     cfg = got["cfg"]
     assert cfg.run_dir == str(tmp_path) and cfg.resume == str(tmp_path) and cfg.lora_targets == ["c_fc", "c_proj"]
-    assert (cfg.eps, cfg.lr, cfg.method, cfg.run.split) == ("4/255", 0.02, "lora", "train")
+    assert (cfg.eps.text, cfg.lr, cfg.method, cfg.run.split) == ("4/255", 0.02, "lora", "train")
     assert json.loads((tmp_path / "record.json").read_text())["schema"] == "clipguard.result/1"
 
 
@@ -210,6 +242,6 @@ def test_fields_added_later_keep_old_runs_resumable():
     (those fields hash only when set); setting one does change the hash."""
     from clipguard.finetune.config import config_hash, hashed_fields
 
-    cfg = finetune_config(**TINY)
+    cfg = finetune_config(**TINY, run_dir="unused")
     assert not {"max_steps", "sigma", "streaming"} & set(hashed_fields(cfg))
-    assert config_hash(finetune_config(**TINY, max_steps=5)) != config_hash(cfg)
+    assert config_hash(finetune_config(**TINY, max_steps=5, run_dir="unused")) != config_hash(cfg)

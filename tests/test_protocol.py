@@ -222,6 +222,11 @@ def test_adv_set_is_matched_by_its_images(cli, tmp_path):
     save_adv_set(tmp_path / "b.safetensors", saved.images, saved.labels, {**manifest, "images_digest": "sha256:0"})
     code, _, err = cli("eval", "--limit", "20", "--adv-set", tmp_path / "b.safetensors", "--device", "cpu")
     assert code == 2 and "image digests differ" in err, err
+    # a set that names no digest (clipguard 0.1) cannot be matched: refused, not scored on labels alone
+    save_adv_set(tmp_path / "c.safetensors", saved.images, saved.labels,
+                 {k: v for k, v in manifest.items() if k != "images_digest"})
+    code, _, err = cli("eval", "--limit", "20", "--adv-set", tmp_path / "c.safetensors", "--device", "cpu")
+    assert code == 2 and "names no image digest" in err, err
 
 
 def test_model_and_native_resolution_are_different_images(cli, tmp_path):

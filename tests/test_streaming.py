@@ -4,7 +4,6 @@ path (the images decoded here with PIL, stacked, classified), streamed by worker
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import resource
@@ -44,11 +43,10 @@ def _pictures(n: int, seed: int) -> tuple[list[Image.Image], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, write_shards):
     """The same 48 images as an ImageNet-layout folder (JPEG), an HF dataset saved to disk, wds shards (2 tars,
     CLIP_benchmark's layout) and the reference: the images decoded here, in each source's order."""
     import datasets
-    import webdataset as wds
 
     root = tmp_path_factory.mktemp("sources")
     pics, labels = _pictures(N, 0)
@@ -65,15 +63,7 @@ def world(tmp_path_factory):
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
     datasets.Dataset.from_dict({"image": decoded, "label": labels}, features=feats).save_to_disk(str(root / "arrow"))
 
-    shards = root / "wds_toyset" / "test"
-    shards.mkdir(parents=True)
-    for s in range(2):
-        with wds.TarWriter(str(shards / f"{s}.tar")) as w:
-            for k in range(s * N // 2, (s + 1) * N // 2):
-                buf = io.BytesIO()
-                decoded[k].save(buf, format="PNG")
-                w.write({"__key__": f"s{k:04d}", "png": buf.getvalue(), "cls": labels[k]})
-    (shards / "nshards.txt").write_text("2\n")
+    write_shards(root / "wds_toyset" / "test", decoded, labels)
     (root / "wds_toyset" / "classnames.txt").write_text("a\nb\nc\n")
     (root / "wds_toyset" / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n{c}\n")
     return {"root": root, "decoded": decoded, "labels": labels, "folder_order": order}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from clipguard.errors import ClipguardError
-from clipguard.fsutil import atomic_write
+from clipguard.fsutil import atomic_write, writing_output
 
 SCHEMA = "clipguard.advset/1"
 
@@ -76,7 +76,8 @@ def save_adv_set(path, images: torch.Tensor, labels: torch.Tensor, manifest: dic
     manifest = {"schema": SCHEMA, **manifest, "n": int(labels.shape[0]), "dtype": str(images.dtype).split(".")[-1],
                 "shape": list(images.shape)}
     tensors = {"images": images.contiguous(), "labels": labels.to(torch.int64).contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest)}))
+    with writing_output(path, "the adversarial set", hold=True):  # a full disk costs the set, not the record
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest)}))
 
 
 def load_adv_set(path) -> AdvSet:

@@ -3,9 +3,16 @@
 Cheap checks run always; ``sanity`` checks (eps sweep monotone, PGD vs FGSM, steps doubled, restarts)
 cost extra attack runs and run with ``--sanity``. An attack not run in fp32 (``--attack-precision bf16``) is
 always checked against fp32 on the same images (:func:`precision_check`).
+
+Every check fails on a NaN or an infinity, in its inputs or in its value (:func:`check` enforces the value part
+for every producer): comparisons with NaN are False, so ``not (x > limit)`` passes a NaN, and a number that is
+not finite measured nothing.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -15,8 +22,28 @@ CONVERGENCE_POINTS = 0.01  # doubling the steps may move robust accuracy by at m
 PRECISION_POINTS = 0.005  # a bf16 (fp16) attack's robust accuracy may differ from fp32's by at most 0.5 points
 
 
+def finite(*values) -> bool:
+    """Every number in ``values`` (numbers, tensors, nested lists / tuples / dict values) is finite."""
+    for v in values:
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list | tuple):
+            if not finite(*v):
+                return False
+        elif isinstance(v, torch.Tensor):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return False
+        elif isinstance(v, numbers.Real) and not math.isfinite(v):
+            return False
+    return True
+
+
 def check(name: str, value, passed: bool, detail: str = "") -> dict:
-    return {"name": name, "value": value, "passed": bool(passed), "detail": detail}
+    """One check; it fails whatever ``passed`` says when ``value`` holds a NaN or an infinity."""
+    ok = bool(passed) and finite(value)
+    if bool(passed) and not ok:
+        detail = f"{detail} [not finite: fails]"
+    return {"name": name, "value": value, "passed": ok, "detail": detail}
 
 
 def cheap_checks(run, eps: float, norm: str = "linf") -> list[dict]:
@@ -27,8 +54,9 @@ def cheap_checks(run, eps: float, norm: str = "linf") -> list[dict]:
     size = s["max_l2"] if norm == "l2" else s["max_linf"]
     what = "max ||x_adv - x||_2 per image" if norm == "l2" else "max |x_adv - x|"
     return [
-        check(f"{norm}_within_eps", size, size <= eps + LINF_SLACK, f"{what} vs eps {eps:.6g} (+{LINF_SLACK:g})"),
-        check("in_unit_range", [s["min"], s["max"]], s["min"] >= 0 and s["max"] <= 1, "adversarial pixels in [0, 1]"),
+        check(f"{norm}_within_eps", size, finite(eps) and size <= eps + LINF_SLACK,
+              f"{what} vs eps {eps:.6g} (+{LINF_SLACK:g})"),
+        check("in_unit_range", [s["min"], s["max"]], 0 <= s["min"] <= s["max"] <= 1, "adversarial pixels in [0, 1]"),
         check("no_nan", s["nan"], s["nan"] == 0, "NaN values in adversarial images"),
         check("zero_grad_share", round(share, 4), share <= ZERO_GRAD_MAX,
               f"share of images whose input gradient is exactly zero (<= {ZERO_GRAD_MAX})"),
@@ -37,7 +65,7 @@ def cheap_checks(run, eps: float, norm: str = "linf") -> list[dict]:
 
 def eps0_check(eps0_pred: torch.Tensor, clean_pred: torch.Tensor) -> dict:
     mismatches = int((eps0_pred != clean_pred).sum())
-    return check("eps0_equals_clean", mismatches, mismatches == 0,
+    return check("eps0_equals_clean", mismatches, mismatches == 0 and finite(eps0_pred, clean_pred),
                  "predictions changed by the attack at eps=0 (must be 0)")
 
 
@@ -51,6 +79,9 @@ def deterministic_check(classifier, x: torch.Tensor) -> dict:
 def monotone_check(curve: list[tuple[str, float]]) -> dict:
     """Robust accuracy must not rise as eps grows (curve sorted by eps)."""
     rises = [(a[0], b[0]) for a, b in zip(curve, curve[1:], strict=False) if b[1] > a[1] + 1e-12]
+    accs = [a for _, a in curve]
+    if not finite(accs):  # NaN never "rises", so the rule alone would pass it
+        return check("eps_sweep_monotone", accs, False, "a robust accuracy along the eps sweep is not finite")
     return check("eps_sweep_monotone", len(rises), not rises,
                  "robust accuracy rose along the eps sweep at " + ", ".join(f"{a}->{b}" for a, b in rises)
                  if rises else "robust accuracy never rises with eps")
@@ -73,5 +104,12 @@ def precision_check(low: float, fp32: float, precision: str, images: int) -> dic
 
 def converged_check(acc: float, acc_double: float) -> dict:
     delta = abs(acc - acc_double)
-    return check("steps_converged", round(delta, 4), delta <= CONVERGENCE_POINTS,
+    return check("steps_converged", round(delta, 4), finite(acc, acc_double) and delta <= CONVERGENCE_POINTS,
                  "robust accuracy change when steps are doubled (> 1 point: not converged)")
+
+
+def restarts_check(acc1: float, acc5: float) -> dict:
+    """5 restarts must not be weaker than 1, and should lower robust accuracy by at most 1 point."""
+    return check("restarts_5_vs_1", {"restarts_1": acc1, "restarts_5": acc5},
+                 acc5 <= acc1 + 1e-12 and acc1 - acc5 <= CONVERGENCE_POINTS,
+                 "5 restarts must not be weaker, and should lower robust acc by <= 1 point")

@@ -196,8 +196,14 @@ def build_attack(model: nn.Module, cfg: AttackConfig) -> Attack:
 
     With ``restarts > 1`` (PGD here, APGD internally) each restart starts from a new random point and a sample
     keeps the first adversarial example that fools the model (worst case over restarts).
+
+    At eps 0 every attack, whatever its norm, restarts or version, returns ``x`` unchanged: a radius-0 ball holds
+    only ``x``, and the libraries are not safe there (torchattacks' PGDL2, so L2 PGD and FGSM, projects with
+    ``eps / ||x_adv - x||_2`` = 0 / 0 = NaN; AutoAttack would run every part on every image, none ever fooled).
     """
     check_attack(cfg)
+    if cfg.eps.value == 0:
+        return _unchanged
     attack = ATTACKS.get(cfg.name)(model, cfg)
     if cfg.restarts == 1 or cfg.name not in _RESTARTABLE:
         return attack
@@ -213,3 +219,8 @@ def build_attack(model: nn.Module, cfg: AttackConfig) -> Attack:
         return best
 
     return restarted
+
+
+def _unchanged(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The attack at eps 0: the input itself (a copy, detached, as every attack returns)."""
+    return x.detach().clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -90,9 +91,10 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
         delta = (x_adv - x).flatten(1)
         stats["zero_grad"] += zero_grad
         stats["attacked"] += int(preds[2].sum())
-        stats["max_linf"] = max(stats["max_linf"], float(delta.abs().max()))
-        stats["max_l2"] = max(stats["max_l2"], float(delta.norm(dim=1).max()))
-        stats["min"], stats["max"] = min(stats["min"], float(x_adv.min())), max(stats["max"], float(x_adv.max()))
+        stats["max_linf"] = nan_max(stats["max_linf"], float(delta.abs().max()))
+        stats["max_l2"] = nan_max(stats["max_l2"], float(delta.norm(dim=1).max()))
+        stats["min"] = nan_min(stats["min"], float(x_adv.min()))
+        stats["max"] = nan_max(stats["max"], float(x_adv.max()))
         stats["nan"] += int(torch.isnan(x_adv).sum())
         if keep_adv:
             kept.append(x_adv.cpu())
@@ -134,8 +136,18 @@ def merge_stats(per_rank: list[dict]) -> dict:
     out = dict(per_rank[0])
     for st in per_rank[1:]:
         for k in ("max_linf", "max_l2", "max"):
-            out[k] = max(out[k], st[k])
-        out["min"] = min(out["min"], st["min"])
+            out[k] = nan_max(out[k], st[k])
+        out["min"] = nan_min(out["min"], st["min"])
         for k in ("nan", "zero_grad", "attacked"):
             out[k] += st[k]
     return out
+
+
+# NaN-keeping min / max: Python's max(0.0, nan) is 0.0, so a NaN batch vanished from the statistics and passed
+# every check (in_unit_range read [1.0, 0.0] on an all-NaN run). torch's own reductions keep NaN already.
+def nan_max(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def nan_min(a: float, b: float) -> float:
+    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)

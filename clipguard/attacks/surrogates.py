@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from clipguard.errors import ClipguardError
+from clipguard.models.classifier import ZeroShotClassifier
+from clipguard.models.text_embeddings import get_text_embeddings
+from clipguard.models.toy import load_toy_cnn
 from clipguard.registry import Registry
 
 # Input normalisation of known torch.hub repositories (they expect normalised tensors).
@@ -41,8 +44,6 @@ SURROGATES: Registry[Callable[[str, object], nn.Module]] = Registry("--surrogate
 
 @SURROGATES.register("toy-cnn")
 def _toy_cnn(spec: str, prepared) -> nn.Module:
-    from clipguard.models.toy import load_toy_cnn
-
     if prepared.data.name != "toy":
         raise ClipguardError(f"--surrogate toy-cnn classifies the toy classes only, not {prepared.data.spec!r}")
     return load_toy_cnn(device=str(prepared.clip.device))
@@ -50,9 +51,9 @@ def _toy_cnn(spec: str, prepared) -> nn.Module:
 
 @SURROGATES.register("clip:")
 def _clip(spec: str, prepared) -> nn.Module:
-    from clipguard.models.classifier import ZeroShotClassifier
+    # Lazy: option checks import this module (check_surrogate_spec) before any loading; the loader imports
+    # open_clip (~2 s), which a bad option's one-line error should not wait for.
     from clipguard.models.loader import load_clip
-    from clipguard.models.text_embeddings import get_text_embeddings
 
     clip = load_clip(spec[len("clip:"):], device=str(prepared.clip.device), precision="fp32")
     text = get_text_embeddings(clip, prepared.prompts.classnames, prepared.prompts.templates)

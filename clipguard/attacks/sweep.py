@@ -10,7 +10,7 @@ from clipguard.attacks import integrity as ic
 from clipguard.attacks.registry import USES, AttackConfig
 from clipguard.attacks.runner import run_attack
 from clipguard.models.inference import attack_inputs
-from clipguard.records.metrics import accuracy, attack_success_rate
+from clipguard.records.metrics import accuracy_counts, attack_success_counts, count, put, ratio
 from clipguard.specs import parse_eps
 
 EPS0_IMAGES = 64  # images of the eps = 0 check
@@ -19,20 +19,28 @@ PRECISION_IMAGES = 256  # images of the bf16-vs-fp32 check of a robust number no
 
 def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
     """Robust accuracy, RobustBench's way (share of ALL images that are clean-correct and stay correct under the
-    attack, so robust <= clean), and attack success rate (share of the attacked, clean-correct images flipped)."""
-    hit = run.attacked
-    entry = {"attack": cfg.name, "eps": cfg.eps.text, "eps_value": cfg.eps.value,
-             "robust_acc": run.robust.float().mean().item(), "clean_acc": accuracy(run.clean_pred, labels),
-             "attacked": int(hit.sum()),
-             "attack_success_rate": attack_success_rate(labels[hit], run.clean_pred[hit], run.adv_pred[hit]),
-             "images_per_s": run.timings["images_per_s"]}
+    attack, so robust <= clean), and attack success rate (share of the attacked, clean-correct images flipped);
+    each as k / n of integers, with its ``counts``."""
+    hit, n = run.attacked, len(labels)
+    entry = {"attack": cfg.name, "eps": cfg.eps.text, "eps_value": cfg.eps.value}
+    put(entry, "robust_acc", count(run.robust), n)
+    put(entry, "clean_acc", *accuracy_counts(run.clean_pred, labels))
+    entry["attacked"] = count(hit)
+    put(entry, "attack_success_rate", *attack_success_counts(labels[hit], run.clean_pred[hit], run.adv_pred[hit]))
+    entry["images_per_s"] = run.timings["images_per_s"]
     if "alpha" in USES[cfg.name]:
         entry["alpha"] = cfg.alpha.text if cfg.alpha else f"{cfg.eps.value / 4:.6g} (eps/4)"
         entry["alpha_value"] = cfg.alpha_value
     if run.source_clean_pred is not None:
-        entry["surrogate_clean_acc"] = accuracy(run.source_clean_pred, labels)
-        entry["surrogate_robust_acc"] = accuracy(run.source_adv_pred, labels)
+        put(entry, "surrogate_clean_acc", *accuracy_counts(run.source_clean_pred, labels))
+        put(entry, "surrogate_robust_acc", *accuracy_counts(run.source_adv_pred, labels))
+    entry["counts"] = entry.pop("counts")  # after the numbers, so a printed entry reads metrics first
     return entry
+
+
+def robust_share(run) -> float:
+    """Robust accuracy of one run as k / n of integers (the number the checks compare)."""
+    return ratio(count(run.robust), len(run.robust))
 
 
 def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution: str, precision: str,
@@ -54,13 +62,11 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
         preds[eps.text] = run.adv_pred
         for c in ic.cheap_checks(run, eps.value, base.norm):
             checks.append({**c, "eps": eps.text})
-    # eps = 0 through the same attack code must reproduce the clean predictions exactly, image by image (on the
-    # first EPS0_IMAGES). At eps 0 nothing is ever fooled, so AutoAttack would run every part on every image:
-    # its check uses the same code with APGD-CE only.
+    # eps = 0 through the same runner (attack path, masks, adversarial pass) must reproduce the clean predictions
+    # exactly, image by image (on the first EPS0_IMAGES). build_attack returns x itself at eps 0 (the only point of
+    # a radius-0 ball), so a mismatch here is the runner's or the model's, never a library's 0/0.
     head = slice(0, min(len(labels), batch_size, EPS0_IMAGES))
     zero_cfg = base.with_eps(parse_eps("0"))
-    if base.name == "autoattack":
-        zero_cfg = replace(zero_cfg, aa_version="custom", aa_attacks=("apgd-ce",))
     zero = run_attack(p.classifier, images[head], labels[head], zero_cfg, **{**kw, "progress": False})
     checks.append(ic.eps0_check(zero.adv_pred, zero.clean_pred))
     checks.append(ic.deterministic_check(p.classifier, attack_inputs(p.classifier, images[head], resolution)))
@@ -81,8 +87,8 @@ def precision_checks(p, base: AttackConfig, eps_list, kw: dict, *, images: int =
     out = []
     for eps in eps_list:
         cfg = base.with_eps(eps)
-        acc = {prec: run_attack(p.classifier, x, y, cfg, **{**kw, "precision": prec, "progress": False,
-                                                           "correct": correct}).robust.float().mean().item()
+        acc = {prec: robust_share(run_attack(p.classifier, x, y, cfg, **{**kw, "precision": prec, "progress": False,
+                                                                        "correct": correct}))
                for prec in (low, "fp32")}
         out.append({**ic.precision_check(acc[low], acc["fp32"], low, n), "eps": eps.text})
     return out
@@ -98,7 +104,7 @@ def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict
     acc = next(e["robust_acc"] for e in entries if e["eps"] == top.text)
 
     def robust(c: AttackConfig) -> float:
-        return run_attack(p.classifier, images, labels, c, **kw).robust.float().mean().item()
+        return robust_share(run_attack(p.classifier, images, labels, c, **kw))
 
     if base.name != "fgsm":
         fgsm = robust(AttackConfig("fgsm", top, seed=base.seed, norm=base.norm))
@@ -108,9 +114,7 @@ def sanity_checks(p, base: AttackConfig, eps_list, entries: list[dict], kw: dict
         out.append(ic.converged_check(acc, robust(doubled)))
         five = replace(base, eps=top, restarts=5)
         r5 = robust(five)
-        out.append(ic.check("restarts_5_vs_1", {"restarts_1": acc, "restarts_5": r5},
-                            r5 <= acc + 1e-12 and acc - r5 <= ic.CONVERGENCE_POINTS,
-                            "5 restarts must not be weaker, and should lower robust acc by <= 1 point"))
+        out.append(ic.restarts_check(acc, r5))
     for c in out:
         c["eps"] = top.text
     return out

@@ -15,23 +15,24 @@ from clipguard.cli.certify import certify_command
 from clipguard.cli.datasets import datasets_command
 from clipguard.cli.eval import eval_command
 from clipguard.cli.finetune import finetune_command
+from clipguard.cli.options import Command
 from clipguard.cli.prepare import prepare_command
 from clipguard.cli.report import bench_app, gate_command, report_command
 
 app = typer.Typer(name="clipguard", no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure and improve the adversarial robustness of CLIP zero-shot classifiers. "
                        "eps values are in [0, 1] pixel units; 8/255 is accepted.")
-app.command("eval")(eval_command)
-app.command("attack")(attack_command)
-app.command("certify")(certify_command)
-app.command("finetune")(finetune_command)
-app.command("prepare")(prepare_command)
+app.command("eval", cls=Command)(eval_command)
+app.command("attack", cls=Command)(attack_command)
+app.command("certify", cls=Command)(certify_command)
+app.command("finetune", cls=Command)(finetune_command)
+app.command("prepare", cls=Command)(prepare_command)
 app.add_typer(uap_cli.app, name="uap")
 app.add_typer(bench_app, name="bench")
-app.command("report")(report_command)
-app.command("gate")(gate_command)
+app.command("report", cls=Command)(report_command)
+app.command("gate", cls=Command)(gate_command)
 app.add_typer(cache_cli.app, name="cache")
-app.command("datasets")(datasets_command)
+app.command("datasets", cls=Command)(datasets_command)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -43,13 +44,19 @@ def run(argv: list[str] | None = None) -> int:
     because of it ends with the same line (unless torchrun has stopped it first)."""
     from clipguard import distributed
     from clipguard.errors import ClipguardError
+    from clipguard.fsutil import holding_write_failures
 
     distributed.bind_device()
     try:
-        app(args=argv, prog_name="clipguard")  # standalone: usage errors print and exit 2 themselves
+        with holding_write_failures():  # a product that fails to be written after the work waits for the record
+            app(args=argv, prog_name="clipguard")  # standalone: usage errors print and exit 2 themselves
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except ClipguardError as e:
+    except (ClipguardError, OSError) as e:
+        if isinstance(e, OSError):  # a file no check could foresee (disk full mid-run, a folder gone): one line too
+            from clipguard.fsutil import describe_os_error
+
+            e = ClipguardError(describe_os_error(e))
         if distributed.started():  # this rank alone may have met it: say which, and tell the others
             line = f"Error (rank {distributed.rank()} of {distributed.world_size()}): {e}"
             distributed.report_error(line)

@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
-
 from clipguard.cli import options as o
-from clipguard.cli.output import artefact_path, check_outputs, emit
-from clipguard.run_options import RunOptions
+from clipguard.cli.output import emit
+from clipguard.tasks.configs import AttackSetConfig
 
 
-@o.run_options(batch_size=128)
-@o.attack_options(attack="pgd", help={"eps": "Radius in [0, 1] pixel units (8/255 or 0.0314); one value."})
-def attack_command(
-    run: RunOptions,
-    attack_opts: dict,
-    adv_set: Annotated[str | None, typer.Option(help="Adversarial set to write (.safetensors), for `eval "
-                                                "--adv-set`.", rich_help_panel=o.OUTPUT)] = None,
-    quantize: Annotated[bool, typer.Option(help="Store uint8 pixels (k/255), clipped to stay within eps.",
-                                           rich_help_panel=o.OUTPUT)] = False,
-    png: o.PngOpt = None,
-    out: o.OutOpt = None,
-    record: o.RecordOpt = None,
-    json_out: o.JsonOpt = False,
-) -> None:
+@o.command(AttackSetConfig)
+def attack_command(cfg: AttackSetConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
     """Craft adversarial examples (eps in [0, 1] pixel units) and save them for `eval --adv-set`."""
-    from clipguard.errors import ClipguardError
     from clipguard.tasks.attack import run_craft
-    from clipguard.tasks.eval import EvalConfig, attack_config
 
-    adv_set, out = artefact_path(adv_set, out, record, option="--adv-set")
-    if "," in attack_opts["eps"]:
-        raise ClipguardError(f"--eps {attack_opts['eps']!r}: attack crafts one set, give one eps (sweeps are for "
-                             "`eval`)")
-    cfg = EvalConfig(run=run.check(), **attack_opts)
-    attack_config(cfg)
-    check_outputs({"--adv-set": adv_set, "--out": out}, {"--png": png})
-    rec = run_craft(cfg, adv_set, quantize=quantize, png_dir=png, progress=not json_out)
-    emit(rec, out=Path(out) if out else None, as_json=json_out, table=attack_table)
+    emit(run_craft(cfg, progress=not json_out), out=out, as_json=json_out, table=attack_table)
 
 
 def attack_table(rec: dict):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
+
+from clipguard.cli import options as o
+from clipguard.cli.options import Command
+from clipguard.tasks.configs import CacheLsConfig, CacheRmConfig
 
 app = typer.Typer(help="Inspect or clear the cached text embeddings ($CLIPGUARD_CACHE/text).",
                   no_args_is_help=True)
 
 
-@app.command("ls")
-def ls(json_out: Annotated[bool, typer.Option("--json", help="Print entries as JSON.")] = False) -> None:
+@app.command("ls", cls=Command)
+@o.command(CacheLsConfig)
+def ls(cfg: CacheLsConfig, json_out: o.JsonOpt = False) -> None:
     """List cached text-embedding entries."""
     import json
 
@@ -33,14 +36,11 @@ def ls(json_out: Annotated[bool, typer.Option("--json", help="Print entries as J
     Console().print(t)
 
 
-@app.command("rm")
-def rm(keys: Annotated[list[str] | None, typer.Argument(help="Key prefixes to remove.")] = None,
-       all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False) -> None:
+@app.command("rm", cls=Command)
+@o.command(CacheRmConfig)
+def rm(cfg: CacheRmConfig) -> None:
     """Remove cached entries by key prefix, or all with --all."""
-    from clipguard.errors import ClipguardError
     from clipguard.models.text_embeddings import remove_entries
 
-    if not keys and not all_:
-        raise ClipguardError("cache rm: name key prefixes (see `clipguard cache ls`) or pass --all")
-    n = remove_entries(None if all_ else keys)
+    n = remove_entries(None if cfg.all else cfg.keys)
     typer.echo(f"removed {n} entr{'y' if n == 1 else 'ies'}")

@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from clipguard.cli import options as o
-from clipguard.cli.output import check_outputs, checks_line, emit
-from clipguard.run_options import RunOptions
-
-SMOOTHING, CHECK = "Smoothing", "Integrity check"
+from clipguard.cli.output import checks_line, emit
+from clipguard.tasks.configs import CertifyConfig
 
 
-@o.run_options(exclude=("batch_size",))
-def certify_command(
-    run: RunOptions,
-    sigma: Annotated[float, typer.Option(help="Noise std in [0, 1] pixel units at the model's input size (Cohen et "
-                                         "al.: 0.12, 0.25, 0.5, 1.0).", rich_help_panel=SMOOTHING)] = 0.25,
-    n0: Annotated[int, typer.Option("--n0", help="Selection samples per image.", rich_help_panel=SMOOTHING)] = 100,
-    n: Annotated[int, typer.Option("--n", help="Estimation samples per image (Cohen et al.: 100000).",
-                                   rich_help_panel=SMOOTHING)] = 100_000,
-    alpha: Annotated[float, typer.Option(help="Failure probability of each certificate.",
-                                         rich_help_panel=SMOOTHING)] = 0.001,
-    noise_batch: Annotated[int, typer.Option(help="Noisy samples per forward pass (halved on GPU out-of-memory).",
-                                             rich_help_panel=o.PERF)] = 1000,
-    radii: Annotated[str, typer.Option(help="Certified-accuracy grid: comma list of L2 radii in [0, 1] pixel units.",
-                                       rich_help_panel=SMOOTHING)] = "0,0.25,0.5,0.75,1,1.25,1.5,1.75,2",
-    check_images: Annotated[int, typer.Option(help="Images attacked (SmoothAdv L2 PGD) by the integrity check and "
-                                              "for the empirical curve.", rich_help_panel=CHECK)] = 10,
-    check_steps: Annotated[int, typer.Option(help="PGD iterations of the check attack.", rich_help_panel=CHECK)] = 20,
-    check_samples: Annotated[int, typer.Option(help="Noise samples per PGD step.", rich_help_panel=CHECK)] = 16,
-    check_n: Annotated[int, typer.Option(help="Noise samples re-estimating the smoothed classifier at an attacked "
-                                         "image.", rich_help_panel=CHECK)] = 1000,
-    out: o.OutOpt = None,
-    json_out: o.JsonOpt = False,
-) -> None:
+@o.command(CertifyConfig)
+def certify_command(cfg: CertifyConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
     """Certified L2 accuracy of the Gaussian-smoothed classifier (Cohen et al.'s CERTIFY; radii in [0,1] pixels)."""
-    from clipguard.tasks.certify import CertifyConfig, run_certify, validate_certify
+    from clipguard.tasks.certify import run_certify
 
-    cfg = CertifyConfig(run=run, sigma=sigma, n0=n0, n=n, alpha=alpha, noise_batch=noise_batch, radii=radii,
-                        check_images=check_images, check_steps=check_steps, check_samples=check_samples,
-                        check_n=check_n)
-    validate_certify(cfg)  # fail fast, before anything loads
-    check_outputs({"--out": out})
     emit(run_certify(cfg, progress=not json_out), out=out, as_json=json_out, table=certify_table)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
+
+from clipguard.cli import options as o
+from clipguard.tasks.configs import DatasetsConfig
 
 
 def catalogue_rows(suite: str | None = None) -> list[dict]:
@@ -37,11 +38,8 @@ def _local_text(status: dict) -> str:
     return ", ".join(parts) or "—"
 
 
-def datasets_command(
-    suite: Annotated[str | None, typer.Option("--suite", help="Only the sets a protocol reports: tecoa, fare, "
-                                                                "shift.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
-) -> None:
+@o.command(DatasetsConfig)
+def datasets_command(cfg: DatasetsConfig, json_out: o.JsonOpt = False) -> None:
     """List the dataset catalogue: source, split, classes, templates, and what is present locally."""
     import json
 
@@ -50,7 +48,7 @@ def datasets_command(
 
     from clipguard.catalogue import data_root
 
-    rows = catalogue_rows(suite)
+    rows = catalogue_rows(cfg.suite)
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return

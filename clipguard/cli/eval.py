@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from clipguard.cli import options as o
-from clipguard.cli.output import check_outputs, checks_line, emit
-from clipguard.run_options import RunOptions
+from clipguard.cli.output import checks_line, emit
+from clipguard.tasks.configs import EvalConfig
 
 
-@o.run_options()
-@o.attack_options()
-def eval_command(
-    run: RunOptions,
-    attack_opts: dict,
-    sanity: Annotated[bool, typer.Option(help="Also run the costly sanity checks (eps sweep monotone, PGD vs "
-                                         "FGSM, doubled steps, 5 restarts).", rich_help_panel=o.ATTACK)] = False,
-    adv_set: Annotated[str | None, typer.Option(help="Evaluate on a saved adversarial set (from `clipguard "
-                                                "attack`) instead of attacking.", rich_help_panel=o.ATTACK)] = None,
-    predictions: Annotated[str | None, typer.Option(help="Write per-image results (digest, label, clean and "
-                                                    "adversarial predictions per eps) to this .csv or .parquet.",
-                                                    rich_help_panel=o.OUTPUT)] = None,
-    out: o.OutOpt = None,
-    json_out: o.JsonOpt = False,
-) -> None:
+@o.command(EvalConfig)
+def eval_command(cfg: EvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
     """Zero-shot accuracy of MODEL on DATASET; with --attack, robust accuracy too (eps in [0,1] pixels)."""
-    from clipguard.tasks.eval import EvalConfig, run_eval, validate_eval
+    from clipguard.tasks.eval import run_eval
 
-    cfg = EvalConfig(run=run, **attack_opts, sanity=sanity, adv_set=adv_set, predictions=predictions)
-    validate_eval(cfg)  # fail fast, before anything loads
-    check_outputs({"--out": out, "--predictions": predictions})
     emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table)
 
 

@@ -8,67 +8,46 @@ from pathlib import Path
 import typer
 
 
-def deprecated(old: str, new: str, value):
-    """Say once on stderr that ``old`` is a deprecated name (kept for one release); returns ``value``."""
-    typer.echo(f"Deprecated: {old} is now {new} (the old form goes in the next release).", err=True)
-    return value
-
-
-def record_path(out: Path | None, record: Path | None) -> Path | None:
-    """The record file from ``--out``, or from the deprecated ``--record``."""
-    if record is not None:
-        from clipguard.errors import ClipguardError
-
-        if out is not None:
-            raise ClipguardError("--record is the old name of --out: give only --out")
-        return deprecated("--record FILE", "--out FILE", record)
-    return out
-
-
-def artefact_path(artefact: str | None, out: Path | None, record: Path | None, *, option: str,
-                  suffix: str = ".safetensors") -> tuple[str, Path | None]:
-    """(artefact, record) for commands whose artefact option used to be ``--out``: ``--out X.safetensors``
-    without ``option`` still names the artefact for one release (with a deprecation line)."""
-    from clipguard.errors import ClipguardError
-
-    if artefact is None and out is not None and str(out).endswith(suffix):
-        artefact, out = deprecated(f"--out FILE{suffix}", f"{option} FILE (--out names the JSON record)",
-                                   str(out)), None
-    if artefact is None:
-        raise ClipguardError(f"give {option} FILE{suffix}: where to write the result")
-    return artefact, record_path(out, record)
-
-
-def check_outputs(files: dict[str, object] | None = None, folders: dict[str, object] | None = None) -> None:
-    """Every output path writable, checked before anything is computed (``{"--out": path, ...}``)."""
-    from clipguard.fsutil import check_writable
-
-    for option, path in (files or {}).items():
-        check_writable(path, option)
-    for option, path in (folders or {}).items():
-        check_writable(path, option, directory=True)
-
-
 def emit(record: dict, *, out: Path | None, as_json: bool, table) -> None:
     """Write the record (atomically) and print either its JSON or a human table (under torchrun: rank 0 only,
-    every rank holds the same record)."""
+    every rank holds the same record).
+
+    The record is never lost to a write failure: when ``--out`` cannot be written, or a product of the run
+    (adversarial set, predictions) could not be, the record goes to a fallback file (``fsutil.save_fallback``:
+    the current folder, else the system temp folder), is printed, and then one line names what failed and where
+    the record is (exit 2)."""
     from rich.console import Console
 
     from clipguard.distributed import is_main
+    from clipguard.errors import ClipguardError
+    from clipguard.fsutil import describe_os_error, save_fallback, take_held_failures
 
     if not is_main():
         return
+    failures, saved = take_held_failures(), None
+    if failures:
+        record = {**record, "output_errors": failures}  # the saved record says what its run failed to write
     if out is not None:
         from clipguard.records.schema import write_record
 
-        write_record(out, record)
-    if as_json:
+        try:
+            saved = write_record(out, record)
+        except OSError as e:
+            failures.insert(0, f"--out {str(out)!r}: the record could not be written ({describe_os_error(e)})")
+            record = {**record, "output_errors": failures}
+    if failures and saved is None:
+        saved = save_fallback(json.dumps(record, indent=2) + "\n", "record")
+    if as_json or (failures and saved is None):  # the last place the record survives: stdout
         typer.echo(json.dumps(record, indent=2))
     else:
         console = Console()
         console.print(table(record))
-        if out is not None:
-            console.print(f"record written to {out}")
+        if saved is not None:
+            console.print(f"record written to {saved}")
+    if failures:
+        where = f"the record was saved to {str(saved)!r}" if saved is not None else \
+            "no fallback file could be written either: the record is printed above"
+        raise ClipguardError("; ".join(failures) + f"; {where}")
 
 
 def checks_line(rec: dict) -> str:

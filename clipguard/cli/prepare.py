@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from clipguard.cli import options as o
-from clipguard.cli.output import check_outputs, emit
-from clipguard.run_options import RunOptions
+from clipguard.cli.output import emit
+from clipguard.tasks.configs import PrepareConfig
 
 
-@o.run_options(exclude=("prompts", "templates", "adapter", "device", "precision", "data_mode", "streaming",
-                         "compile"),
-               help={"model": "Model whose input size the images are brought to (only its config is read)."})
-def prepare_command(
-    run: RunOptions,
-    size: Annotated[int | None, typer.Option(help="Input size in pixels (square), instead of the model's.",
-                                             rich_help_panel=o.MODEL_DATA)] = None,
-    out: o.OutOpt = None,
-    json_out: o.JsonOpt = False,
-) -> None:
+@o.command(PrepareConfig)
+def prepare_command(cfg: PrepareConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
     """Decode and preprocess DATASET once (open_clip's eval geometry at the model's input size) into a
     content-keyed, memory-mapped uint8 cache; later commands with the same dataset options read it at memory
     speed. A killed run resumes at its first missing shard."""
-    from clipguard.tasks.prepare import PrepareConfig, run_prepare
+    from clipguard.tasks.prepare import run_prepare
 
-    check_outputs({"--out": out})
-    emit(run_prepare(PrepareConfig(run=run, size=size), progress=not json_out), out=out, as_json=json_out,
-         table=prepare_table)
+    emit(run_prepare(cfg, progress=not json_out), out=out, as_json=json_out, table=prepare_table)
 
 
 def prepare_table(rec: dict):

@@ -12,8 +12,17 @@ protocol unchanged: every image is decoded one way or the other, and the counts 
 
 from __future__ import annotations
 
-import torch
+import io
+import warnings
 
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from clipguard.data.images import eval_geometry, protocol_suffix
 from clipguard.run_options import DECODES, check_decode  # --decode: PIL on the CPU workers, or torchvision on --device
 
 # What --decode device keeps to against the PIL protocol (tests check it on JPEGs of many sizes, qualities and
@@ -23,12 +32,6 @@ from clipguard.run_options import DECODES, check_decode  # --decode: PIL on the 
 TOLERANCE = {"mean_abs": 2.0, "top1_agreement": 0.99}
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def protocol_suffix(device: torch.device | str) -> str:
-    """What ``dataset.preprocess`` adds for ``--decode device`` (the decoder depends on the device type)."""
-    kind = torch.device(device).type
-    return f"; JPEG decoded on {kind} by torchvision.io.decode_jpeg, resized by torch antialiased bicubic"
 
 
 def is_jpeg(data) -> bool:
@@ -50,9 +53,6 @@ def output_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
 
 def geometry(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (3, h, w) on any device -> uint8 (3, H, W): the PIL protocol's resize and centre crop, in torch."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
     h, w = img.shape[-2:]
     new = output_size(int(h), int(w), size)
     if new != (h, w):
@@ -95,10 +95,6 @@ def decode_batch(items: list[torch.Tensor], size: tuple[int, int], device: torch
 def _decode_jpeg(data, device: torch.device):
     """``torchvision.io.decode_jpeg`` to RGB, without EXIF rotation (as PIL's open). torchvision 0.29 warns that its
     decoders will move to TorchCodec; they are what a GPU image ships (0.26 there), so the warning is silenced."""
-    import warnings
-
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
@@ -106,13 +102,6 @@ def _decode_jpeg(data, device: torch.device):
 
 def pil_protocol(data: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Encoded bytes -> uint8 (3, H, W) through the PIL protocol (the fallback)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from clipguard.data.images import eval_geometry
-
     with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
         a = np.array(eval_geometry(im, size), dtype=np.uint8)
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()

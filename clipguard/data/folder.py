@@ -4,6 +4,8 @@
   the folder names.
 - ImageNet: class folders named by WordNet id (``n01440764`` ...) are labelled by the wnid's ImageNet-1k index
   (sorted wnids: the standard order) and named with CLIP's ImageNet class names; all 1,000 make ``imagenet1k``.
+  Folders of wnids that are not all ImageNet-1k classes (an ImageNet-21k subset) are labelled in sorted folder order,
+  as any folder, but name no classes (a wnid is not a class name): ``--prompts FILE`` names them, in that order.
 - A flat ``PATH/<split>/`` of images with a label file (ImageNet val as distributed): ``LOC_val_solution.csv``
   (Kaggle: ``ImageId,PredictionString`` starting with the wnid) or ``<split>.txt`` / ``labels.txt``
   (``<file> <label>`` per line, label an ImageNet index or a wnid), in the split folder or PATH.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipguard.data.stream import Reader, files_fingerprint
+from clipguard.data.stream import Reader, error_line, files_fingerprint
 from clipguard.errors import ClipguardError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -51,6 +53,9 @@ class FileReader(Reader):
 
     def fingerprint(self) -> str:
         return files_fingerprint(self.files)
+
+    def unreadable(self, i: int, err: BaseException) -> str:
+        return f"cannot read an image from {self.files[i]!r} ({error_line(err)}): replace or delete the file"
 
 
 def _images_in(d: Path) -> list[str]:
@@ -94,8 +99,8 @@ def _read_label_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str], str, dict]:
-    """(files, labels, class names, dataset name, info) for an image folder, nothing opened."""
+def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str] | None, str, dict]:
+    """(files, labels, class names or None, dataset name, info) for an image folder, nothing opened."""
     root = Path(spec.path)
     base = root / split if (root / split).is_dir() else root
     classes = sorted(d.name for d in os.scandir(base) if d.is_dir())
@@ -115,6 +120,10 @@ def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str], str
         raw = [by_stem[Path(f).stem] for f in files]
         classes = imagenet_wnids()  # label files are ImageNet's: a wnid or an ImageNet-1k index per image
         index = {w: i for i, w in enumerate(classes)}
+        bad = next((r for r in raw if r not in index and not r.isdigit()), None)
+        if bad is not None:
+            raise ClipguardError(f"label file {str(lf)!r}: label {bad!r} is neither an ImageNet-1k wnid nor a class "
+                                 f"index; for other classes use {base}/<class>/<image> folders and --prompts FILE")
         labels = [index[r] if r in index else int(r) for r in raw]
     if not files:
         raise ClipguardError(
@@ -125,9 +134,9 @@ def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str], str
     if classes and all(WNID.match(c) for c in classes):  # ImageNet layout
         wnids = imagenet_wnids()
         index = {w: i for i, w in enumerate(wnids)}
-        unknown = [c for c in classes if c not in index]
-        if unknown:
-            raise ClipguardError(f"--dataset {spec.text!r}: {unknown[0]!r} is not an ImageNet-1k class (wnid)")
+        if any(c not in index for c in classes):  # ImageNet-21k classes: CLIP's names cover only the 1,000
+            info["layout"] = "wordnet"
+            return files, labels, None, name, info  # no names: without --prompts, the prompts ask for a file
         if len(classes) == len(wnids):
             name = "imagenet1k"  # the whole of ImageNet-1k: its prompts (CLIP's names and 80 templates)
         prompts = imagenet_prompts()

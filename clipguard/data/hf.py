@@ -1,5 +1,6 @@
 """Hugging Face ``datasets`` sources: cifar10, cifar100, any ``hf:ORG/NAME``, and ``hf:PATH`` for a dataset saved
-with ``save_to_disk``. Both are memory-mapped Arrow: rows are decoded only when read."""
+with ``save_to_disk``. Both are memory-mapped Arrow: rows are decoded only when read. A damaged Arrow file (cut
+short, overwritten) is a one-line error naming it and how to get it back, when opened and when a row is read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipguard.data.stream import Reader
+from clipguard.data.stream import UNREADABLE, Reader, error_line
 from clipguard.errors import ClipguardError
 
 
@@ -18,11 +19,42 @@ def _guess_column(features, kinds: tuple[str, ...]) -> str | None:
     return None
 
 
+def _refetch(spec) -> str:
+    """How to get a damaged Arrow file back: save the dataset again, or have ``datasets`` download it again."""
+    if Path(spec.hf_path).is_dir():
+        return f"save the dataset to {spec.hf_path} again (Dataset.save_to_disk) or restore the file"
+    from clipguard.catalogue import hf_cache_dir
+
+    return f"delete {hf_cache_dir(spec.hf_path)} and load {spec.hf_path} once with network access to download it again"
+
+
+def _damaged(files) -> tuple[str, BaseException] | None:
+    """(file, error) of the first Arrow file pyarrow cannot read whole (as ``datasets`` maps it), else None."""
+    import pyarrow as pa
+
+    for f in files:
+        try:
+            with pa.memory_map(str(f)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowException, *UNREADABLE) as e:
+            return str(f), e
+    return None
+
+
+def _arrow_files(spec) -> list[Path]:
+    """The Arrow files behind ``spec``: a save_to_disk folder's, or the ``datasets`` cache's for a hub id."""
+    from clipguard.catalogue import hf_cache_dir
+
+    root = Path(spec.hf_path) if Path(spec.hf_path).is_dir() else hf_cache_dir(spec.hf_path)
+    return sorted(root.rglob("*.arrow")) if root.is_dir() else []
+
+
 class HFReader(Reader):
     """Rows of a ``datasets.Dataset`` (memory-mapped Arrow; pickles by file reference into the workers)."""
 
-    def __init__(self, ds, image_column: str):
+    def __init__(self, ds, image_column: str, refetch: str = "restore the file"):
         self.ds, self.column = ds, image_column
+        self.refetch = refetch  # how to get a damaged Arrow file back (see _refetch)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -48,6 +80,12 @@ class HFReader(Reader):
 
     def fingerprint(self) -> str:
         return f"{self.ds._fingerprint}:{self.column}"
+
+    def unreadable(self, i: int, err: BaseException) -> str:
+        files = [f["filename"] for f in self.ds.cache_files]
+        where = (repr(files[0]) if len(files) == 1 else
+                 f"one of the {len(files)} Arrow files in {str(Path(files[0]).parent)!r}" if files else "the dataset")
+        return f"cannot read an image from row {i} of {where} ({error_line(err)}): the file is damaged; {self.refetch}"
 
 
 def _hf_split(spec, split: str) -> str:
@@ -75,15 +113,18 @@ def _open(spec, split: str):
                 ds = ds[split]
             return ds
         return datasets.load_dataset(spec.hf_path, split=split)  # a hub id, or a folder of data files
-    except ValueError as e:
-        if "split" in str(e).lower():
-            raise ClipguardError(f"--split {split!r} does not exist in {spec.hf_path}: {e}") from None
-        raise ClipguardError(f"--dataset {spec.text!r}: {e}") from None
     except ClipguardError:
         raise
-    except FileNotFoundError as e:
-        raise ClipguardError(f"--dataset {spec.text!r}: {e}") from None
-    except Exception as e:  # offline, unknown repo, no permission: all are "can't get it from the hub"
+    except Exception as e:
+        broken = _damaged(_arrow_files(spec))  # a damaged file is named, whatever datasets made of it
+        if broken is not None:
+            raise ClipguardError(f"cannot read {broken[0]!r} ({error_line(broken[1])}): the Arrow file is damaged; "
+                                 f"{_refetch(spec)}") from None
+        if isinstance(e, ValueError) and "split" in str(e).lower():
+            raise ClipguardError(f"--split {split!r} does not exist in {spec.hf_path}: {e}") from None
+        if isinstance(e, ValueError | FileNotFoundError):
+            raise ClipguardError(f"--dataset {spec.text!r}: {e}") from None
+        # offline, unknown repo, no permission: all are "can't get it from the hub"
         raise ClipguardError(
             f"cannot load dataset {spec.text!r} ({spec.hf_path}) from the Hugging Face hub "
             f"({type(e).__name__}); offline? set HF_DATASETS_CACHE to a cache that holds it, "
@@ -103,7 +144,7 @@ def open_hf(spec, split: str) -> tuple[HFReader, np.ndarray, list[str] | None, d
     labels = np.asarray(ds[lab_col], dtype=np.int64)
     feat = ds.features[lab_col]
     names = list(feat.names) if hasattr(feat, "names") else None
-    return HFReader(ds, img_col), labels, names, {"hf_path": spec.hf_path}
+    return HFReader(ds, img_col, _refetch(spec)), labels, names, {"hf_path": spec.hf_path}
 
 
 def read_hf_stream(spec, split: str, limit: int | None, size):

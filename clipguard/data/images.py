@@ -11,6 +11,9 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+from torchvision.transforms import functional as F
 
 from clipguard.errors import ClipguardError
 
@@ -35,10 +38,15 @@ def protocol_name(size, decode_device=None) -> str:
         return NATIVE
     name = f"open_clip eval geometry {size[0]}x{size[1]}"
     if decode_device is not None:
-        from clipguard.data.device_decode import protocol_suffix
-
         name += protocol_suffix(decode_device)
     return name
+
+
+def protocol_suffix(device: torch.device | str) -> str:
+    """What ``dataset.preprocess`` adds for ``--decode device`` (:mod:`clipguard.data.device_decode`; the decoder
+    depends on the device type). Here, not there: the device decoder builds on this module, never the reverse."""
+    kind = torch.device(device).type
+    return f"; JPEG decoded on {kind} by torchvision.io.decode_jpeg, resized by torch antialiased bicubic"
 
 
 def eval_geometry(img, size):
@@ -50,9 +58,6 @@ def eval_geometry(img, size):
     the smaller ratio, rounded) through torchvision's resize, then ``CenterCrop``. The image is converted to RGB
     first, as torchvision's ImageFolder loader does before open_clip's transform (identical for RGB and L).
     """
-    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-    from torchvision.transforms import functional as F
-
     h, w = as_size(size)
     img = img.convert("RGB")
     if h == w:
@@ -106,9 +111,7 @@ def tensor_geometry(images: torch.Tensor, size) -> torch.Tensor:
     size = as_size(size)
     if size is None or tuple(images.shape[-2:]) == size:
         return images
-    from PIL import Image
-
     return to_uint8_chw((Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images), size)
 
 
-__all__ = ["as_size", "eval_geometry", "protocol_name", "tensor_geometry", "to_uint8_chw"]
+__all__ = ["as_size", "eval_geometry", "protocol_name", "protocol_suffix", "tensor_geometry", "to_uint8_chw"]

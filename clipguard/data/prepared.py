@@ -6,19 +6,21 @@ last one shorter), ``labels.npy`` and ``manifest.json``. The key is content-base
 and the preprocessing protocol, so a changed source or a different model size is a different cache. Each shard is
 written atomically and the manifest last: a killed ``clipguard prepare`` resumes at the first missing shard, and
 only a cache with a manifest is ever read. Reads are memory-mapped: every later command reads pixels at memory
-speed, with no decode.
+speed, with no decode. A file of a finished cache that is missing (checked when opened) or damaged (when first
+mapped) is a one-line error with the ``clipguard prepare`` command that writes it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipguard.data.stream import ImageStream, Reader
+from clipguard.data.stream import UNREADABLE, ImageStream, Reader, error_line
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write, atomic_write_json, cache_root
 
@@ -63,14 +65,29 @@ class PreparedReader(Reader):
         self.path = Path(path)
         try:
             self.manifest = json.loads((self.path / "manifest.json").read_text())
-        except FileNotFoundError:
-            raise ClipguardError(f"prepared cache {str(self.path)!r} is not complete (no manifest.json): rerun "
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            what = "no manifest.json" if isinstance(e, FileNotFoundError) else f"manifest.json: {e}"
+            raise ClipguardError(f"prepared cache {str(self.path)!r} is not complete ({what}): rerun "
                                  "`clipguard prepare` with the same options to finish it") from None
         if self.manifest.get("format") != FORMAT:
             raise ClipguardError(f"prepared cache {str(self.path)!r} has format {self.manifest.get('format')!r}, "
                                  f"not {FORMAT}: prepare it again")
         self.n, self.size = int(self.manifest["n"]), tuple(self.manifest["size"])
+        self.shard = int(self.manifest.get("shard", SHARD))  # images per shard file, as written
         self._maps: dict[int, np.ndarray] = {}
+        files = ["labels.npy", *(_shard_path(self.path, s).name for s in range(-(-self.n // self.shard)))]
+        missing = next((f for f in files if not (self.path / f).is_file()), None)  # a stat each: cheap
+        if missing is not None:
+            raise ClipguardError(f"prepared cache {str(self.path)!r} lacks {missing}: {self.rewrite()}")
+
+    def rewrite(self, first: str = "") -> str:
+        """What to do about a missing or damaged file: ``first`` (e.g. delete it), then ``clipguard prepare`` with
+        the options that made the cache (the same key, so this folder: it writes only the files that are missing)."""
+        m = self.manifest
+        opts = ["--dataset", str(m.get("spec")), "--split", str(m.get("split"))]
+        opts += ["--limit", str(m["limit"]), "--seed", str(m.get("seed", 0))] if m.get("limit") else []
+        opts += ["--size", str(self.size[0])] if self.size[0] == self.size[1] else ["--model", "MODEL"]
+        return f"{first}write it again with the options that made it: `clipguard prepare {shlex.join(opts)}`"
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
@@ -79,11 +96,32 @@ class PreparedReader(Reader):
         return self.n
 
     def labels(self) -> np.ndarray:
-        return np.load(self.path / "labels.npy")
+        path = self.path / "labels.npy"
+        try:
+            labels = np.load(path)
+        except UNREADABLE as e:
+            raise ClipguardError(f"prepared cache file {str(path)!r} is damaged ({error_line(e)}): "
+                                 f"{self.rewrite('delete it and ')}") from None
+        if labels.shape != (self.n,):
+            raise ClipguardError(f"prepared cache file {str(path)!r} holds {labels.shape} labels, not ({self.n},): "
+                                 f"{self.rewrite('delete it and ')}")
+        return labels
 
     def _shard(self, s: int) -> np.ndarray:
+        """Shard ``s``, memory-mapped once per process and checked against the manifest."""
         if s not in self._maps:
-            self._maps[s] = np.load(_shard_path(self.path, s), mmap_mode="r")
+            path = _shard_path(self.path, s)
+            rows = min(self.shard, self.n - s * self.shard)
+            try:
+                shard = np.load(path, mmap_mode="r")  # numpy refuses a file shorter than its header says
+            except UNREADABLE as e:
+                shard, why = None, error_line(e)
+            if shard is not None and (shard.dtype != np.uint8 or shard.shape != (rows, 3, *self.size)):
+                shard, why = None, f"{shard.dtype} {tuple(shard.shape)}, not uint8 {(rows, 3, *self.size)}"
+            if shard is None:
+                raise ClipguardError(f"prepared cache shard {str(path)!r} is damaged ({why}): "
+                                     f"{self.rewrite('delete it and ')}")
+            self._maps[s] = shard
         return self._maps[s]
 
     def _check(self, size) -> None:
@@ -93,14 +131,14 @@ class PreparedReader(Reader):
 
     def read(self, i: int, size) -> np.ndarray:
         self._check(size)
-        return np.ascontiguousarray(self._shard(i // SHARD)[i % SHARD].transpose(1, 2, 0))
+        return np.ascontiguousarray(self._shard(i // self.shard)[i % self.shard].transpose(1, 2, 0))
 
     def read_range(self, a: int, b: int, size) -> torch.Tensor:
         self._check(size)
         parts = []
         while a < b:
-            s, lo = divmod(a, SHARD)
-            hi = min(SHARD, lo + b - a)
+            s, lo = divmod(a, self.shard)
+            hi = min(self.shard, lo + b - a)
             parts.append(self._shard(s)[lo:hi])
             a += hi - lo
         out = np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])

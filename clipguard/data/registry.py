@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from clipguard.data.base import ImageSet, stratified_indices
-from clipguard.data.stream import ImageStream, Reader, choose_mode
+from clipguard.data.stream import ImageStream, Reader, choose_mode, naming_the_file
 from clipguard.errors import ClipguardError, check_positive
 from clipguard.registry import Registry
 from clipguard.specs import DatasetSpec, parse_dataset_spec
@@ -169,10 +169,7 @@ def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, si
     if size is None and reader.holds_pixels:
         size = tuple(reader.size)  # a prepared cache's own size is its only size
     if size is None:  # native: each image at its own size, decoded here (small sets: CIFAR-like)
-        try:
-            images = to_uint8_chw((reader.open(int(i)) for i in idx), None, what=f"--dataset {spec.text!r}")
-        except OSError as e:
-            raise ClipguardError(f"--dataset {spec.text!r}: cannot read an image ({e})") from None
+        images = to_uint8_chw((_open(reader, int(i)) for i in idx), None, what=f"--dataset {spec.text!r}")
     else:
         positions = idx
         if use_prepared and not reader.holds_pixels:
@@ -186,17 +183,18 @@ def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, si
                     reader, positions, info["prepared"] = PreparedReader(found), np.arange(len(idx)), str(found)
         stream = ImageStream(reader, positions, size, workers, decode_device=decode_device)
         info["data_mode"] = choose_mode(mode, stream.nbytes())
-        images = stream if info["data_mode"] == "stream" else _materialize(stream, spec)
+        images = stream if info["data_mode"] == "stream" else stream.materialize()
     return ImageSet(images=images, labels=torch.from_numpy(np.ascontiguousarray(labels)), classnames=src.classnames,
                     spec=spec.text, name=src.name or spec.name, split=split, limit=limit, seed=seed,
                     indices=idx.tolist() if limit else None, info=info, templates=src.templates)
 
 
-def _materialize(stream: ImageStream, spec: DatasetSpec) -> torch.Tensor:
-    try:
-        return stream.materialize()
-    except OSError as e:
-        raise ClipguardError(f"--dataset {spec.text!r}: cannot read an image ({e})") from None
+def _open(reader: Reader, i: int):
+    """Item ``i`` as a PIL image; a damaged file is the reader's one-line error naming it."""
+    with naming_the_file(reader, i):
+        im = reader.open(i)
+        im.load()  # PIL decodes lazily: a truncated file fails here, inside the naming
+        return im
 
 
 __all__ = ["ImageSet", "Source", "load_dataset", "list_dataset_kinds"]

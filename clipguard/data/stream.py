@@ -11,9 +11,12 @@ in-memory tensor and a stream alike; both give the same bytes, so the same predi
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -25,6 +28,17 @@ from clipguard.errors import ClipguardError
 MEMORY_BYTES = 512 * 2**20
 # Below this many images, worker processes cost more to start than they save: decode in this process.
 SMALL_SET = 1024
+# What reading a damaged file raises: PIL (OSError; SyntaxError from a broken PNG chunk; EOFError), pyarrow
+# (ArrowInvalid is a ValueError, a short read an OSError), numpy (ValueError for a short .npy). Each becomes the
+# source's one-line ClipguardError naming the file (``Reader.unreadable``), never a traceback.
+UNREADABLE = (OSError, EOFError, SyntaxError, ValueError)
+
+
+def error_line(err: BaseException) -> str:
+    """An exception as one line: its first line without object reprs (PIL names a ``<_io.BytesIO object at 0x..>``),
+    or its type when it has no text."""
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def default_workers() -> int:
@@ -73,6 +87,24 @@ class Reader:
         """Provenance for records (paths, ids)."""
         return {}
 
+    def unreadable(self, i: int, err: BaseException) -> str:
+        """The one-line error for item ``i``, whose read raised ``err``: the file that holds it and what to do."""
+        return f"cannot read an image (item {i}: {error_line(err)})"
+
+
+@contextmanager
+def naming_the_file(reader: Reader, i: int):
+    """A damaged file met while reading item ``i`` becomes the reader's one-line error, naming the file."""
+    try:
+        yield
+    except UNREADABLE as e:
+        raise ClipguardError(reader.unreadable(i, e)) from None
+
+
+class Unreadable(str):
+    """An item a worker could not read: its one-line error, handed back as data, since a DataLoader re-raises a
+    worker's exception with the worker's whole traceback as its message."""
+
 
 def files_fingerprint(paths: Sequence[str]) -> str:
     """sha256 over each file's path, size and modification time: changes when any file does."""
@@ -98,19 +130,40 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         t0 = time.perf_counter()
         i = int(self.indices[k])
-        data = self.reader.raw(i) if self.raw else None
-        if data is not None and is_jpeg(data):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), time.perf_counter() - t0
-        a = self.reader.read(i, self.size)
-        return torch.from_numpy(a).permute(2, 0, 1).contiguous(), time.perf_counter() - t0
+        try:
+            with naming_the_file(self.reader, i):
+                data = self.reader.raw(i) if self.raw else None
+                if data is not None and is_jpeg(data):
+                    return torch.frombuffer(bytearray(data), dtype=torch.uint8), time.perf_counter() - t0, i
+                a = self.reader.read(i, self.size)
+        except ClipguardError as e:
+            return Unreadable(e), 0.0, i
+        return torch.from_numpy(a).permute(2, 0, 1).contiguous(), time.perf_counter() - t0, i
+
+
+def _gather(items, stack: bool):
+    """(batch, decode seconds, source positions); (Unreadable, 0, []) when an item could not be read (collate runs
+    in the worker too: the error travels as data)."""
+    bad = next((x for x, _, _ in items if isinstance(x, Unreadable)), None)
+    if bad is not None:
+        return bad, 0.0, []
+    xs = [x for x, _, _ in items]
+    return (torch.stack(xs) if stack else xs), sum(s for _, s, _ in items), [i for _, _, i in items]
 
 
 def _collate(items):
-    return torch.stack([x for x, _ in items]), sum(s for _, s in items)
+    return _gather(items, stack=True)
 
 
 def _collate_list(items):  # --decode device: encoded and decoded items side by side, decoded together afterwards
-    return [x for x, _ in items], sum(s for _, s in items)
+    return _gather(items, stack=False)
+
+
+def _checked(x):
+    """A batch from the loader, or the one-line error of the item that could not be read."""
+    if isinstance(x, Unreadable):
+        raise ClipguardError(str(x))
+    return x
 
 
 def _one_thread(_worker_id: int) -> None:
@@ -201,24 +254,43 @@ class ImageStream:
             return self.reader.read_range(int(src[0]), int(src[-1]) + 1, self.size)
         if self.decode_device is not None:  # the same decode as the batches: the same pixels
             items = _Decode(self.reader, src, self.size, raw=True)
-            return self._on_device([items[k][0] for k in range(len(src))]).cpu()
-        arrays = [self.reader.read(int(i), self.size) for i in src]
+            return self._on_device([_checked(items[k][0]) for k in range(len(src))], src.tolist()).cpu()
+        arrays = []
+        for i in src.tolist():
+            with naming_the_file(self.reader, i):
+                arrays.append(self.reader.read(i, self.size))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
-    def _on_device(self, items: list[torch.Tensor]) -> torch.Tensor:
+    def _on_device(self, items: list[torch.Tensor], where: list[int]) -> torch.Tensor:
+        """Decode one batch on the device; ``where``: the items' positions in the source (to name a broken one)."""
         from clipguard.data.device_decode import decode_batch
 
         try:
             x, by_pil = decode_batch(items, self.size, self.decode_device)
         except OSError as e:  # refused by the device's decoder and by PIL: a broken file, named without a traceback
-            raise ClipguardError(f"cannot read an image ({str(e).splitlines()[0]})") from None
+            raise ClipguardError(self._unreadable_jpeg(items, where, e)) from None
         self.stats.by_pil += by_pil
         return x
 
+    def _unreadable_jpeg(self, items: list[torch.Tensor], where: list[int], err: OSError) -> str:
+        """The error of a batch that neither the device's decoder nor PIL read: the first JPEG PIL refuses, named by
+        its reader (only on this error path: each JPEG of the batch is opened once more)."""
+        from PIL import Image
+
+        for item, i in zip(items, where, strict=True):
+            if item.ndim == 1:
+                try:
+                    with Image.open(io.BytesIO(item.numpy().tobytes())) as im:
+                        im.load()
+                except UNREADABLE as e:
+                    return self.reader.unreadable(i, e)
+        return f"cannot read an image ({error_line(err)})"
+
     def loader(self, batch_sampler, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
         """A DataLoader over positions: ``batch_sampler`` yields lists of positions; batches come in its order, as
-        (uint8 batch, decode seconds), or with ``decode_device`` as (list of items, seconds): see
-        :meth:`decoded`."""
+        (uint8 batch, decode seconds, source positions), or with ``decode_device`` as (list of items, seconds,
+        source positions): see :meth:`decoded`. An item that could not be read comes as (:class:`Unreadable`, 0,
+        [])."""
         raw = self.decode_device is not None
         return torch.utils.data.DataLoader(
             _Decode(self.reader, self.indices, self.size, raw=raw), batch_sampler=batch_sampler,
@@ -230,8 +302,9 @@ class ImageStream:
     def decoded(self, batch_sampler, *, pin_memory: bool = False) -> Iterator[torch.Tensor]:
         """The uint8 batches of ``batch_sampler`` (lists of positions) in its order: decoded by the workers, or
         with ``decode_device`` read by them and decoded on the device (the batch is then on the device)."""
-        for x, _ in self.loader(batch_sampler, pin_memory=pin_memory):
-            yield self._on_device(x) if self.decode_device is not None else x
+        for x, _, where in self.loader(batch_sampler, pin_memory=pin_memory):
+            x = _checked(x)
+            yield self._on_device(x, where) if self.decode_device is not None else x
 
     def batches(self, batch_size: int, *, start: int = 0, stop: int | None = None,
                 pin_memory: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
@@ -248,14 +321,13 @@ class ImageStream:
         while True:
             t0 = time.perf_counter()
             try:
-                x, seconds = next(it)
+                x, seconds, where = next(it)
             except StopIteration:
                 return
-            except OSError as e:  # a file that does not decode: name it, no traceback
-                raise ClipguardError(f"cannot read an image ({str(e).splitlines()[0]})") from None
+            x = _checked(x)  # a file that does not decode: its one line, no traceback
             self.stats.wait_s += time.perf_counter() - t0
             if self.decode_device is not None:
-                x = self._on_device(x)
+                x = self._on_device(x, where)
             self.stats.decode_s += seconds
             self.stats.images += len(x)
             yield a, x
@@ -296,4 +368,4 @@ def choose_mode(mode: str, nbytes: int) -> str:
     return "memory" if nbytes <= MEMORY_BYTES else "stream"
 
 
-__all__ = ["ImageStream", "Reader", "choose_mode", "chunks", "default_workers"]
+__all__ = ["ImageStream", "Reader", "choose_mode", "chunks", "default_workers", "error_line", "naming_the_file"]

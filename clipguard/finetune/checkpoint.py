@@ -4,7 +4,8 @@
 optimizer and scheduler state, RNG states (torch CPU/CUDA and the data-order generator; the loop uses no
 numpy or Python randomness; under torchrun every rank's, and the number of processes), the data position and
 the config hash. ``<run>/checkpoint.json`` repeats
-the config and step so ``--resume`` can be checked before any model is loaded.
+the config and step so ``--resume`` can be checked before any model is loaded. A write that fails (disk full) is a
+one-line error and leaves the previous checkpoint intact; a resume removes the temp files a killed write left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from clipguard.distributed import world_size
 from clipguard.errors import ClipguardError
 from clipguard.finetune.config import FinetuneConfig, config_diff, config_hash, hashed_fields
-from clipguard.fsutil import atomic_write, atomic_write_json
+from clipguard.fsutil import atomic_write, atomic_write_json, remove_stale_temps, writing_output
 
 CHECKPOINT, SUMMARY = "checkpoint.pt", "checkpoint.json"
 
@@ -40,15 +41,18 @@ class TrainState:
 
     def to_disk(self, run_dir: str | Path) -> Path:
         d = Path(run_dir)
-        path = atomic_write(d / CHECKPOINT, lambda tmp: torch.save(asdict(self), tmp))
-        atomic_write_json(d / SUMMARY, {"step": self.step, "epoch": self.epoch, "position": self.position,
-                                        "loss": self.loss, "config_hash": self.config_hash, "config": self.config,
-                                        "world_size": self.world_size})
+        with writing_output(d / CHECKPOINT, f"the step-{self.step} checkpoint"):
+            path = atomic_write(d / CHECKPOINT, lambda tmp: _save(asdict(self), tmp))
+            atomic_write_json(d / SUMMARY, {"step": self.step, "epoch": self.epoch, "position": self.position,
+                                            "loss": self.loss, "config_hash": self.config_hash, "config": self.config,
+                                            "world_size": self.world_size})
         return path
 
     @classmethod
     def from_disk(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> TrainState:
         path = Path(run_dir) / CHECKPOINT
+        for name in (CHECKPOINT, SUMMARY):  # a run killed mid-write left its temp file: it is litter now
+            remove_stale_temps(path.parent / name)
         try:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -57,6 +61,13 @@ class TrainState:
             raise ClipguardError(f"--resume {str(run_dir)!r}: {CHECKPOINT} cannot be read "
                                  f"({type(e).__name__})") from None
         return cls(**data)
+
+
+def _save(state: dict, tmp: str) -> None:
+    # Into a Python file object: a full disk then surfaces as the file's OSError (behind torch's RuntimeError);
+    # torch.save(path) writes from C++ and reports only "unexpected pos".
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def capture_rng(data_gen: torch.Generator) -> dict:

@@ -1,79 +1,148 @@
-"""FinetuneConfig: every option of a robust fine-tuning run, typed, with units; plus its hash."""
+"""FinetuneConfig: every option of a robust fine-tuning run, typed, with units; plus its hash.
+
+Each field declares its option once (:mod:`clipguard.config`); ``trains=False`` marks the fields a resumed run may
+change (output, checkpointing, final evaluation, speed), which the training hash leaves out.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from clipguard.errors import ClipguardError, check_positive
-from clipguard.run_options import RUN_FIELDS, SPEED_ONLY, RunOptions, flat, split_run
+from clipguard.config import (
+    ATTACK,
+    EVALUATION,
+    OUTPUT,
+    TRAIN,
+    Config,
+    comma_list,
+    flat,
+    from_options,
+    option,
+    output_dir,
+    pixel_units,
+)
+from clipguard.config import option_fields as _option_fields
+from clipguard.config import positive as _positive
+from clipguard.errors import ClipguardError
+from clipguard.run_options import RunOptions
+from clipguard.specs import Eps
 
 
 def _train_run() -> RunOptions:
     return RunOptions(split="train", batch_size=128)
 
 
-@dataclass
-class FinetuneConfig:
+def _in(lo: float, hi: float | None, what: str, *, lo_open: bool = False):
+    def parse(value, name: str) -> float:
+        v = float(value)
+        if (v <= lo if lo_open else v < lo) or (hi is not None and not v < hi):
+            raise ClipguardError(f"{name} {value} must be {what}")
+        return v
+
+    return parse
+
+
+def _run_dir(value, name: str) -> str:
+    return str(output_dir(value, name))  # probed for writing before any work
+
+
+_run_dir.probes = True
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Config):
+    EXCLUDE = ("adapter",)  # finetune trains a new adapter on the base model
+    HELP = {"split": "Training split.",
+            "batch_size": "Images per optimizer step, per process under torchrun (a step: this x processes).",
+            "seed": "Seeds init, data order, attacks, --limit and the final evaluation.",
+            "precision": "Autocast of training and clean passes: auto (bf16 on capable GPUs, else fp32), fp32 or "
+                         "bf16."}
+
     # --- what to train on: model, dataset, split (train), limit, seed, prompts, device, precision, batch size
-    # (images per optimizer step). The seed also seeds init, data order, training attacks and the final
-    # evaluation; precision is the autocast of training and clean passes (auto = bf16 on a capable GPU).
     run: RunOptions = field(default_factory=_train_run)
+    run_dir: str | None = option(None, panel=OUTPUT, metavar="DIR", trains=False, parse=_run_dir,
+                                 help="Run directory: adapter + manifest, checkpoint, record.json (default: the "
+                                      "--resume directory).")
     # --- what trains
-    method: str = "lora"  # lora | vpt | full (finetune.methods)
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: int = 32  # LoRA scale numerator: scale = lora_alpha / lora_r
-    lora_dropout: float = 0.0  # dropout on the LoRA path; only MLP (nn.Linear) targets honour it: peft merges
-    # LoRA into nn.MultiheadAttention weights each forward, so a non-zero value there is refused
-    lora_targets: list[str] | None = None  # module names / suffixes; None = the visual attention modules
-    vpt_tokens: int = 10  # VPT prompt tokens inserted after the class token
+    method: str = option("lora", panel=TRAIN, metavar="NAME", help="What trains: lora, vpt or full.")
+    lora_r: int = option(8, panel=TRAIN, parse=_positive, help="LoRA rank.")
+    lora_alpha: int = option(32, panel=TRAIN, help="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = option(0.0, panel=TRAIN, parse=_in(0, 1, "in [0, 1)"),
+                                 help="LoRA dropout (MLP targets only: on the attention modules peft merges LoRA each "
+                                      "forward, so dropout never applies).")
+    lora_targets: list[str] | None = option(None, panel=TRAIN, metavar="LIST",
+                                            parse=lambda v, n: list(comma_list(v, n)),
+                                            help="Comma list of module names/suffixes for LoRA (default: the visual "
+                                                 "attention modules).")
+    vpt_tokens: int = option(10, panel=TRAIN, parse=_positive, help="VPT prompt tokens.")
     # --- objective and training adversary
-    objective: str = "tecoa"  # tecoa | ce | fare | noise (finetune.objectives)
-    sigma: float | None = None  # noise objective: Gaussian noise std, [0, 1] pixel units (Cohen et al.: 0.12-1.0)
-    train_attack: str = "pgd"  # pgd (against the model being trained) | transfer (from --surrogate)
-    surrogate: str | None = None  # transfer: toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY or a TorchScript file
-    eps: str = "1/255"  # L-inf radius of the training (and final robust evaluation) attack, [0, 1] pixel units
-    alpha: str | None = None  # training PGD step size, [0, 1] pixel units; None = eps (TeCoA's setting)
-    steps: int = 2  # training PGD iterations per batch
+    objective: str = option("tecoa", panel=TRAIN, metavar="NAME",
+                            help="tecoa (CE over scaled cosine to class text), ce (plain cosine logits), fare "
+                                 "(unsupervised, to the frozen encoder) or noise (tecoa under Gaussian noise of std "
+                                 "--sigma, for `certify`).")
+    sigma: float | None = option(None, panel=TRAIN, omit_at_default=True,
+                                 help="--objective noise: the noise std in [0, 1] pixel units (Cohen et al.: 0.12, "
+                                      "0.25, 0.5, 1.0; certify with the same --sigma; add --eps 0 for their recipe, no "
+                                      "adversary).")
+    train_attack: str = option("pgd", panel=ATTACK, metavar="NAME",
+                               help="pgd (against the model being trained) or transfer (from --surrogate).")
+    surrogate: str | None = option(None, panel=ATTACK, metavar="SPEC",
+                                   help="Transfer attack: craft on toy-cnn, clip:ARCH:TAG, clip:toy@seed1, "
+                                        "hub:OWNER/REPO:ENTRY or a TorchScript file.")
+    eps: Eps = option("1/255", panel=ATTACK, parse=pixel_units(), metavar="EPS",
+                      help="L-inf radius of training and final robust evaluation, [0, 1] pixel units (1/255 or "
+                           "0.0039).")
+    alpha: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
+                               help="Training PGD step in [0, 1] pixel units (default: eps).")
+    steps: int = option(2, panel=ATTACK, parse=_positive, help="Training PGD iterations per batch.")
     # --- optimisation
-    epochs: int = 1  # passes over the training split
-    max_steps: int | None = None  # optimizer steps in all, instead of --epochs (FARE: 20,000 steps of 128)
-    lr: float | None = None  # AdamW peak learning rate; None = the method's default (for pretrained CLIP)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay (0: do not pull weights towards zero)
-    warmup: float = 0.05  # share of all steps with a linear warm-up, then cosine decay to 0
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    # --- checkpoints and output
-    run_dir: str = "runs/finetune"  # run directory: adapter + manifest, checkpoint, record.json
-    save_every: int = 50  # optimizer steps between checkpoints; 0 = only at the end
-    resume: str | None = None  # continue the run whose checkpoint is in this directory
+    epochs: int = option(1, panel=TRAIN, parse=_positive, help="Passes over the training split.")
+    max_steps: int | None = option(None, panel=TRAIN, parse=_positive, omit_at_default=True,
+                                   help="Optimizer steps in all, instead of --epochs (FARE: 20000 of 128 images).")
+    lr: float | None = option(None, panel=TRAIN, parse=_in(0, None, "a positive learning rate (e.g. 1e-4)",
+                                                           lo_open=True),
+                              help="AdamW peak learning rate (default per method: lora 5e-4, vpt 1e-3, full 1e-5).")
+    weight_decay: float = option(0.0, panel=TRAIN, parse=_in(0, None, ">= 0"), help="AdamW weight decay.")
+    warmup: float = option(0.05, panel=TRAIN, parse=_in(0, 1, "a share of all steps in [0, 1)"),
+                           help="Share of steps with linear warm-up before cosine decay.")
+    grad_clip: float = option(1.0, panel=TRAIN, parse=_in(0, None, ">= 0 (0 = no clipping)"),
+                              help="Max gradient norm (0 = off).")
+    # --- checkpoints
+    save_every: int = option(50, panel=OUTPUT, trains=False, parse=_in(0, None, ">= 0 steps (0 = only at the end)"),
+                             help="Checkpoint every N optimizer steps (0 = only at the end).")
+    resume: str | None = option(None, panel=OUTPUT, metavar="DIR", trains=False,
+                                help="Continue the run in this directory (same options).")
     # --- final evaluation on a held-out split (PGD, same eps)
-    eval_split: str = "test"  # held-out split
-    eval_limit: int | None = None  # images of the held-out split; None = all
-    eval_steps: int = 10  # PGD iterations of the final robust evaluation
-    eval_batch_size: int = 256  # images per evaluation batch (as `clipguard eval`)
-    eval_base: bool = False  # also evaluate the base model, for the before/after comparison
+    eval_split: str = option("test", panel=EVALUATION, trains=False, help="Held-out split of the final evaluation.")
+    eval_limit: int | None = option(None, panel=EVALUATION, parse=_positive, trains=False,
+                                    help="Images of the held-out split (default all).")
+    eval_steps: int = option(10, panel=EVALUATION, parse=_positive, trains=False,
+                             help="PGD iterations of the final robust evaluation.")
+    eval_batch_size: int = option(256, panel=EVALUATION, parse=_positive, trains=False,
+                                  help="Images per evaluation batch.")
+    eval_base: bool = option(False, panel=EVALUATION, trains=False,
+                             help="Also evaluate the base model for comparison.")
 
+    def __post_init__(self) -> None:
+        if self.run_dir is None and self.resume is not None:  # --resume DIR alone continues that run
+            object.__setattr__(self, "run_dir", self.resume)
+        super().__post_init__()
 
-# Fields that do not change the training trajectory: a resumed run may change them freely.
-UNHASHED = frozenset({"run_dir", "resume", "save_every", "device", "workers", "data_mode", "eval_split",
-                      "eval_limit", "eval_steps", "eval_batch_size", "eval_base", *SPEED_ONLY})
+    def check(self) -> None:
+        validate(self)
 
 
 def finetune_config(**opts) -> FinetuneConfig:
-    """A FinetuneConfig from flat keyword options (a suite cell, a script): RunOptions fields go to ``run``."""
-    run, rest = split_run(opts)
-    return FinetuneConfig(run=RunOptions(**{**vars(_train_run()), **run}), **rest)
-
-
-# Fields added after runs already existed: hashed only when set, so a run from before them still resumes.
-LATER_FIELDS = {"max_steps": None, "sigma": None, "streaming": False}
+    """A FinetuneConfig from flat keyword options (a script, a test): RunOptions fields by their own names."""
+    return from_options(FinetuneConfig, opts)
 
 
 def hashed_fields(cfg: FinetuneConfig) -> dict:
     """The config as one flat dict without the fields that do not change the training trajectory."""
-    return {k: v for k, v in flat(cfg).items()
-            if k not in UNHASHED and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    keep = {f.name for f in _option_fields(type(cfg)) if f.opt.trains and not f.opt.speed_only}
+    return {k: v for k, v in flat(cfg).items() if k in keep}
 
 
 def config_hash(cfg: FinetuneConfig) -> str:
@@ -83,42 +152,24 @@ def config_hash(cfg: FinetuneConfig) -> str:
 
 def config_diff(old: dict, new: dict) -> list[str]:
     """``["lr 0.01 -> 0.02", ...]`` for the hashed fields that differ."""
-    keys = [k for k in (*RUN_FIELDS, *(f.name for f in fields(FinetuneConfig))) if k not in UNHASHED and k != "run"]
+    keys = [f.name for f in _option_fields(FinetuneConfig) if f.opt.trains and not f.opt.speed_only]
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    """Check every option before anything slow is loaded; one ClipguardError naming the bad option."""
+    """Checks across options (each option's own checks are in its parser); one ClipguardError naming the option."""
     from clipguard.finetune.adversary import TRAIN_ATTACKS
     from clipguard.finetune.methods import METHODS
     from clipguard.finetune.objectives import OBJECTIVES
-    from clipguard.specs import parse_eps
 
     METHODS.check(cfg.method)
     OBJECTIVES.check(cfg.objective)
     TRAIN_ATTACKS.check(cfg.train_attack)
-    cfg.run.check()
+    if not cfg.run_dir:
+        raise ClipguardError("finetune needs --run-dir DIR (or --resume DIR)")
     if cfg.run.adapter:
         raise ClipguardError("finetune trains a new adapter on the base model: --adapter is not an input here "
                              "(evaluate an adapter with `clipguard eval --adapter DIR`)")
-    parse_eps(cfg.eps)
-    if cfg.alpha is not None:
-        parse_eps(cfg.alpha, name="--alpha", allow_zero=False)
-    positive = {"--vpt-tokens": cfg.vpt_tokens, "--lora-r": cfg.lora_r, "--steps": cfg.steps,
-                "--epochs": cfg.epochs, "--max-steps": cfg.max_steps, "--eval-steps": cfg.eval_steps,
-                "--eval-batch-size": cfg.eval_batch_size, "--eval-limit": cfg.eval_limit}
-    for name, v in positive.items():
-        check_positive(name, v)
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ClipguardError(f"--lr {cfg.lr} must be a positive learning rate (e.g. 1e-4)")
-    checks = [("--lora-dropout", cfg.lora_dropout, 0 <= cfg.lora_dropout < 1, "in [0, 1)"),
-              ("--warmup", cfg.warmup, 0 <= cfg.warmup < 1, "a share of all steps in [0, 1)"),
-              ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, ">= 0"),
-              ("--grad-clip", cfg.grad_clip, cfg.grad_clip >= 0, ">= 0 (0 = no clipping)"),
-              ("--save-every", cfg.save_every, cfg.save_every >= 0, ">= 0 steps (0 = only at the end)")]
-    for name, v, ok, what in checks:
-        if not ok:
-            raise ClipguardError(f"{name} {v} must be {what}")
     if cfg.method == "lora" and cfg.lora_dropout and not cfg.lora_targets:  # default targets: attention modules
         raise ClipguardError("LoRA on nn.MultiheadAttention merges its weights each forward, so dropout never "
                              "applies: use --lora-dropout 0 (or --lora-targets c_fc,c_proj, where it does)")

@@ -1,9 +1,9 @@
-"""Robust fine-tuning of the image tower: one flat loop, read top to bottom.
+"""Robust fine-tuning of the image tower: one flat loop (:func:`train`), read top to bottom.
 
-Every step: draw the next batch from a seeded order, craft a fresh adversarial batch (model in eval
-mode, gradients to the images only), take one AdamW step on the objective at the adversarial images.
-Warm-up + cosine schedule, gradient clipping, bf16 autocast on GPU, atomic checkpoints every
-``save_every`` steps. Building the model/optimizer (:func:`setup`) and restoring a checkpoint
+The loop draws the next batch from a seeded order, hands it to :func:`train_step` (a fresh adversarial batch:
+model in eval mode, gradients to the images only; the objective's loss at it; gradients summed over the ranks,
+clipped; one AdamW step and one step of the warm-up + cosine schedule), and writes an atomic checkpoint every
+``save_every`` steps. bf16 autocast on GPU. Building the model/optimizer (:func:`setup`) and restoring a checkpoint
 (:func:`restore`) are helpers; the final evaluation belongs to :mod:`clipguard.tasks.finetune`.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipguard.config import flat
 from clipguard.distributed import all_reduce_sum_, barrier, gather_objects, is_main, rank, world_size
 from clipguard.distributed import start as start_ranks
 from clipguard.errors import ClipguardError
@@ -25,7 +26,6 @@ from clipguard.finetune.checkpoint import TrainState, capture_rng, restore_rng
 from clipguard.finetune.config import FinetuneConfig, config_hash, hashed_fields
 from clipguard.models.inference import attack_inputs, autocast_for
 from clipguard.progress import progress_bar
-from clipguard.run_options import flat
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     from clipguard.finetune.methods import METHODS
     from clipguard.finetune.objectives import OBJECTIVES
     from clipguard.models.classifier import ZeroShotClassifier
-    from clipguard.specs import parse_eps
 
     method, objective = METHODS.get(cfg.method), OBJECTIVES.get(cfg.objective).bind(cfg)
     clip = p.clip
@@ -81,8 +80,8 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     def autocast():  # bf16 autocast where the loader chose it (a capable GPU); a no-op context in fp32
         return autocast_for(clip.device, clip.precision)
 
-    eps = parse_eps(cfg.eps)
-    alpha = parse_eps(cfg.alpha) if cfg.alpha else eps  # TeCoA: step = eps, from a random start
+    eps = cfg.eps
+    alpha = cfg.alpha or eps  # TeCoA: step = eps, from a random start
     adversary = build_train_attack(cfg.train_attack, model, objective, surrogate=surrogate, eps=eps, alpha=alpha,
                                    steps=cfg.steps, autocast=autocast)
     steps_per_epoch = math.ceil(len(p.data) / (cfg.run.batch_size * world_size()))  # a step: batch x ranks
@@ -171,11 +170,8 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     Raises:
         ClipguardError: a resume with a changed config, or a non-finite loss (the last good checkpoint is kept).
     """
-    from clipguard.finetune.methods import trainable_state
-    from clipguard.models.adapters import save_adapter
-
     s = setup(cfg, p)
-    out, chash, bs, dev = Path(cfg.run_dir), config_hash(cfg), cfg.run.batch_size, p.clip.device
+    out, bs, dev = Path(cfg.run_dir), cfg.run.batch_size, p.clip.device
     compile_s = None
     if cfg.run.compile:  # before anything draws from the seeded streams, and before the clock starts
         shape = (3, *p.clip.input_size) if s.resolution == "model" else tuple(p.data.images.shape[1:])
@@ -187,81 +183,43 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
 
     # ---- where we are: a fresh start, or exactly where the checkpoint left off
     data_gen = torch.Generator().manual_seed(cfg.run.seed)  # data order; its state is checkpointed
-    step, epoch, position, loss_value, last_saved = 0, 0, 0, float("nan"), None
+    step, epoch, position, loss, last_saved = 0, 0, 0, float("nan"), None
     order = torch.randperm(n, generator=data_gen)
     if cfg.resume:
-        step, epoch, position, order, loss_value = restore(cfg, s, data_gen)
+        step, epoch, position, order, loss = restore(cfg, s, data_gen)
         last_saved = step
 
-    def save() -> None:  # under torchrun: every rank's random state, written once by rank 0
-        rng = capture_rng(data_gen)
-        if ranks > 1:
-            rng = {**rng, "ranks": gather_objects(rng)}
-        if is_main():
-            TrainState(step, epoch, position, order.clone(),
-                       {k: v.cpu() for k, v in trainable_state(s.visual).items()}, s.opt.state_dict(),
-                       s.sched.state_dict(), rng, hashed_fields(cfg), chash, loss_value, ranks).to_disk(out)
-
-    # ---- the loop
+    # ---- the loop: one train_step per batch; a new order each epoch; a checkpoint every save_every steps
     start_step, losses, seen, t0 = step, [], 0, time.perf_counter()
     batches = epoch_batches(p.data, order, position, bs)
     with progress_bar((s.total - step) * bs * ranks, f"finetune {cfg.method}/{cfg.objective}",
                       enabled=progress) as advance:
         while step < s.total:
             idx, batch, whole = next(batches)
-            if len(idx):
-                x = attack_inputs(s.model, batch, s.resolution)
-                y = labels[idx].to(dev)
-                per_image = adversarial_loss(s, x, y)
-                # Under torchrun each rank's loss is its share of the whole batch's mean; the gradients are
-                # summed over the ranks below (one all-reduce), so every rank takes the whole batch's step.
-                loss = per_image.mean() if ranks == 1 else per_image.sum() / whole
-                loss.backward()
-                loss_value = loss.item()
-            else:  # this rank's share of a last, tiny batch is empty: it adds nothing to the sum
-                s.model.train()
-                loss_value = 0.0
-            if ranks > 1:
-                grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in s.params]
-                summed = torch.tensor([loss_value])
-                all_reduce_sum_([*grads, summed])
-                for q, g in zip(s.params, grads, strict=True):
-                    q.grad = g
-                loss_value = float(summed)
-            if not math.isfinite(loss_value):
+            try:
+                loss = train_step(s, batch, labels[idx].to(dev), whole, cfg.grad_clip)
+            except NonFiniteLoss as e:  # raised before the step: the weights on disk are the last good ones
                 kept = f"the last good checkpoint (step {last_saved}) is kept in {out}" if last_saved is not None \
                     else "no checkpoint was saved yet"
-                raise ClipguardError(f"training loss became {loss_value} at step {step + 1}/{s.total}: stopped; "
-                                     f"{kept}; try a lower --lr")
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
-            s.opt.step()
-            s.sched.step()
-            s.opt.zero_grad(set_to_none=True)
+                raise ClipguardError(f"{e} at step {step + 1}/{s.total}: stopped; {kept}; try a lower --lr") from None
             step, position = step + 1, position + 1
             if position == s.steps_per_epoch:  # epoch done: the next order comes from the same generator
                 epoch, position = epoch + 1, 0
                 order = torch.randperm(n, generator=data_gen)
                 batches = epoch_batches(p.data, order, 0, bs)
-                log.info("epoch %d done, loss %.4f", epoch, loss_value)
-            losses.append(loss_value)
+                log.info("epoch %d done, loss %.4f", epoch, loss)
+            losses.append(loss)
             seen += whole
-            advance(whole, loss=loss_value, lr=f"{s.sched.get_last_lr()[0]:.2e}")
+            advance(whole, loss=loss, lr=f"{s.sched.get_last_lr()[0]:.2e}")
             if cfg.save_every and step % cfg.save_every == 0:
-                save()
+                save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss)
                 last_saved = step
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     s.model.eval()
-    save()  # the final state too, so resuming a finished run only re-evaluates
-
-    # ---- the adapter (manifest last: a directory with a manifest is complete)
-    info = {"objective": cfg.objective, "train_attack": cfg.train_attack, "config_hash": chash, "steps": step,
-            "config": {k: v for k, v in flat(cfg).items() if k != "resume"}}
-    if is_main():
-        save_adapter(out, s.visual, method=cfg.method, clip=p.clip, info=info)
-    barrier()  # the adapter is on disk before any rank evaluates it
+    save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss)  # a finished run resumes to evaluate
+    save_final_adapter(cfg, s, p.clip, steps=step)
     return {"steps": step, "world_size": ranks, "global_batch_size": bs * ranks, "total_steps": s.total,
             "epochs": cfg.epochs, "max_steps": cfg.max_steps,
             "data_mode": "stream" if p.data.streamed else "memory",
@@ -269,6 +227,74 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             "images_per_s": round(seen / wall, 2) if wall else None, "compile_s": compile_s, "lr": s.lr,
             "trainable_params": sum(q.numel() for q in s.params),
             "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:])}
+
+
+def save_checkpoint(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator, step: int, epoch: int, position: int,
+                    order: torch.Tensor, loss: float) -> None:
+    """Where the loop is, atomically into ``cfg.run_dir``: weights, optimizer, schedule and random state; under
+    torchrun every rank's random state (a collective: every rank calls this), written once by rank 0."""
+    from clipguard.finetune.methods import trainable_state
+
+    rng = capture_rng(data_gen)
+    if world_size() > 1:
+        rng = {**rng, "ranks": gather_objects(rng)}
+    if is_main():
+        TrainState(step, epoch, position, order.clone(), {k: v.cpu() for k, v in trainable_state(s.visual).items()},
+                   s.opt.state_dict(), s.sched.state_dict(), rng, hashed_fields(cfg), config_hash(cfg), loss,
+                   world_size()).to_disk(Path(cfg.run_dir))
+
+
+def save_final_adapter(cfg: FinetuneConfig, s: Setup, clip, *, steps: int) -> None:
+    """The trained adapter into ``cfg.run_dir``, manifest last (a directory with a manifest is complete)."""
+    from clipguard.models.adapters import save_adapter
+
+    info = {"objective": cfg.objective, "train_attack": cfg.train_attack, "config_hash": config_hash(cfg),
+            "steps": steps, "config": {k: v for k, v in flat(cfg).items() if k != "resume"}}
+    if is_main():
+        save_adapter(Path(cfg.run_dir), s.visual, method=cfg.method, clip=clip, info=info)
+    barrier()  # the adapter is on disk before any rank evaluates it
+
+
+class NonFiniteLoss(ClipguardError):
+    """A step's loss was NaN or inf (:func:`train` adds the step and which checkpoint is kept)."""
+
+
+def train_step(s: Setup, batch: torch.Tensor | None, y: torch.Tensor, whole: int, grad_clip: float) -> float:
+    """One optimizer step: a fresh adversarial batch against the weights as they are now -> its loss -> the gradients
+    summed over the ranks (torchrun) -> clipped -> AdamW step -> schedule step. Returns the step's loss.
+
+    ``batch`` (uint8) and ``y`` (on the model's device) are this rank's share of a step of ``whole`` images; under
+    torchrun the last step's share can be empty (``y`` empty, ``batch`` None when streamed).
+
+    Raises:
+        NonFiniteLoss: before the optimizer steps, so no weight (nor a checkpoint) takes a NaN.
+    """
+    ranks = world_size()
+    if len(y):
+        per_image = adversarial_loss(s, attack_inputs(s.model, batch, s.resolution), y)
+        # Under torchrun each rank's loss is its share of the whole batch's mean; the gradients are summed over the
+        # ranks below (one all-reduce), so every rank takes the whole batch's step.
+        loss = per_image.mean() if ranks == 1 else per_image.sum() / whole
+        loss.backward()
+        loss_value = loss.item()
+    else:  # this rank's share of a last, tiny batch is empty: it adds nothing to the sum
+        s.model.train()
+        loss_value = 0.0
+    if ranks > 1:  # not the DDP wrapper: the adversary's own backward passes must not synchronise
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in s.params]
+        summed = torch.tensor([loss_value])
+        all_reduce_sum_([*grads, summed])
+        for q, g in zip(s.params, grads, strict=True):
+            q.grad = g
+        loss_value = float(summed)
+    if not math.isfinite(loss_value):
+        raise NonFiniteLoss(f"training loss became {loss_value}")
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(s.params, grad_clip)
+    s.opt.step()
+    s.sched.step()
+    s.opt.zero_grad(set_to_none=True)
+    return loss_value
 
 
 def epoch_batches(data, order: torch.Tensor, position: int, bs: int):

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from clipguard.errors import ClipguardError
+from clipguard.models.adapters import apply_lora
+from clipguard.models.vpt import PromptedVisual
 from clipguard.registry import Registry
 
 
@@ -33,9 +36,6 @@ LORA_MHA_NO_COMPILE = ("--compile cannot compile LoRA on the attention modules (
 
 
 def _lora(visual: nn.Module, cfg) -> nn.Module:
-    from clipguard.errors import ClipguardError
-    from clipguard.models.adapters import apply_lora
-
     model = apply_lora(copy.deepcopy(visual), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)[0]
     if cfg.run.compile and any(isinstance(getattr(m, "base_layer", None), nn.MultiheadAttention)
                                for m in model.modules()):
@@ -44,8 +44,6 @@ def _lora(visual: nn.Module, cfg) -> nn.Module:
 
 
 def _vpt(visual: nn.Module, cfg) -> nn.Module:
-    from clipguard.models.vpt import PromptedVisual
-
     return PromptedVisual(visual, cfg.vpt_tokens)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from clipguard.errors import ClipguardError
-from clipguard.fsutil import atomic_write, atomic_write_json
+from clipguard.fsutil import atomic_write, atomic_write_json, writing_output
 from clipguard.models.vpt import PromptedVisual
 from clipguard.registry import Registry
 
@@ -186,13 +186,14 @@ def save_adapter(adapter_dir: str | Path, visual: nn.Module, *, method: str, cli
     ``info`` (objective, config, ...) is stored in the manifest as given.
     """
     d = Path(adapter_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    files = FORMATS.get(method)[0](d, visual)
-    manifest = {"schema": SCHEMA, "method": method,
-                "base": {"spec": clip.spec.text, "fingerprint": clip.fingerprint, "arch": clip.info.get("arch")},
-                "files": files, "trainable_params": trainable_parameters(visual),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
-    return atomic_write_json(d / MANIFEST, manifest)
+    with writing_output(d, "the adapter"):  # a full disk is one line (the run's checkpoint is kept)
+        d.mkdir(parents=True, exist_ok=True)
+        files = FORMATS.get(method)[0](d, visual)
+        manifest = {"schema": SCHEMA, "method": method,
+                    "base": {"spec": clip.spec.text, "fingerprint": clip.fingerprint, "arch": clip.info.get("arch")},
+                    "files": files, "trainable_params": trainable_parameters(visual),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+        return atomic_write_json(d / MANIFEST, manifest)
 
 
 def read_manifest(adapter_dir: str | Path) -> dict:

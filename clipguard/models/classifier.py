@@ -8,9 +8,14 @@ No attack ever sees normalised tensors, so eps is always in pixel units.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clipguard.errors import ClipguardError
+from clipguard.models.inference import autocast_for
 
 
 class ZeroShotClassifier(nn.Module):
@@ -75,8 +80,6 @@ WARMUP_IMAGES = 4  # images in the dummy batch a compiled classifier is warmed u
 
 def compile_failed(e: Exception):
     """The one-line error for a torch.compile failure (dynamo / inductor raise many types; the fix is the same)."""
-    from clipguard.errors import ClipguardError
-
     return ClipguardError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); run without --compile")
 
@@ -97,10 +100,6 @@ def compile_classifier(classifier: ZeroShotClassifier, image_shape, *, precision
     Raises:
         ClipguardError: torch.compile failed here (inductor needs a C++ compiler on CPU, Triton on GPU).
     """
-    import time
-
-    from clipguard.models.inference import autocast_for
-
     device = classifier.text_embeddings.device
     passes = [(False, precision)]
     if attack_precision is not None:

@@ -7,6 +7,7 @@ attacks use too; ``attack_inputs`` puts uint8 images at the resolution where a p
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
@@ -71,8 +72,6 @@ def copied_ahead(batches, device: torch.device | None):
     if device is None or device.type != "cuda":
         yield from batches
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     side = torch.cuda.Stream(device)
     it = iter(batches)
 

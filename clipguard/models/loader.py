@@ -15,12 +15,19 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import open_clip
 import torch
+from open_clip import factory as open_clip_factory
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from clipguard.errors import ClipguardError
+from clipguard.fsutil import atomic_write_json, cache_root
+from clipguard.models import toy
 from clipguard.models.inference import DTYPES
 from clipguard.registry import suggest
 from clipguard.specs import ModelSpec, parse_model_spec
@@ -35,7 +42,7 @@ class LoadedClip:
     """A CLIP model ready for zero-shot use. ``precision`` is the autocast dtype of clean passes."""
 
     model: torch.nn.Module  # open_clip CLIP, eval mode, requires_grad False
-    tokenizer: object  # open_clip tokenizer: list[str] -> LongTensor
+    tokenizer: Callable[[list[str]], torch.Tensor]  # open_clip's tokenizer: texts -> LongTensor token ids
     mean: tuple[float, float, float]  # normalisation the model expects, applied inside the classifier
     std: tuple[float, float, float]
     input_size: tuple[int, int]  # (H, W) the image tower takes
@@ -91,16 +98,12 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def _digest_cache_path() -> Path:
-    from clipguard.fsutil import cache_root
-
     return cache_root() / "weights-digests.json"
 
 
 def cached_file_digest(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:
     """:func:`file_digest`, remembered in a small JSON (default ``<cache root>/weights-digests.json``) keyed by
     the file's real path, size and mtime, so a 600 MB checkpoint is hashed once, not on every load."""
-    from clipguard.fsutil import atomic_write_json
-
     real = os.path.realpath(path)
     st = os.stat(real)
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -167,25 +170,21 @@ def weights_fingerprint(name: str, path: str | os.PathLike, *, hub: bool = False
 @contextlib.contextmanager
 def _recording_checkpoints(paths: list[str]):
     """Note every weights file open_clip's ``create_model`` loads (it resolves tags and hub names itself)."""
-    import open_clip.factory as factory
-
-    real = factory.load_checkpoint
+    real = open_clip_factory.load_checkpoint
 
     def recording(model, checkpoint_path, *args, **kwargs):
         paths.append(str(checkpoint_path))
         return real(model, checkpoint_path, *args, **kwargs)
 
-    factory.load_checkpoint = recording
+    open_clip_factory.load_checkpoint = recording
     try:
         yield
     finally:
-        factory.load_checkpoint = real
+        open_clip_factory.load_checkpoint = real
 
 
 def create_model_noting_weights(*args, **kwargs) -> tuple[torch.nn.Module, str | None]:
     """``open_clip.create_model(*args, **kwargs)`` and the path of the weights file it loaded (None: none)."""
-    import open_clip
-
     paths: list[str] = []
     with _recording_checkpoints(paths):
         model = open_clip.create_model(*args, **kwargs)
@@ -206,9 +205,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise ClipguardError(f"weights file {str(p)!r} does not exist")
     if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(p))
         except (SafetensorError, OSError, ValueError) as e:
@@ -233,11 +229,7 @@ def _quiet():
 
 
 def _check_arch(arch: str) -> None:
-    import open_clip
-
-    from clipguard.models.toy import register_toy_config
-
-    register_toy_config()  # so "clipguard-toy:/path/weights.safetensors" works like any architecture
+    toy.register_toy_config()  # so "clipguard-toy:/path/weights.safetensors" works like any architecture
 
     if arch not in open_clip.list_models():
         close = suggest(arch, open_clip.list_models())
@@ -247,11 +239,7 @@ def _check_arch(arch: str) -> None:
 
 def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
     """Create the open_clip model for ``spec``; returns (model, fingerprint, info)."""
-    import open_clip
-
     if spec.kind == "toy":
-        from clipguard.models import toy
-
         toy.register_toy_config()
         try:
             path = toy.toy_weights_path(spec.variant)
@@ -325,8 +313,6 @@ def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "
         >>> clip.input_size
         (32, 32)
     """
-    import open_clip
-
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -346,16 +332,12 @@ def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "
 def model_input_size(spec: str | ModelSpec) -> tuple[int, int]:
     """(H, W) a model's image tower takes, from its open_clip config (no weights loaded; an hf-hub model is
     loaded on the CPU, its config lives with its weights)."""
-    import open_clip
-
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     if spec.kind == "hf-hub":
         return load_clip(spec, device="cpu", precision="fp32").input_size
     arch = spec.arch
     if spec.kind == "toy":
-        from clipguard.models.toy import TOY_MODEL_NAME
-
-        arch = TOY_MODEL_NAME
+        arch = toy.TOY_MODEL_NAME
     _check_arch(arch)
     size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
     return (size, size) if isinstance(size, int) else tuple(size)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors import torch as safetensors_torch  # called through the module: tests make its save_file crash
 
 from clipguard.fsutil import atomic_write, cache_root
 
@@ -31,6 +33,7 @@ def text_dir() -> Path:
 
 
 def text_key(fingerprint: str, classnames: list[str], templates: list[str]) -> str:
+    # Lazy: `clipguard cache ls|rm` import this module and load no model; open_clip would add ~2 s to them.
     import open_clip
 
     payload = json.dumps({"model": fingerprint, "open_clip": open_clip.__version__, "classnames": classnames,
@@ -63,8 +66,6 @@ def compute_text_embeddings(clip, classnames: list[str], templates: list[str], b
 
 def _read_entry(path: Path, *, tensor: bool = True) -> tuple[dict, torch.Tensor | None]:
     """(manifest, embeddings) of one entry; raises on a damaged file or one without a manifest."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         manifest = json.loads((f.metadata() or {})[MANIFEST_KEY])
         emb = f.get_tensor("embeddings") if tensor else None
@@ -73,8 +74,6 @@ def _read_entry(path: Path, *, tensor: bool = True) -> tuple[dict, torch.Tensor 
 
 def get_text_embeddings(clip, classnames: list[str], templates: list[str]) -> TextEmbeddings:
     """Class embeddings for ``clip`` from the store, computing and storing them on a miss."""
-    from safetensors.torch import save_file
-
     key = text_key(clip.fingerprint, classnames, templates)
     path = text_dir() / f"{key}.safetensors"
     if path.is_file():
@@ -89,7 +88,7 @@ def get_text_embeddings(clip, classnames: list[str], templates: list[str]) -> Te
                 "classnames": classnames, "templates": templates, "precision": TEXT_PRECISION,
                 "dim": emb.shape[1], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     # One file holds tensor and manifest, moved into place in one step: no reader ever sees one without the other.
-    atomic_write(path, lambda tmp: save_file({"embeddings": emb.contiguous()}, tmp,
+    atomic_write(path, lambda tmp: safetensors_torch.save_file({"embeddings": emb.contiguous()}, tmp,
                                              metadata={MANIFEST_KEY: json.dumps(manifest)}))
     (text_dir() / f"{key}.json").unlink(missing_ok=True)  # the manifest of the old layout, now inside the entry
     return TextEmbeddings(emb, key, "miss")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from clipguard.data.toy import TOY_CLASSNAMES
@@ -34,7 +35,8 @@ def register_toy_config() -> None:
         >>> register_toy_config()
         >>> model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None)
     """
-    import open_clip  # heavy import, kept out of module import time
+    # Lazy: option checks import this module (through attacks.surrogates) and load no model; open_clip adds ~2 s.
+    import open_clip
 
     if TOY_MODEL_NAME not in open_clip.list_models():
         open_clip.add_model_config(TOY_CONFIG_PATH)
@@ -93,8 +95,6 @@ def load_toy_cnn(device: str | torch.device = "cpu") -> ToyCNN:
     Raises:
         FileNotFoundError: the weights file is missing (rebuild: python benchmarks/toy_train.py).
     """
-    from safetensors.torch import load_file
-
     path = toy_cnn_path()
     if not path.is_file():
         raise FileNotFoundError(

@@ -12,9 +12,11 @@ import hashlib
 import io
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from clipguard.fsutil import atomic_write, atomic_write_text
+from clipguard.fsutil import atomic_write, atomic_write_text, writing_output
 
 
 def image_digests(images: torch.Tensor) -> list[str]:
@@ -32,13 +34,16 @@ def prediction_table(digests: list[str], labels: torch.Tensor, clean_pred: torch
     return cols
 
 
-def write_predictions(path: str | Path, table: dict[str, list]) -> Path:
-    """Write the table atomically: Parquet for ``*.parquet``, else CSV."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+def write_predictions(path: str | Path, table: dict[str, list]) -> Path | None:
+    """Write the table atomically: Parquet for ``*.parquet``, else CSV. A write failure is one line; under a
+    command that declared ``path`` it waits for the record (``fsutil.writing_output``) and None is returned."""
+    with writing_output(path, "the predictions", hold=True):
+        return _write_table(Path(path), table)
+    return None
 
+
+def _write_table(path: Path, table: dict[str, list]) -> Path:
+    if path.suffix == ".parquet":
         return atomic_write(path, lambda tmp: pq.write_table(pa.table(table), tmp))
     buf = io.StringIO()
     writer = csv.writer(buf)

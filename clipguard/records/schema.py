@@ -6,6 +6,7 @@ mean_per_class_recall}``) so its tools read our records.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -14,7 +15,8 @@ import time
 from pathlib import Path
 
 from clipguard.distributed import describe
-from clipguard.fsutil import atomic_write_json
+from clipguard.errors import ClipguardError
+from clipguard.fsutil import atomic_write_json, save_fallback, take_held_failures
 
 SCHEMA = "clipguard.result/1"
 
@@ -76,4 +78,15 @@ def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: di
 
 
 def write_record(path: str | Path, record: dict) -> Path:
+    """Write ``record`` to ``path`` atomically.
+
+    Raises:
+        ClipguardError: a product of this run could not be written (held by ``fsutil.writing_output``): the record
+            then goes to a fallback file, not to ``path``, so a suite does not count the run as done.
+    """
+    held = take_held_failures()  # cli.output.emit takes them first: this is the library's (a bench cell's) path
+    if held:
+        saved = save_fallback(json.dumps({**record, "output_errors": held}, indent=2) + "\n", "record")
+        where = f"the record was saved to {str(saved)!r}" if saved else "the record could not be saved anywhere"
+        raise ClipguardError("; ".join(held) + f"; {where}, not to {str(path)!r}")
     return atomic_write_json(path, record)

@@ -10,6 +10,7 @@ import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from clipguard.catalogue import catalogue
 from clipguard.fsutil import atomic_write_text
 from clipguard.records.rows import checks_summary, load_records, rows, zero_shot_readings
 from clipguard.report import certify as certify_report
@@ -55,8 +56,6 @@ def reference_table(rs: list[dict]) -> tuple[list[str], list[list]]:
 
 def _dataset_order(names) -> list[str]:
     """Catalogue order (the papers' order, ImageNet first) for catalogue names, then the rest as first seen."""
-    from clipguard.catalogue import catalogue
-
     names, known = list(dict.fromkeys(names)), list(catalogue())
     return sorted(names, key=lambda d: known.index(d) if d in known else len(known) + names.index(d))
 

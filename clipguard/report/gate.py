@@ -11,8 +11,10 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
+from xml.etree import ElementTree as ET
 
 from clipguard.errors import ClipguardError
+from clipguard.fsutil import read_toml
 from clipguard.specs import parse_eps
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
@@ -87,8 +89,6 @@ def evaluate_rule(rule: Rule, rows: list[dict]) -> Outcome:
 
 def load_rules(path) -> list[Rule]:
     """Rules from a TOML file: ``rules = ["...", ...]`` and/or ``[[rule]] expr = "..."``."""
-    from clipguard.fsutil import read_toml
-
     data = read_toml(path, "--rules")
     texts = list(data.get("rules", [])) + [r.get("expr", "") for r in data.get("rule", [])]
     if not texts:
@@ -97,8 +97,6 @@ def load_rules(path) -> list[Rule]:
 
 
 def junit_xml(outcomes: list[Outcome], name: str = "clipguard-gate") -> str:
-    from xml.etree import ElementTree as ET
-
     failures = sum(not o.passed for o in outcomes)
     suite = ET.Element("testsuite", name=name, tests=str(len(outcomes)), failures=str(failures), errors="0")
     for o in outcomes:

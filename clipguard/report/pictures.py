@@ -6,15 +6,13 @@ from pathlib import Path
 
 import torch
 
+from clipguard.models.inference import to_pixels
+from clipguard.report.plots import pyplot
+
 
 def adversarial_grid(p, run, out_dir, n: int = 8) -> list[str]:
     """One PNG per example (the first ``n``), each captioned with the predicted classes. Returns paths."""
-    from clipguard.report.plots import pyplot
-
     plt = pyplot()
-
-    from clipguard.models.inference import to_pixels
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = p.prompts.classnames

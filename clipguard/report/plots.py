@@ -7,7 +7,10 @@ from pathlib import Path
 
 
 def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed); the one place that sets it up."""
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); the one place that sets it up.
+
+    Imported here, when a picture is drawn, not at module level: choosing Agg is global (it would switch a notebook
+    that merely imports a task module off its inline backend), and pyplot costs ~0.3 s a report without plots skips."""
     import matplotlib
 
     matplotlib.use("Agg")

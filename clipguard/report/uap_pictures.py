@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from clipguard.report.plots import pyplot
+
 
 def uap_pictures(v: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor, clean_pred: torch.Tensor,
                  adv_pred: torch.Tensor, labels: torch.Tensor, classnames: list[str], out_dir) -> list[str]:
@@ -15,8 +17,6 @@ def uap_pictures(v: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor, clean_
     Shape:
         v: (1, 3, H, W) signed, [0, 1] pixel units; clean, adv: (n, 3, H, W) in [0, 1] on the CPU.
     """
-    from clipguard.report.plots import pyplot
-
     plt = pyplot()
 
     out = Path(out_dir)

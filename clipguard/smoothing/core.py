@@ -24,6 +24,7 @@ from torch import nn
 
 from clipguard.attacks.integrity import check
 from clipguard.models.inference import autocast_for, is_oom
+from clipguard.records.metrics import ratio
 
 ABSTAIN = -1  # the prediction of an abstained certificate (Cohen et al.'s reference code uses -1 too)
 L2_SLACK = 1e-5  # float32 rounding of ||x_adv - x||_2
@@ -107,8 +108,12 @@ def certify(smoothed: Smoothed, x: torch.Tensor, *, n0: int, n: int, alpha: floa
 
 def certified_accuracy(certs: list[Certificate], labels: list[int], radius: float) -> float:
     """Share of images certified correct at ``radius``: not abstained, cA = label and certified radius >= radius."""
-    hits = sum(c.prediction == y and c.radius >= radius for c, y in zip(certs, labels, strict=True))
-    return hits / max(len(certs), 1)
+    return ratio(*certified_counts(certs, labels, radius))
+
+
+def certified_counts(certs: list[Certificate], labels: list[int], radius: float) -> tuple[int, int]:
+    """(images certified correct at ``radius``, images): the integers behind :func:`certified_accuracy`."""
+    return sum(c.prediction == y and c.radius >= radius for c, y in zip(certs, labels, strict=True)), len(certs)
 
 
 def smoothadv_pgd(smoothed: Smoothed, x: torch.Tensor, classes: torch.Tensor, radii: torch.Tensor, *, steps: int,
@@ -162,11 +167,14 @@ def certificate_check(smoothed: Smoothed, x: torch.Tensor, certs: list[Certifica
     level = alpha / len(certs)
     broken = [i for i, c in enumerate(certs)
               if upper_confidence_bound(int(smoothed.counts(x_adv[i], num, generator)[c.prediction]), num, level) < 0.5]
+    # A NaN attack tested nothing: its images are counted as the argmax of NaN logits, so it cannot pass.
+    attacked = bool(torch.isfinite(x_adv).all())
     return [
-        check("smoothadv_within_certificate", len(broken), not broken,
+        check("smoothadv_within_certificate", len(broken), attacked and not broken,
               f"of {len(certs)} certified images attacked at their certified radius (SmoothAdv L2 PGD, {steps} steps "
               f"x {samples} noise samples), those where P(g = cA) < 1/2 at level {level:.3g} "
-              f"(Clopper-Pearson, {num} samples)" + (f": images {broken}" if broken else "")),
+              f"(Clopper-Pearson, {num} samples)" + (f": images {broken}" if broken else "")
+              + ("" if attacked else "; the attacked images are not finite")),
         check("smoothadv_l2_within_radius", round(excess, 8), excess <= L2_SLACK,
               f"max ||x_adv - x||_2 - certified radius (<= {L2_SLACK:g})"),
     ]

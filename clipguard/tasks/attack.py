@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from clipguard.config import flat
 from clipguard.distributed import is_main
+from clipguard.records.metrics import put
 from clipguard.records.schema import make_record
-from clipguard.run_options import flat
-from clipguard.tasks.eval import EvalConfig, attack_config, load_resolution
+from clipguard.tasks.configs import AttackSetConfig
+from clipguard.tasks.eval import load_resolution
 from clipguard.tasks.setup import prepare
 
 
-def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str | None = None,
-              n_png: int = 8, progress: bool = True) -> dict:
-    """Attack every image of ``cfg``'s split once (first eps of ``cfg.eps``) and save the set to ``out``.
+def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) -> dict:
+    """Attack every image of ``cfg``'s split once (at ``cfg.eps``) and save the set to ``cfg.adv_set``.
 
     The set's manifest names the source dataset, the model or surrogate it was crafted on and the attack,
     so ``clipguard eval --adv-set`` can send it to any target.
@@ -24,12 +25,7 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
     from clipguard.attacks.sweep import robust_entry
     from clipguard.models.inference import attack_inputs
 
-    base, eps_list = attack_config(cfg)
-    if quantize and base.norm != "linf":
-        from clipguard.errors import ClipguardError
-
-        raise ClipguardError("--quantize rounds within an L-inf ball; with --norm l2 rounding can leave the L2 ball, "
-                             "so it is not offered: save the float set (drop --quantize)")
+    base, out, quantize, png_dir = cfg.attack_settings(), cfg.adv_set, cfg.quantize, cfg.png
     resolution = load_resolution(cfg)
     p = prepare(cfg.run, resolution=resolution, attack_precision=cfg.attack_precision)  # --compile: warmed up
     surrogate = None
@@ -63,11 +59,11 @@ def run_craft(cfg: EvalConfig, out: str, *, quantize: bool = False, png_dir: str
         from clipguard.report.pictures import adversarial_grid
 
         pngs = adversarial_grid(p, run, png_dir, n=n_png)
-    metrics = {"acc1": entry["clean_acc"], "robust_acc": entry["robust_acc"],
-               "attack_success_rate": entry["attack_success_rate"]}
-    if "surrogate_clean_acc" in entry:
-        metrics.update(surrogate_clean_acc=entry["surrogate_clean_acc"],
-                       surrogate_robust_acc=entry["surrogate_robust_acc"])
+    counts = entry["counts"]  # each metric k / n of integers, its counts beside it (clean_acc is acc1 here)
+    metrics = put({}, "acc1", **counts["clean_acc"])
+    for name in ("robust_acc", "attack_success_rate", "surrogate_clean_acc", "surrogate_robust_acc"):
+        if name in counts:
+            put(metrics, name, **counts[name])
     return make_record("attack", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=p.timings(run.timings), attack=attack, adv_set={"path": str(out), "quantized": quantize},
                        stats=run.stats, pngs=pngs, config=flat(cfg))

@@ -35,14 +35,16 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
+from clipguard.config import from_options, option_fields
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import read_toml
 from clipguard.records.schema import write_record
 from clipguard.registry import Registry
-from clipguard.run_options import RUN_FIELDS, RunOptions
+from clipguard.run_options import RunOptions
+from clipguard.tasks.cells import CellsFailed, CellTask, dependency_waves, done, record_path, summary_row
 
 log = logging.getLogger(__name__)
 META_KEYS = ("id", "kind", "label")
@@ -50,36 +52,19 @@ UAP_EVAL_PREFIX = "eval_"  # uap cells: eval_split, eval_limit, ... override the
 
 # Each kind: (options, out_dir, progress) -> record. This module imports no torch at module level.
 CELL_KINDS: Registry[Callable[[dict, Path, bool], dict]] = Registry("cell kind")
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
-          "list[str]": (list,)}
 
 
-def _field_types(cls) -> dict[str, str]:
-    """The flat option names of a task config (its RunOptions fields inlined) and their declared types."""
-    kinds = {f.name: str(f.type) for f in fields(RunOptions)}
-    kinds.update({f.name: str(f.type) for f in fields(cls) if f.name != "run"})
-    return kinds
-
-
-def typed(factory, cls, opts: dict, cell: str):
-    """``factory(**opts)`` after checking every option is a field of ``cls`` (or of its RunOptions) with a value of
-    its declared type, so a slip in a suite file is a one-line error naming the cell, not a traceback in a run."""
-    kinds = _field_types(cls)
-    unknown = sorted(set(opts) - set(kinds))
-    if unknown:
-        raise ClipguardError(f"suite cell {cell!r}: option(s) {', '.join(unknown)} unknown here")
-    for key, value in opts.items():
-        allowed = tuple(t for part in kinds[key].split("|") for t in _TYPES.get(part.strip(), (object,)))
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ClipguardError(f"suite cell {cell!r}: {key} = {value!r} should be {kinds[key]}")
-    return factory(**opts)
+def typed(cls, opts: dict, cell: str):
+    """A ``cls`` config from a cell's options: an unknown option or a value of the wrong type is a one-line error
+    naming the cell (the fields' own declarations say what is allowed: :func:`clipguard.config.from_options`)."""
+    return from_options(cls, opts, where=f"suite cell {cell!r}")
 
 
 @CELL_KINDS.register("eval")
 def eval_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.tasks.eval import EvalConfig, eval_config, run_eval
+    from clipguard.tasks.eval import EvalConfig, run_eval
 
-    cfg = typed(eval_config, EvalConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
+    cfg = typed(EvalConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
     return run_eval(cfg, progress=progress)
 
 
@@ -87,37 +72,31 @@ def eval_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
 def uap_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
     """Fit on the cell's split (default train), then evaluate on ``eval_split`` (default test) with every other
     model and data option of the cell (columns, limit, prompts, adapter...); ``eval_<option>`` overrides one."""
-    from clipguard.tasks.uap import (
-        UAPEvalConfig,
-        UAPFitConfig,
-        run_uap_eval,
-        run_uap_fit,
-        uap_eval_config,
-        uap_fit_config,
-    )
+    from clipguard.tasks.uap import UAPEvalConfig, UAPFitConfig, run_uap_eval, run_uap_fit
 
     cid = opts["_cell"]
     own = {k: v for k, v in opts.items() if not k.startswith("_")}
     evals = {k[len(UAP_EVAL_PREFIX):]: v for k, v in own.items() if k.startswith(UAP_EVAL_PREFIX)}
     fit_opts = {k: v for k, v in own.items() if not k.startswith(UAP_EVAL_PREFIX)}
     path = out_dir / "uaps" / f"{cid}.safetensors"
-    fit = run_uap_fit(typed(uap_fit_config, UAPFitConfig, {**fit_opts, "uap": str(path)}, cid), progress=progress)
-    shared = {k: v for k, v in fit_opts.items() if k in RUN_FIELDS and k != "split"}
+    fit = run_uap_fit(typed(UAPFitConfig, {**fit_opts, "uap": str(path)}, cid), progress=progress)
+    run_fields = {f.name for f in option_fields(RunOptions)}
+    shared = {k: v for k, v in fit_opts.items() if k in run_fields and k != "split"}
     ev_opts = {**shared, "split": "test", **evals, "uap": str(path), "png": str(out_dir / "uap_png" / cid)}
-    ev = run_uap_eval(typed(uap_eval_config, UAPEvalConfig, ev_opts, cid), progress=progress)
+    ev = run_uap_eval(typed(UAPEvalConfig, ev_opts, cid), progress=progress)
     ev["uap_fit"] = {"metrics": fit["metrics"], "timings": fit["timings"]}
     return ev
 
 
 @CELL_KINDS.register("finetune")
 def finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
-    from clipguard.finetune.config import FinetuneConfig, config_hash, finetune_config
+    from clipguard.finetune.config import FinetuneConfig, config_hash
     from clipguard.tasks.finetune import run_finetune
 
     cid = opts["_cell"]
     out = out_dir / "adapters" / cid
-    cfg = typed(finetune_config, FinetuneConfig, {**{k: v for k, v in opts.items() if not k.startswith("_")},
-                                                  "run_dir": str(out)}, cid)
+    cfg = typed(FinetuneConfig, {**{k: v for k, v in opts.items() if not k.startswith("_")}, "run_dir": str(out)},
+                cid)
     summary = out / "checkpoint.json"
     if summary.exists():
         try:
@@ -125,7 +104,7 @@ def finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
         except (OSError, json.JSONDecodeError):
             same = False
         if same:  # an interrupted cell continues where its last checkpoint left it
-            cfg.resume = str(out)
+            cfg = replace(cfg, resume=str(out))
         else:  # the cell's options changed: keep the old run beside, never delete work
             out.rename(out.with_name(f"{cid}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
     return run_finetune(cfg, progress=progress)
@@ -135,9 +114,9 @@ def finetune_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
 def certify_cell(opts: dict, out_dir: Path, progress: bool) -> dict:
     """Randomized-smoothing certification (``clipguard certify``); ``adapter = "@cellid"`` certifies a finetune cell's
     adapter (e.g. one trained with ``objective = "noise"``)."""
-    from clipguard.tasks.certify import CertifyConfig, certify_config, run_certify
+    from clipguard.tasks.certify import CertifyConfig, run_certify
 
-    cfg = typed(certify_config, CertifyConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
+    cfg = typed(CertifyConfig, {k: v for k, v in opts.items() if not k.startswith("_")}, opts["_cell"])
     return run_certify(cfg, progress=progress)
 
 
@@ -170,45 +149,6 @@ def config_hash(cell: dict, dep_hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def record_path(out_dir: Path, cell_id: str) -> Path:
-    return out_dir / "records" / f"{cell_id}.json"
-
-
-def _done(path: Path, h: str) -> bool:
-    try:
-        return json.loads(path.read_text()).get("bench", {}).get("config_hash") == h
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-@dataclass(frozen=True)
-class CellTask:
-    """One suite cell as a unit of work an executor ships to a worker: plain values only, so it pickles."""
-
-    suite: str  # the suite's name, for the record's bench section
-    cell: dict  # the cell table, defaults merged (id, kind, label and its options)
-    config_hash: str  # its options plus the hashes of the cells it depends on (config_hash)
-    out_dir: str  # OUT: records/, adapters/, uaps/ (absolute when a worker may start elsewhere)
-    executor: str  # local | ray | slurm, written to the record as bench.executor
-    threads: int | None = None  # torch CPU threads on the worker (its share of cores); None = leave as is
-
-    @property
-    def id(self) -> str:
-        return self.cell["id"]
-
-    @property
-    def dependency(self) -> str | None:
-        """The finetune cell whose adapter this cell needs (``adapter = "@cellid"``), else None."""
-        ref = str(self.cell.get("adapter") or "")
-        return ref[1:] if ref.startswith("@") else None
-
-
-def summary_row(task: CellTask, status: str, seconds: float = 0.0, **extra) -> dict:
-    """One row of run_suite's summary."""
-    return {"cell": task.id, "kind": task.cell["kind"], "status": status, "seconds": seconds,
-            "record": str(record_path(Path(task.out_dir), task.id)), "executor": task.executor, **extra}
-
-
 def run_cell(task: CellTask) -> dict:
     """Run one cell and write its record atomically to OUT/records/<cell>.json; returns its summary row.
 
@@ -218,7 +158,7 @@ def run_cell(task: CellTask) -> dict:
     """
     out_dir = Path(task.out_dir)
     rpath = record_path(out_dir, task.id)
-    if _done(rpath, task.config_hash):
+    if done(rpath, task.config_hash):
         return summary_row(task, "skipped")
     if task.threads:
         import torch
@@ -233,29 +173,6 @@ def run_cell(task: CellTask) -> dict:
                     "config_hash": task.config_hash, "executor": task.executor}
     write_record(rpath, rec)
     return summary_row(task, "ran", round(time.perf_counter() - t0, 2))
-
-
-def dependency_waves(tasks: list[CellTask]) -> list[list[CellTask]]:
-    """Cells to run, grouped so each cell comes one wave after the cell it depends on (when that one runs too):
-    wave 0 = every cell whose dependency is done or absent, then the cells that need wave 0's adapters, ..."""
-    depth: dict[str, int] = {}
-    for t in tasks:  # load_suite refuses forward references, so a dependency's depth is known already
-        depth[t.id] = depth[t.dependency] + 1 if t.dependency in depth else 0
-    waves: list[list[CellTask]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
-    for t in tasks:
-        waves[depth[t.id]].append(t)
-    return waves
-
-
-class CellsFailed(ClipguardError):
-    """Cells that failed on a ray or slurm worker (their dependents did not run); ``summary`` has every row."""
-
-    def __init__(self, summary: list[dict]):
-        self.summary = summary
-        bad = [s for s in summary if s["status"] == "failed"]
-        first = bad[0]
-        super().__init__(f"suite: {len(bad)} cell(s) failed ({', '.join(s['cell'] for s in bad)}); {first['cell']}: "
-                         f"{first['error']} (full error: {first['log']}); rerun to retry, finished cells are kept")
 
 
 def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = True,
@@ -286,7 +203,7 @@ def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = 
         task = CellTask(suite["name"], cell, h, str(out_dir), executor)
         if only and cell["id"] not in only:
             rows[task.id] = summary_row(task, "not selected")
-        elif _done(record_path(out_dir, task.id), h):
+        elif done(record_path(out_dir, task.id), h):
             rows[task.id] = summary_row(task, "skipped")
         else:
             todo.append(task)
@@ -298,7 +215,7 @@ def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = 
             advance(1, cell=row["cell"])
 
         if todo:
-            with make(options, out_dir=out_dir, suite=suite["name"], quiet=not progress) as ex:
+            with make(options, run=run_cell, out_dir=out_dir, suite=suite["name"], quiet=not progress) as ex:
                 waves = [todo] if ex.in_order else dependency_waves(todo)
                 for wave in waves:
                     blocked = [t for t in wave if rows.get(t.dependency, {}).get("status") in ("failed", "blocked")]

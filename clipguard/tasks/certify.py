@@ -14,77 +14,31 @@ Every image's noise comes from its own generator seeded by (``--seed``, image po
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from clipguard.errors import ClipguardError, check_positive
+from clipguard.config import flat
 from clipguard.models.inference import autocast_for, to_pixels
 from clipguard.progress import progress_bar
+from clipguard.records.metrics import put
 from clipguard.records.schema import make_record
-from clipguard.run_options import RunOptions, flat, split_run
 from clipguard.smoothing.core import (
     ABSTAIN,
     Smoothed,
     certificate_check,
-    certified_accuracy,
+    certified_counts,
     certify,
     majority,
     smoothadv_pgd,
 )
+from clipguard.tasks.configs import CertifyConfig, certify_config
 from clipguard.tasks.setup import prepare
 
 CERTIFY_STREAM, CHECK_STREAM = 0, 1  # independent noise streams of one seed: certificates, integrity check
 
 
-@dataclass
-class CertifyConfig:
-    run: RunOptions = field(default_factory=RunOptions)  # model, dataset, split, limit, seed, prompts, adapter, ...
-    sigma: float = 0.25  # noise standard deviation, [0, 1] pixel units at the model's input size
-    n0: int = 100  # selection samples per image (Cohen's n0)
-    n: int = 100_000  # estimation samples per image (Cohen's n)
-    alpha: float = 0.001  # failure probability of each certificate
-    noise_batch: int = 1000  # noisy samples per forward pass (halved on CUDA out-of-memory)
-    radii: str = "0,0.25,0.5,0.75,1,1.25,1.5,1.75,2"  # certified-accuracy grid: L2 radii, [0, 1] pixel units
-    check_images: int = 10  # images attacked by the integrity check and for the empirical curve
-    check_steps: int = 20  # SmoothAdv PGD iterations
-    check_samples: int = 16  # noise samples per PGD step (the Monte-Carlo expectation)
-    check_n: int = 1000  # noise samples that re-estimate the smoothed classifier at an attacked image
-
-
-def certify_config(**opts) -> CertifyConfig:
-    """A CertifyConfig from flat keyword options (a suite cell, a script): RunOptions fields go to ``run``."""
-    run, rest = split_run(opts)
-    return CertifyConfig(run=RunOptions(**run), **rest)
-
-
-def parse_radii(text: str) -> list[float]:
-    """``"0,0.25,0.5"`` -> sorted distinct L2 radii >= 0 ([0, 1] pixel units); a ClipguardError otherwise."""
-    try:
-        radii = sorted({float(r) for r in str(text).split(",") if r.strip()})
-    except ValueError:
-        radii = []
-    if not radii or radii[0] < 0:
-        raise ClipguardError(f"--radii {text!r}: use a comma list of L2 radii >= 0 in [0, 1] pixel units, "
-                             "e.g. 0,0.25,0.5,1")
-    return radii
-
-
-def validate_certify(cfg: CertifyConfig) -> None:
-    """Every option checked before anything loads (CLI, bench cells, library); one ClipguardError."""
-    cfg.run.check()
-    if not cfg.sigma > 0:
-        raise ClipguardError(f"--sigma {cfg.sigma} must be > 0: the noise standard deviation in [0, 1] pixel units "
-                             "(Cohen et al. use 0.12, 0.25, 0.5, 1.0)")
-    if not 0 < cfg.alpha < 0.5:
-        raise ClipguardError(f"--alpha {cfg.alpha} must be in (0, 0.5): each certificate's failure probability "
-                             "(Cohen et al. use 0.001)")
-    for name, value in {"--n0": cfg.n0, "--n": cfg.n, "--noise-batch": cfg.noise_batch,
-                        "--check-images": cfg.check_images, "--check-steps": cfg.check_steps,
-                        "--check-samples": cfg.check_samples, "--check-n": cfg.check_n}.items():
-        check_positive(name, value)
-    parse_radii(cfg.radii)
+__all__ = ["CertifyConfig", "certify_config", "run_certify"]
 
 
 def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
@@ -94,15 +48,16 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
         >>> rec = run_certify(certify_config(model="toy", dataset="toy", limit=20, sigma=0.25, n=10_000))
         >>> rec["metrics"]["certified"]  # [{"radius": 0.0, "certified_acc": ...}, ...]
     """
-    validate_certify(cfg)
     p = prepare(cfg.run, resolution="model")  # the noise lives at the model's input size
     smoothed = Smoothed(p.classifier, cfg.sigma, len(p.prompts.classnames), cfg.noise_batch, p.clip.precision)
     certs, base_pred, timings = _certify_all(p, cfg, smoothed, progress)
-    labels, radii = p.data.labels.tolist(), parse_radii(cfg.radii)
-    metrics = {"acc1": float(np.mean([b == y for b, y in zip(base_pred, labels, strict=True)])),
-               "smoothed_acc1": certified_accuracy(certs, labels, 0.0),
-               "abstain_rate": sum(c.prediction == ABSTAIN for c in certs) / len(certs),
-               "certified": [{"radius": r, "certified_acc": certified_accuracy(certs, labels, r)} for r in radii]}
+    labels, radii = p.data.labels.tolist(), list(cfg.radii)
+    # Every rate is k / n of integers, its counts beside it (records.metrics.put).
+    metrics = put({}, "acc1", sum(b == y for b, y in zip(base_pred, labels, strict=True)), len(labels))
+    put(metrics, "smoothed_acc1", *certified_counts(certs, labels, 0.0))
+    put(metrics, "abstain_rate", sum(c.prediction == ABSTAIN for c in certs), len(certs))
+    metrics["certified"] = [put({"radius": r}, "certified_acc", *certified_counts(certs, labels, r)) for r in radii]
+    metrics["counts"] = metrics.pop("counts")  # after the numbers
     t0 = time.perf_counter()
     checks, empirical = _checks(p, cfg, smoothed, certs, radii)
     timings["check_wall_s"] = round(time.perf_counter() - t0, 3)
@@ -183,8 +138,8 @@ def _checks(p, cfg: CertifyConfig, smoothed: Smoothed, certs: list, radii: list[
     for r in radii:  # an image broken at a radius stays broken at every larger one (the same x_adv is inside)
         adv = smoothadv_pgd(smoothed, x, labels, torch.full((len(sample),), r), **attack) if r > 0 else x
         robust = robust & (majority(smoothed, adv, cfg.check_n, gen) == labels)
-        curve.append({"radius": r, "robust_acc": robust.sum().item() / len(sample),
-                      "certified_acc": certified_accuracy(certs[:len(sample)], labels.tolist(), r)})
+        point = put({"radius": r}, "robust_acc", int(robust.sum()), len(sample))
+        curve.append(put(point, "certified_acc", *certified_counts(certs[:len(sample)], labels.tolist(), r)))
     empirical = {"attack": "SmoothAdv L2 PGD on the Monte-Carlo smoothed classifier (Salman et al. 2019)",
                  "steps": cfg.check_steps, "samples": cfg.check_samples, "n": cfg.check_n, "images": len(sample),
                  "curve": curve}

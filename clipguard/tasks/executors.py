@@ -1,10 +1,12 @@
 """Who runs a suite's cells: ``local`` (this process), ``ray`` (one remote task per cell) or ``slurm`` (a submitit
 job array per dependency wave). clipguard schedules nothing across machines itself: Ray or Slurm places the work.
 
-Every executor is a context manager with ``run_wave(tasks, finished)``: run these cells (none depends on another),
-call ``finished(row)`` as each ends. ``in_order`` executors get all cells as one wave in file order; the others get
-dependency waves (``bench.dependency_waves``). A cell that fails on a worker becomes a "failed" row with its error
-on one line and the file that holds its traceback (OUT/ray/<cell>.err, or the task's log in OUT/slurm/).
+Every executor is made with ``run``, the function a worker calls on one cell (``bench.run_cell``: handed in, so this
+module never imports the suite runner that picks it), and is a context manager with ``run_wave(tasks, finished)``:
+run these cells (none depends on another), call ``finished(row)`` as each ends. ``in_order`` executors get all
+cells as one wave in file order; the others get dependency waves (``cells.dependency_waves``). A cell that fails on
+a worker becomes a "failed" row with its error on one line and the file that holds its traceback (OUT/ray/<cell>.err,
+or the task's log in OUT/slurm/).
 
 Ray and submitit are optional extras (``pip install 'clipguard[ray]'``, ``'clipguard[slurm]'``), imported here only
 when their executor starts.
@@ -12,6 +14,7 @@ when their executor starts.
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import time
@@ -21,9 +24,10 @@ from pathlib import Path
 
 from clipguard.errors import ClipguardError
 from clipguard.registry import Registry, unknown_choice
-from clipguard.tasks.bench import CellTask, run_cell, summary_row
+from clipguard.tasks.cells import CellTask, summary_row
 
 Finished = Callable[[dict], None]
+RunCell = Callable[[CellTask], dict]  # one cell on a worker -> its summary row (bench.run_cell; module-level: pickles)
 EXECUTORS: Registry[Callable[..., object]] = Registry("--executor")
 SUBMITIT_CLUSTERS = ("slurm", "local")
 
@@ -47,8 +51,6 @@ class SlurmOptions:
 
 def _require(module: str, extra: str):
     """Import an optional extra, or the one-line error that says how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -76,8 +78,8 @@ class Local:
 
     in_order, threads = True, None
 
-    def __init__(self, options=None, **_):
-        pass
+    def __init__(self, options=None, *, run: RunCell, **_):
+        self.run = run
 
     def __enter__(self):
         return self
@@ -87,7 +89,7 @@ class Local:
 
     def run_wave(self, tasks: list[CellTask], finished: Finished) -> None:
         for task in tasks:
-            finished(run_cell(task))
+            finished(self.run(task))
 
 
 class Ray:
@@ -96,8 +98,8 @@ class Ray:
 
     in_order = False
 
-    def __init__(self, options: RayOptions | None = None, *, out_dir: Path, quiet: bool = False, **_):
-        self.opts = options or RayOptions()
+    def __init__(self, options: RayOptions | None = None, *, run: RunCell, out_dir: Path, quiet: bool = False, **_):
+        self.opts, self.run = options or RayOptions(), run
         self.errors = Path(out_dir) / "ray"  # the full error of a failed cell: OUT/ray/<cell>.err
         self.quiet = quiet
         self.threads = max(1, round(self.opts.cpus_per_cell))
@@ -117,7 +119,7 @@ class Ray:
         gpus = self.opts.gpus_per_cell
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        self.remote = ray.remote(run_cell).options(num_cpus=self.opts.cpus_per_cell, num_gpus=gpus)
+        self.remote = ray.remote(self.run).options(num_cpus=self.opts.cpus_per_cell, num_gpus=gpus)
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -149,11 +151,14 @@ class CellJob:
     itself (submitit looks for the method), and the requeued cell resumes: from its record (skipped) or from its
     fine-tuning checkpoint."""
 
+    def __init__(self, run: RunCell):
+        self.run = run
+
     def __call__(self, task: CellTask) -> dict:
-        return run_cell(task)
+        return self.run(task)
 
     def checkpoint(self, task: CellTask):
-        from submitit.helpers import DelayedSubmission
+        from submitit.helpers import DelayedSubmission  # the slurm extra: only a submitit worker calls this
 
         return DelayedSubmission(self, task)
 
@@ -165,8 +170,8 @@ class Slurm:
 
     in_order = False
 
-    def __init__(self, options: SlurmOptions | None = None, *, out_dir: Path, suite: str = "suite", **_):
-        self.opts = options or SlurmOptions()
+    def __init__(self, options: SlurmOptions | None = None, *, run: RunCell, out_dir: Path, suite: str = "suite", **_):
+        self.opts, self.run = options or SlurmOptions(), run
         self.folder = Path(out_dir) / "slurm"
         self.name = f"clipguard-{suite}"
         self.threads = max(1, self.opts.cpus_per_task)
@@ -193,7 +198,7 @@ class Slurm:
         return False
 
     def run_wave(self, tasks: list[CellTask], finished: Finished) -> None:
-        self.jobs = jobs = dict(zip(self.ex.map_array(CellJob(), tasks), tasks, strict=True))
+        self.jobs = jobs = dict(zip(self.ex.map_array(CellJob(self.run), tasks), tasks, strict=True))
         while jobs:
             for job in [j for j in jobs if j.done()]:
                 task = jobs.pop(job)

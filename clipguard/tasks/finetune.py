@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from clipguard.config import flat
 from clipguard.errors import ClipguardError
 from clipguard.finetune.checkpoint import SUMMARY, check_resume
-from clipguard.finetune.config import FinetuneConfig, config_hash, validate
-from clipguard.run_options import flat
+from clipguard.finetune.config import FinetuneConfig, config_hash
 
 
 def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
@@ -33,7 +33,6 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     from clipguard.finetune.loop import train
     from clipguard.tasks.setup import prepare
 
-    validate(cfg)
     if cfg.resume:
         check_resume(cfg.resume, cfg)  # refuse a changed config before loading anything
     elif (Path(cfg.run_dir) / SUMMARY).exists():  # never overwrite a run by accident
@@ -61,7 +60,8 @@ def final_record(cfg: FinetuneConfig, train: dict, progress: bool) -> dict:
     rec["task"] = "finetune"
     rec["finetune"] = {"method": cfg.method, "objective": cfg.objective, "sigma": cfg.sigma,
                        "train_attack": cfg.train_attack,
-                       "surrogate": cfg.surrogate, "eps": cfg.eps, "alpha": cfg.alpha or cfg.eps, "steps": cfg.steps,
+                       "surrogate": cfg.surrogate, "eps": cfg.eps.text, "alpha": (cfg.alpha or cfg.eps).text,
+                       "steps": cfg.steps,
                        "config_hash": config_hash(cfg),
                        "config": {k: v for k, v in flat(cfg).items() if k != "resume"},
                        "adapter": str(cfg.run_dir), "train": train}

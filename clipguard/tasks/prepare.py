@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
-from clipguard.run_options import RunOptions, flat
-
-
-@dataclass
-class PrepareConfig:
-    run: RunOptions = field(default_factory=RunOptions)  # model (its input size), dataset, split, limit, seed, workers
-    size: int | None = None  # input size in pixels (square) instead of the model's
+from clipguard.config import flat
+from clipguard.tasks.configs import PrepareConfig
 
 
 def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
@@ -19,14 +13,13 @@ def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
     from clipguard.data.images import as_size, protocol_name
     from clipguard.data.prepared import cache_key, write_prepared
     from clipguard.data.registry import SOURCES, from_source
-    from clipguard.errors import ClipguardError, check_positive
+    from clipguard.errors import ClipguardError
     from clipguard.models.inference import rate_fields
     from clipguard.progress import progress_bar
     from clipguard.records.schema import SCHEMA, environment
     from clipguard.specs import parse_dataset_spec
 
-    run = cfg.run.check()
-    check_positive("--size", cfg.size)
+    run = cfg.run
     spec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
     if spec.kind in ("toy", "prepared"):
         raise ClipguardError(f"--dataset {spec.text!r} is already in memory or prepared: nothing to prepare")

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from clipguard.data.base import ImageSet
+from clipguard.data.prompts import PromptSet, load_prompts
+from clipguard.data.registry import load_dataset
 from clipguard.errors import ClipguardError
+from clipguard.models import loader  # called as loader.load_clip: tests swap it to prove nothing loads too early
+from clipguard.models.adapters import load_adapter
+from clipguard.models.classifier import ZeroShotClassifier, compile_classifier
+from clipguard.models.inference import check_resolution
+from clipguard.models.text_embeddings import TextEmbeddings, get_text_embeddings
 from clipguard.run_options import RunOptions
+from clipguard.specs import parse_dataset_spec, parse_model_spec
 
 
 @dataclass
 class Prepared:
-    clip: object  # models.loader.LoadedClip
-    data: object  # data.base.ImageSet
-    prompts: object  # data.prompts.PromptSet
-    text: object  # models.text_embeddings.TextEmbeddings
-    classifier: object  # models.classifier.ZeroShotClassifier ([0, 1] pixels -> logits), eval mode
+    clip: loader.LoadedClip
+    data: ImageSet
+    prompts: PromptSet
+    text: TextEmbeddings
+    classifier: ZeroShotClassifier  # [0, 1] pixels -> logits, eval mode
     compile_s: float | None = None  # --compile: seconds compiling + warming up (timings["compile_s"]); None: eager
 
     def timings(self, timings: dict) -> dict:
@@ -37,19 +46,11 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
 
     Errors are ClipguardErrors naming the bad option; both specs are parsed before any slow loading.
     """
-    from clipguard.data.prompts import load_prompts
-    from clipguard.data.registry import load_dataset
-    from clipguard.models.classifier import ZeroShotClassifier, compile_classifier
-    from clipguard.models.inference import check_resolution
-    from clipguard.models.loader import load_clip
-    from clipguard.models.text_embeddings import get_text_embeddings
-    from clipguard.specs import parse_dataset_spec, parse_model_spec
-
     check_resolution(resolution)
-    run = replace(run, **overrides).check()
+    run = replace(run, **overrides)  # checked on construction
     mspec = parse_model_spec(run.model)
     dspec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
-    clip = load_clip(mspec, device=run.device, precision=run.precision)
+    clip = loader.load_clip(mspec, device=run.device, precision=run.precision)
     size = clip.input_size if resolution == "model" else None
     data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size, mode=run.data_mode,
                         workers=run.workers, streaming=run.streaming, decode=run.decode, decode_device=clip.device)
@@ -63,8 +64,6 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
         )
     visual = clip.model.visual
     if run.adapter:
-        from clipguard.models.adapters import load_adapter
-
         visual = load_adapter(run.adapter, clip)
     text = get_text_embeddings(clip, prompts.classnames, prompts.templates)
     classifier = ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()

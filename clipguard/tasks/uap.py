@@ -10,67 +10,16 @@ another model or dataset) is resized bicubically and projected back onto its eps
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
+from clipguard.config import flat
 from clipguard.distributed import barrier, is_main, world_size
 from clipguard.errors import ClipguardError
 from clipguard.records.schema import make_record
-from clipguard.run_options import RunOptions, flat, split_run
+from clipguard.tasks.configs import UAPEvalConfig, UAPFitConfig, uap_eval_config, uap_fit_config
 from clipguard.tasks.setup import prepare
 
-
-def _fit_run() -> RunOptions:
-    return RunOptions(split="train", batch_size=128)
-
-
-@dataclass
-class UAPFitConfig:
-    uap: str = "uap.safetensors"  # UAP file to write
-    run: RunOptions = field(default_factory=_fit_run)  # the fitting set (split train) and model; fp32 always
-    eps: str = "10/255"  # radius of v, [0, 1] pixel units (linf: max |v|; l2: ||v||_2)
-    norm: str = "linf"  # linf | l2
-    method: str = "sgd"  # a name in clipguard.uap.fit.UAP_METHODS: sgd | deepfool
-    target_fooling: float = 0.8  # stop once the fitting-set fooling rate reaches this share
-    epochs: int = 10  # at most this many passes over the fitting set
-    step: str | None = None  # sgd step per batch, [0, 1] pixel units; None = eps/10
-    target_class: str | None = None  # class name for a targeted UAP; None = untargeted
-    resolution: str = "model"  # where v lives: model input size or the dataset's native size
-    png: str | None = None  # folder for the perturbation and clean-vs-perturbed pictures
-
-
-@dataclass
-class UAPEvalConfig:
-    uap: str = "uap.safetensors"  # UAP file from `uap fit`
-    run: RunOptions = field(default_factory=RunOptions)  # the target: any model (another one gives the transfer
-    # number); seed also seeds the random sign-pattern control
-    png: str | None = None
-    allow_fit_split: bool = False  # evaluate on the very images the UAP was fitted on (not a held-out number)
-
-
-def uap_fit_config(**opts) -> UAPFitConfig:
-    """A UAPFitConfig from flat keyword options (RunOptions fields go to ``run``)."""
-    run, rest = split_run(opts)
-    return UAPFitConfig(run=RunOptions(**{**vars(_fit_run()), **run}), **rest)
-
-
-def uap_eval_config(**opts) -> UAPEvalConfig:
-    """A UAPEvalConfig from flat keyword options (RunOptions fields go to ``run``)."""
-    run, rest = split_run(opts)
-    return UAPEvalConfig(run=RunOptions(**run), **rest)
-
-
-def uap_config(cfg: UAPFitConfig):
-    """The validated :class:`~clipguard.uap.UAPConfig` (target class still unresolved)."""
-    from clipguard.specs import parse_eps, parse_norm
-    from clipguard.uap.core import UAPConfig
-    from clipguard.uap.fit import check_uap_config
-
-    cfg.run.check()
-    step = parse_eps(cfg.step, name="--step", allow_zero=False) if cfg.step else None
-    return check_uap_config(UAPConfig(eps=parse_eps(cfg.eps, allow_zero=False), norm=parse_norm(cfg.norm),
-                                      method=cfg.method, target_fooling=cfg.target_fooling, epochs=cfg.epochs,
-                                      batch_size=cfg.run.batch_size, step=step, resolution=cfg.resolution,
-                                      seed=cfg.run.seed))
+__all__ = ["UAPEvalConfig", "UAPFitConfig", "run_uap_eval", "run_uap_fit", "uap_eval_config", "uap_fit_config"]
 
 
 def resolve_target(name: str | None, classnames: list[str]) -> int | None:
@@ -128,7 +77,7 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     from clipguard.uap.file import UAPFile, tensor_digest
     from clipguard.uap.fit import fit_uap, uap_metrics
 
-    ucfg = uap_config(cfg)
+    ucfg = cfg.uap_settings()
     if ucfg.method != "sgd" and world_size() > 1:
         raise ClipguardError(f"--method {ucfg.method} fits on one process (its loop walks the images one by one); "
                              "under torchrun use --method sgd, or run this without torchrun")
@@ -172,6 +121,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     """
     from clipguard.attacks.integrity import check
     from clipguard.progress import progress_bar
+    from clipguard.records.metrics import count, put
     from clipguard.uap.core import fit_to, predict, random_control, scaled_eps, universal_attack
     from clipguard.uap.file import UAPFile
     from clipguard.uap.fit import uap_metrics
@@ -180,7 +130,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     p = _prepare(cfg, uap.resolution)
     same_images = _fitted_on_these(uap.manifest.get("data") or {}, p.data)
     if same_images and not cfg.allow_fit_split:
-        raise ClipguardError(f"--uap {cfg.uap!r} was fitted on {p.data.spec} {p.data.split}, the images evaluated "
+        raise ClipguardError(f"--uap {str(cfg.uap)!r} was fitted on {p.data.spec} {p.data.split}, the images evaluated "
                              "here: that is not a held-out fooling rate. Evaluate on another split (e.g. --split test)"
                              " or pass --allow-fit-split to measure it anyway (the record says so)")
     inputs = _inputs(p, uap.resolution)
@@ -203,7 +153,7 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     wall = time.perf_counter() - t0
     clean, adv, rand = clean.cpu(), adv.cpu(), rand.cpu()
     metrics = uap_metrics(p.data.labels, clean, adv, target)
-    metrics["random_fooling_rate"] = (rand != clean).float().mean().item()
+    put(metrics, "random_fooling_rate", count(rand != clean), len(clean))  # k / n of integers, counts beside
     src = uap.manifest.get("source", {})
     checks = [_norm_check(v, uap.norm, scaled_eps(uap.eps, uap.norm, tuple(uap.delta.shape[-2:]), size)),
               check("beats_random_control", metrics["random_fooling_rate"],

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipguard.distributed import gather_rows
 from clipguard.errors import ClipguardError
-from clipguard.models.inference import check_resolution
+from clipguard.models.inference import check_resolution, run_batches
 from clipguard.specs import Eps, Norm, parse_eps, parse_norm
 
 NORM_SLACK = 1e-6  # float32 rounding allowed above eps in checks
@@ -163,9 +164,6 @@ def predict(model: nn.Module, images: torch.Tensor, inputs: Callable, *attacks: 
     ``advance(n, fooling=...)`` reports the running share of images whose prediction under the second
     attack differs from the first (the fooling rate when called as ``predict(m, x, f, None, universal_attack(v))``).
     """
-    from clipguard.distributed import gather_rows
-    from clipguard.models.inference import run_batches
-
     out: list[list[torch.Tensor]] = [[] for _ in attacks]
     changed = done = 0
 

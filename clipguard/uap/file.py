@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from clipguard.errors import ClipguardError
-from clipguard.fsutil import atomic_write
+from clipguard.fsutil import atomic_write, writing_output
 from clipguard.specs import Norm
 from clipguard.uap.core import NORM_SLACK, norm_of
 
@@ -58,7 +58,8 @@ class UAPFile:
         self.manifest = {"schema": SCHEMA, **self.manifest, "shape": list(delta.shape),
                          "sha256": tensor_digest(delta)}
         meta = {"manifest": json.dumps(self.manifest)}
-        return atomic_write(path, lambda tmp: save_file({"uap": delta}, tmp, metadata=meta))
+        with writing_output(path, "the UAP"):  # not held: `uap fit` reads the file back for its record
+            return atomic_write(path, lambda tmp: save_file({"uap": delta}, tmp, metadata=meta))
 
     @classmethod
     def from_disk(cls, path: str | Path, *, option: str = "--uap") -> UAPFile:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipguard.records.metrics import attack_success_rate
+from clipguard.progress import progress_bar
+from clipguard.records.metrics import accuracy_counts, attack_success_counts, count, put
 from clipguard.registry import Registry
 from clipguard.uap.core import FitContext, UAPConfig, predict, universal_attack
 from clipguard.uap.deepfool import deepfool_uap_epoch
@@ -56,8 +57,6 @@ def fit_uap(model: nn.Module, images: torch.Tensor, cfg: UAPConfig, inputs: Call
 
     Stops after ``cfg.epochs`` passes or once an epoch's rate reaches ``cfg.target_fooling``.
     """
-    from clipguard.progress import progress_bar
-
     n, t0 = images.shape[0], time.perf_counter()
     (reference,) = predict(model, images, inputs, None, batch_size=cfg.batch_size)
     counted = torch.ones_like(reference, dtype=torch.bool)
@@ -88,14 +87,16 @@ def fit_uap(model: nn.Module, images: torch.Tensor, cfg: UAPConfig, inputs: Call
 def uap_metrics(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor,
                 target: int | None = None) -> dict:
     """fooling_rate, acc1 (clean), perturbed_acc, attack_success_rate (share of clean-correct images the
-    UAP makes wrong) and, for a targeted UAP, targeted_success_rate over images whose label is not the target."""
-    labels = labels.cpu()
-    correct = clean_pred == labels
-    m = {"fooling_rate": (adv_pred != clean_pred).float().mean().item(),
-         "acc1": correct.float().mean().item(),
-         "perturbed_acc": (adv_pred == labels).float().mean().item(),
-         "attack_success_rate": attack_success_rate(labels, clean_pred, adv_pred)}
+    UAP makes wrong) and, for a targeted UAP, targeted_success_rate over images whose label is not the target;
+    each k / n of integers, with its ``counts`` (records.metrics.put)."""
+    labels, clean_pred, adv_pred = labels.cpu(), clean_pred.cpu(), adv_pred.cpu()
+    n = labels.shape[0]
+    m = put({}, "fooling_rate", count(adv_pred != clean_pred), n)
+    put(m, "acc1", *accuracy_counts(clean_pred, labels))
+    put(m, "perturbed_acc", *accuracy_counts(adv_pred, labels))
+    put(m, "attack_success_rate", *attack_success_counts(labels, clean_pred, adv_pred))
     if target is not None:
         other = labels != target
-        m["targeted_success_rate"] = (adv_pred[other] == target).float().mean().item() if other.any() else 0.0
+        put(m, "targeted_success_rate", count(adv_pred[other] == target), count(other))
+    m["counts"] = m.pop("counts")  # after the numbers
     return m

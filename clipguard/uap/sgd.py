@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clipguard.distributed import all_reduce_sum_, rank, world_size
 from clipguard.specs import Norm
 from clipguard.uap.core import FitContext, hits, perturb, project
 
@@ -22,8 +23,6 @@ def sgd_epoch(ctx: FitContext, v: torch.Tensor, epoch: int) -> tuple[torch.Tenso
     Under torchrun a step's batch is ``batch_size`` images per rank (``batch_size x world_size`` in all, cut from
     the one seeded order every rank draws alike); each rank's loss is its share of the whole batch's mean, so the
     all-reduced gradient is the whole batch's, and every rank takes the same step on the same ``v``."""
-    from clipguard.distributed import all_reduce_sum_, rank, world_size
-
     cfg, n, ranks = ctx.cfg, ctx.images.shape[0], world_size()
     target, eps, step = cfg.target_class, cfg.eps.value, cfg.step_value
     order = torch.randperm(n, generator=ctx.generator)
