@@ -81,9 +81,20 @@ class Config:
     def check(self) -> None:
         """Checks across fields (each field's own checks are in its parser). One ClipguardError naming the option."""
 
+    @classmethod
+    def complete(cls, opts: dict) -> dict:
+        """Flat options before they are parsed: a config may fill in what is implied (a resumed run's own options)."""
+        return opts
+
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def given(cfg, names: tuple[str, ...]) -> list[str]:
+    """The flags among ``names`` whose value in ``cfg`` differs from the command's default (what a user set)."""
+    defaults = {f.name: _parsed(f, f.default) for f in option_fields(type(cfg))}
+    return [flag(n) for n in names if getattr(cfg, n) != defaults[n]]
 
 
 # ------------------------------------------------------------------------------------------- field walking
@@ -137,7 +148,7 @@ def _parsed(f: Field, value: Any) -> Any:
 def _dump(value: Any) -> Any:
     """A parsed value as records and hashes store it: Eps -> its text, a tuple of Eps -> "a,b", Path -> str,
     an enum -> its value, a tuple -> a list."""
-    from clipguard.specs import Eps
+    from clipguard.specs import Eps  # lazy: keeps `import clipguard` light
 
     if isinstance(value, Eps):
         return value.text
@@ -163,6 +174,7 @@ def from_options(cls, opts: dict, *, where: str | None = None):
     """A ``cls`` config from flat options (inlined configs' options by their own names), with the command's
     defaults for the rest. ``where`` (e.g. "suite cell 'base'") makes unknown names and wrongly typed values a
     one-line error naming it; without it, values are trusted to be the command line's."""
+    opts = cls.complete(opts)
     known = {f.name: f for f in option_fields(cls)}
     if where is not None:
         unknown = sorted(set(opts) - set(known))
@@ -253,7 +265,7 @@ def choice(*names: str):
     def parse(value, name: str) -> str:
         text = str(value).strip().lower()
         if text not in names:
-            from clipguard.registry import unknown_choice
+            from clipguard.registry import unknown_choice  # lazy: keeps `import clipguard` light
 
             raise unknown_choice(name, value, list(names))
         return text
@@ -266,22 +278,40 @@ def pixel_units(*, allow_zero: bool = True):
     """A parser of one pixel-unit value (``8/255``, ``0.0314``) into an Eps."""
 
     def parse(value, name: str):
-        from clipguard.specs import Eps, parse_eps
+        from clipguard.specs import Eps, parse_eps  # lazy: keeps `import clipguard` light
 
         return value if isinstance(value, Eps) else parse_eps(str(value), name=name, allow_zero=allow_zero)
 
+    parse.takes_text = True
+    return parse
+
+
+def pixel_float(*, allow_zero: bool = True):
+    """A parser of one pixel-unit value into a plain float (``64/255`` accepted, ``25`` asks about /255)."""
+    inner = pixel_units(allow_zero=allow_zero)
+
+    def parse(value, name: str) -> float:
+        return inner(value, name).value  # a float too: 0.0 or 25.0 from a script is checked like the CLI's text
+
+    parse.takes_text = True
     return parse
 
 
 def eps_list(value, name: str) -> tuple:
     """A comma list of pixel-unit values (``0,4/255,8/255``) into a tuple of Eps."""
-    from clipguard.specs import Eps, parse_eps_list
+    from clipguard.specs import Eps, parse_eps_list  # lazy: keeps `import clipguard` light
 
     if isinstance(value, Eps):
         return (value,)
     if isinstance(value, tuple) and all(isinstance(v, Eps) for v in value):
         return value
-    return tuple(parse_eps_list(str(value), name=name))
+    first: dict[float, Eps] = {}
+    for e in parse_eps_list(str(value), name=name):  # a value given twice (8/255,8/255) is attacked once
+        first.setdefault(e.value, e)
+    return tuple(first.values())
+
+
+eps_list.takes_text = True
 
 
 def comma_list(value, name: str) -> tuple[str, ...]:
@@ -296,7 +326,7 @@ def comma_list(value, name: str) -> tuple[str, ...]:
 
 def output_file(value, name: str) -> Path:
     """An output file path, probed for writing now (before any work)."""
-    from clipguard.fsutil import check_writable
+    from clipguard.fsutil import check_writable  # lazy: keeps `import clipguard` light
 
     check_writable(value, name)
     return Path(value)
@@ -307,7 +337,7 @@ output_file.probes = True
 
 def output_dir(value, name: str) -> Path:
     """An output folder, probed for writing now (before any work)."""
-    from clipguard.fsutil import check_writable
+    from clipguard.fsutil import check_writable  # lazy: keeps `import clipguard` light
 
     check_writable(value, name, directory=True)
     return Path(value)

@@ -54,7 +54,7 @@ def bind_device() -> None:
     """Under torchrun on a CUDA machine, make ``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
     if not active():
         return
-    import torch
+    import torch  # lazy: see the note at the top
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
@@ -69,7 +69,7 @@ def start() -> None:
 
 def _group():
     """The default process group, made on first use (nccl with CUDA, gloo without)."""
-    import torch
+    import torch  # lazy: see the note at the top
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -80,7 +80,7 @@ def _group():
 
 
 def _comm_device():
-    import torch
+    import torch  # lazy: see the note at the top
 
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -101,7 +101,7 @@ def gather_rows(t):
     every rank gets the whole. Rows may differ in number between ranks; other dims must match."""
     if not active():
         return t
-    import torch
+    import torch  # lazy: see the note at the top
 
     dist, dev = _group(), _comm_device()
     counts = torch.zeros(world_size(), dtype=torch.long, device=dev)
@@ -134,7 +134,7 @@ def all_reduce_sum_(tensors) -> None:
     """Sum each tensor over the ranks, in place (one flat buffer: one collective for all of them)."""
     if not active() or not tensors:
         return
-    import torch
+    import torch  # lazy: see the note at the top
 
     dist, dev = _group(), _comm_device()
     buf = torch.cat([x.reshape(-1).to(dev, torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -150,7 +150,7 @@ def started() -> bool:
     """Whether this run's ranks have begun talking (the process group exists)."""
     if not active():
         return False
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: see the note at the top
 
     return dist.is_initialized()
 
@@ -161,7 +161,7 @@ ERROR_KEY = "clipguard/error"
 def report_error(line: str) -> None:
     """Leave this rank's one-line error where the other ranks look when their next collective breaks."""
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: see the note at the top
 
         dist.distributed_c10d._get_default_store().set(ERROR_KEY, line)
     except Exception:  # best effort: the line is printed by this rank anyway
@@ -171,7 +171,7 @@ def report_error(line: str) -> None:
 def peer_error(wait_s: float = 5.0) -> str | None:
     """The one-line error another rank reported (after a collective of ours broke), or None."""
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: see the note at the top
 
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=wait_s))
@@ -188,7 +188,7 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if active():
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: see the note at the top
 
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -200,6 +200,6 @@ def describe() -> dict:
 
 
 def _cuda() -> bool:
-    import torch
+    import torch  # lazy: see the note at the top
 
     return torch.cuda.is_available()

@@ -18,6 +18,7 @@ import secrets
 import socket
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -124,8 +125,6 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
 
 def read_toml(path: str | os.PathLike, what: str, hint: str = "") -> dict:
     """Parse a TOML file; a missing or invalid file is a one-line ClipguardError naming ``what``."""
-    import tomllib
-
     p = Path(path)
     if not p.is_file():
         raise ClipguardError(f"{what} {str(p)!r}: no such file{hint}")

@@ -14,13 +14,17 @@ console_err = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
-    """Items per second, labelled with the task's unit (img/s by default)."""
+    """Items per second, labelled with the task's unit (img/s by default); ``per_item``: seconds per item over the
+    whole run (few slow items finishing in bursts, e.g. suite cells, where a windowed rate swings from 0 to 1000s)."""
 
-    def __init__(self, unit: str = "img"):
+    def __init__(self, unit: str = "img", per_item: bool = False):
         super().__init__()
-        self.unit = unit
+        self.unit, self.per_item = unit, per_item
 
     def render(self, task) -> Text:
+        if self.per_item:
+            each = task.elapsed / task.completed if task.completed and task.elapsed else None
+            return Text(f"{each:,.1f} s/{self.unit}" if each else f"-- s/{self.unit}", style="cyan")
         speed = task.finished_speed or task.speed
         if not speed and task.elapsed:
             speed = task.completed / task.elapsed
@@ -28,18 +32,20 @@ class RateColumn(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "img", sharded: bool = False):
+def progress_bar(total: int, description: str, *, enabled: bool = True, unit: str = "img", sharded: bool = False,
+                 per_item: bool = False):
     """Yield ``advance(n, **fields)``; the bar shows done/total, img/s, elapsed and extra fields.
 
     Under torchrun only rank 0 draws. ``sharded``: ``total`` is split over the ranks and ``advance`` counts rank 0's
-    share, so the bar counts it ``world_size`` times (the ranks move at the same pace) and says so."""
+    share, so the bar counts it ``world_size`` times (the ranks move at the same pace) and says so. ``per_item``:
+    seconds per item instead of items per second (:class:`RateColumn`)."""
     if not enabled or not is_main():
         yield lambda n=1, **fields: None
         return
     scale = world_size() if sharded else 1
     if scale > 1:
         description = f"{description} [x{scale} ranks]"
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit, per_item),
                         TimeElapsedColumn(), TextColumn("{task.fields[extra]}"), console=console_err,
                         transient=False)
     with progress:

@@ -24,8 +24,11 @@ T = TypeVar("T")
 
 
 def suggest(name: str, choices: list[str], n: int = 5) -> str:
-    """A ", "-joined list of the close matches of ``name`` among ``choices`` (may be empty)."""
-    return ", ".join(difflib.get_close_matches(name, choices, n=n, cutoff=0.5))
+    """A ", "-joined list of the close matches of ``name`` among ``choices`` (may be empty); a choice that differs
+    only in case comes first (``vit-b-32`` -> ``ViT-B-32``)."""
+    same = [c for c in choices if c.lower() == str(name).lower()]
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return ", ".join(dict.fromkeys([*same, *close][:n]))
 
 
 def unknown_choice(option: str, value: str, choices: list[str], *, what: str = "is unknown") -> ClipguardError:

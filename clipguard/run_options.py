@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipguard import specs
 from clipguard.config import MODEL_DATA, PERF, Config, choice, non_negative, option, positive
 from clipguard.errors import ClipguardError
+from clipguard.specs import parse_dataset_spec
 
 DATA_MODES = ("auto", "memory", "stream")  # how a dataset is held: data.stream.choose_mode
 DECODES = ("pil", "device")  # how files are decoded: data.device_decode
+PREPROCESSES = ("open_clip", "tecoa")  # the geometry at --resolution model: data.images.GEOMETRIES
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _spec(parse_name: str):
     def parse(value, name: str) -> str:
-        from clipguard import specs
-
         getattr(specs, parse_name)(str(value))  # a one-line error for a malformed spec, before anything loads
         return str(value)
 
@@ -62,6 +63,11 @@ class RunOptions(Config):
     streaming: bool = option(False, panel=MODEL_DATA, omit_at_default=True,
                              help="hf: hub datasets: read the first --limit rows as a stream instead of downloading "
                                   "the whole set (not stratified).")
+    preprocess: str = option("open_clip", panel=MODEL_DATA, parse=choice(*PREPROCESSES), omit_at_default=True,
+                             help="Geometry that brings images to the model's input size: open_clip (the protocol: "
+                                  "open_clip's eval transform, shorter side bicubic + centre crop) or tecoa (TeCoA's "
+                                  "test code: torchvision Resize(256) bilinear + CenterCrop(224)); named in the "
+                                  "record.")
     decode: str = option("pil", panel=PERF, parse=choice(*DECODES), omit_at_default=True,
                          help="pil (the protocol: PIL on the decode workers) or device (JPEG files decoded by "
                               "torchvision on --device, nvJPEG on a GPU, and resized there; within the README's "
@@ -75,8 +81,6 @@ class RunOptions(Config):
                                     "max-autotune-no-cudagraphs.")
 
     def check(self) -> None:
-        from clipguard.specs import parse_dataset_spec
-
         if self.compile_mode != "default" and not self.compile:
             raise ClipguardError(f"--compile-mode {self.compile_mode} chooses how --compile compiles: add --compile")
         parse_dataset_spec(self.dataset, image_column=self.image_column, label_column=self.label_column)

@@ -33,8 +33,10 @@ class Eps:
 _EPS_RE = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*$")
 
 
-def parse_eps(text: str, *, name: str = "--eps", allow_zero: bool = True) -> Eps:
-    """Parse ``"8/255"``, ``"0.0314"`` or ``"0"`` into an :class:`Eps` in [0, 1] pixel units."""
+def parse_eps(text: str, *, name: str = "--eps", allow_zero: bool = True, upper: float | None = 1) -> Eps:
+    """Parse ``"8/255"``, ``"0.0314"`` or ``"0"`` into an :class:`Eps` in [0, 1] pixel units: the one parser of
+    every pixel-unit value (eps, alpha, sigma, radii). ``upper``: the largest value that can be meant (None: no
+    bound, as for L2 radii); above it the error asks whether ``/255`` was meant."""
     m = _EPS_RE.match(str(text))
     if not m:
         raise ClipguardError(
@@ -46,15 +48,27 @@ def parse_eps(text: str, *, name: str = "--eps", allow_zero: bool = True) -> Eps
     except ZeroDivisionError:
         raise ClipguardError(f"{name} {text!r} divides by zero: use e.g. 8/255") from None
     value = float(frac)
-    if value > 1:
+    if upper is not None and value > upper:
         raise ClipguardError(
-            f"{name} {text!r} = {value:g} is above 1: eps is in [0, 1] pixel units, "
+            f"{name} {text!r} = {value:g} is above {upper:g}: values are in [0, 1] pixel units, "
             f"did you mean {text}/255?"
         )
     if value < 0 or (value == 0 and not allow_zero):
         raise ClipguardError(f"{name} {text!r} must be {'>= 0' if allow_zero else '> 0'} (e.g. 8/255)")
     canon = f"{num}/{den}" if den is not None else (f"{value:g}" if value else "0")
     return Eps(value=value, text=canon.replace(" ", ""))
+
+
+LINF_PLAUSIBLE = 32 / 255  # above this, a bare L-inf radius (0.5, 1) is almost surely a forgotten /255
+
+
+def check_linf_eps(eps: Eps, name: str = "--eps") -> Eps:
+    """A bare decimal L-inf radius above 32/255 is refused with the /255 hint (a fraction says it is meant)."""
+    if eps.value > LINF_PLAUSIBLE and "/" not in eps.text:
+        raise ClipguardError(f"{name} {eps.text} with --norm linf changes every pixel by up to "
+                             f"{eps.value * 255:g}/255, which no image survives: did you mean {eps.text}/255? (write "
+                             f"it as a fraction, e.g. {round(eps.value * 255)}/255, if you mean it)")
+    return eps
 
 
 def parse_eps_list(text: str, *, name: str = "--eps") -> list[Eps]:

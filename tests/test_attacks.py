@@ -173,7 +173,7 @@ def test_library_refuses_conflicting_options_before_loading():
 
     with pytest.raises(ClipguardError, match="exclude each other"):
         run_eval(EvalConfig(attack="pgd", adv_set="x.safetensors"), progress=False)
-    with pytest.raises(ClipguardError, match="needs --attack"):
+    with pytest.raises(ClipguardError, match="--surrogate is used only with --attack"):
         run_eval(EvalConfig(surrogate="toy-cnn"), progress=False)
 
 

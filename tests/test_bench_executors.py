@@ -55,11 +55,11 @@ CELLS = ["base", "transfer", "ft", "ft-pgd"]
 
 def normalized(out, cell: str) -> dict:
     """A record without what may differ between two runs of the same cell: when and where it ran (created,
-    environment, every wall_s and images_per_s), the text-embedding cache state and which executor ran it (checked
-    on its own); OUT itself is written as OUT."""
+    environment, every time and rate: the keys ending in _s, as wall_s, total_s, images_per_s), the text-embedding
+    cache state and which executor ran it (checked on its own); OUT itself is written as OUT."""
     def strip(x):
         if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in ("wall_s", "images_per_s")}
+            return {k: strip(v) for k, v in x.items() if not k.endswith("_s")}
         return [strip(v) for v in x] if isinstance(x, list) else x
 
     rec = json.loads((out / "records" / f"{cell}.json").read_text().replace(str(out), "OUT"))
@@ -192,17 +192,20 @@ def test_a_changed_option_reruns_its_cell_and_the_cells_that_need_it(local, ray_
 
 
 def test_a_cell_failing_on_a_worker_is_one_line_and_blocks_its_dependents(ray_cluster, tmp_path):
+    """A failure only running can find (an empty image folder: the options are valid, so the suite's check passes)."""
     from clipguard.tasks.bench import CellsFailed
 
+    empty = tmp_path / "empty"
+    empty.mkdir()
     suite = tmp_path / "bad.toml"
     suite.write_text('[defaults]\nmodel = "toy"\ndataset = "toy"\ndevice = "cpu"\n'
-                     '[[cell]]\nid = "ft"\nkind = "finetune"\nepochs = "two"\n'
+                     f'[[cell]]\nid = "ft"\nkind = "finetune"\ndataset = "imagefolder:{empty}"\n'
                      '[[cell]]\nid = "ft-pgd"\nadapter = "@ft"\n')
     with pytest.raises(CellsFailed) as err:
         ray_run(suite, tmp_path / "out")
     assert statuses(err.value.summary) == {"ft": "failed", "ft-pgd": "blocked"}
     message = str(err.value)
-    assert len(message.splitlines()) == 1 and "ft: suite cell 'ft': epochs = 'two' should be int" in message
+    assert len(message.splitlines()) == 1 and "ft: --dataset 'imagefolder:" in message and "no class folders" in message
     log = tmp_path / "out" / "ray" / "ft.err"
     assert f"(full error: {log})" in message and 'bench.py", line' in log.read_text()  # the worker's traceback
     assert not (tmp_path / "out" / "records").exists()

@@ -207,6 +207,9 @@ def test_zs_robust_suite_runs_every_catalogue_set_under_the_fare_protocol():
     assert len(robust) == len(clean) == len(ZS_MAIN | SHIFT)  # one attacked and one attack-free cell per set
     for c in robust:  # FARE's settings, as fare-protocol.toml states them
         assert {k: c[k] for k in fare if k != "split"} == {k: v for k, v in fare.items() if k != "split"}
+    _, fare_cells = load_suite(root / "fare-protocol.toml")
+    for f in fare_cells:  # where the perturbation lives, per set, as fare-protocol.toml has it (attacked and clean)
+        assert {c.get("resolution") for c in cells if c["dataset"] == f["dataset"]} == {f["resolution"]}
     for c in clean:
         assert "limit" not in c and "eps" not in c and c["id"] == f"{c['dataset']}-clean"
     for c in cells:

@@ -3,6 +3,7 @@ twin of each), the noise objective, the record, the CLI and the bench cell."""
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import replace
 from statistics import NormalDist
 
@@ -153,9 +154,68 @@ def test_the_record_says_when_the_check_failed(monkeypatch):
     assert [c["passed"] for c in rec["checks"] if c["name"] == "smoothadv_within_certificate"] == [False]
 
 
+def recording_bars(monkeypatch) -> list[dict]:
+    """certify's progress bars, recorded: each bar's total, description, unit and the samples it was advanced by."""
+    import clipguard.tasks.certify as task
+
+    bars = []
+
+    @contextmanager
+    def bar(total, description, *, enabled=True, unit="img", **_):
+        bars.append({"total": total, "description": description, "unit": unit, "advanced": 0})
+        yield lambda n=1, **fields: bars[-1].__setitem__("advanced", bars[-1]["advanced"] + n)
+
+    monkeypatch.setattr(task, "progress_bar", bar)
+    return bars
+
+
+def test_the_smoothadv_check_has_its_own_bar_and_timings(monkeypatch):
+    """Issue 26 item 13: the check (minutes on real settings) shows progress, ends at its total, and is timed."""
+    bars = recording_bars(monkeypatch)
+    rec = run_certify(certify_config(**TINY))
+    assert [b["description"] for b in bars] == ["certify", "check (SmoothAdv)"]
+    check = bars[1]
+    assert check["unit"] == "sample" and check["advanced"] == check["total"] > 0, bars
+    assert rec["timings"]["check_wall_s"] > 0 and rec["timings"]["check_samples_per_s"] > 0
+    assert rec["checks_passed"] is True and all(c["passed"] is True for c in rec["checks"])
+
+
+def test_check_images_0_skips_the_check_and_the_record_says_so(monkeypatch, cli, tmp_path):
+    """No SmoothAdv attack runs; the checks are listed as skipped (passed null), checks_passed is null (neither
+    passed nor failed), and neither the table nor a report shows them as passed."""
+    from clipguard.report.certify import certified_table
+
+    def no_attack(*args, **kw):
+        raise AssertionError("the SmoothAdv attack ran")
+
+    monkeypatch.setattr(smoothing, "smoothadv_pgd", no_attack)
+    bars = recording_bars(monkeypatch)
+    rec = run_certify(certify_config(**{**TINY, "check_images": 0}))
+    assert [b["description"] for b in bars] == ["certify"]
+    assert [(c["name"], c["passed"], c["skipped"]) for c in rec["checks"]] == [
+        ("smoothadv_within_certificate", None, True), ("smoothadv_l2_within_radius", None, True)]
+    assert all("--check-images 0" in c["detail"] for c in rec["checks"])
+    assert rec["checks_passed"] is None and rec["empirical_l2"]["skipped"] == "--check-images 0"
+    assert rec["empirical_l2"]["curve"] == [] and "check_wall_s" not in rec["timings"]
+    assert certified_table([rec])[1][0][-1] == "skipped"
+    code, out, err = cli("certify", *[a for k, v in TINY.items() if k != "check_images"
+                                      for a in (f"--{k.replace('_', '-')}", v)], "--check-images", "0")
+    assert code == 0, err
+    assert "integrity checks skipped: smoothadv_within_certificate" in out and "passed" not in out, out
+
+
+@pytest.mark.parametrize("passed, expected", [
+    ([True, True], True), ([True, None], None), ([None, None], None), ([None, False], False), ([True, False], False),
+])
+def test_checks_passed_is_false_on_a_failure_then_null_on_a_skip(passed, expected):
+    from clipguard.tasks.certify import all_passed
+
+    assert all_passed([{"name": str(i), "passed": p} for i, p in enumerate(passed)]) is expected
+
+
 @pytest.mark.parametrize("opts, needle", [
     ({"sigma": 0.0}, "--sigma"), ({"alpha": 0.5}, "--alpha"), ({"n": 0}, "--n "), ({"radii": "0,-1"}, "--radii"),
-    ({"radii": "a"}, "--radii"), ({"check_images": 0}, "--check-images"),
+    ({"radii": "a"}, "--radii"), ({"check_images": -1}, "--check-images"),
 ])
 def test_bad_options_are_one_line_errors(opts, needle):
     with pytest.raises(ClipguardError, match=needle):

@@ -142,7 +142,8 @@ def test_predictions_file_pairs_images_across_runs(cli, tmp_path):
     rec = _eval(cli, "--limit", "30", "--attack", "pgd", "--eps", "0,8/255", "--steps", "3", "--predictions", out)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 30 and list(rows[0]) == ["index", "digest", "label", "clean_pred", "adv_pred@0",
-                                                 "adv_pred@8/255"]
+                                                 "adv_pred@8/255", "label_name", "clean_pred_name",
+                                                 "adv_pred_name@0", "adv_pred_name@8/255"]
     robust = sum(r["label"] == r["clean_pred"] == r["adv_pred@8/255"] for r in rows) / 30
     assert robust == pytest.approx(rec["metrics"]["robust"][1]["robust_acc"])
     assert sum(r["label"] == r["clean_pred"] for r in rows) / 30 == pytest.approx(rec["metrics"]["acc1"])
@@ -187,7 +188,7 @@ def test_uap_checks_read_the_file_and_fail_when_it_is_wrong(cli, tmp_path, monke
 
     def run(name):
         code, out, err = cli("uap", "fit", "--uap", tmp_path / f"{name}.safetensors", "--limit", "40", "--epochs", "1",
-                             "--eps", "4/255", "--step", "8/255", "--device", "cpu", "--json")
+                             "--eps", "4/255", "--step-size", "8/255", "--device", "cpu", "--json")
         assert code == 0, err
         return {c["name"]: c["passed"] for c in json.loads(out)["checks"]}
 

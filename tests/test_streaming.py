@@ -234,15 +234,18 @@ def test_prepared_cache_is_found_and_gives_the_same_predictions(world, tmp_path,
 
 @pytest.fixture(scope="module")
 def toy_train_folder(tmp_path_factory):
-    """256 toy training images as PNG files in class folders (lossless: the toy pixels exactly)."""
+    """ROOT/train: 256 toy training images as PNG files in class folders (lossless: the toy pixels exactly), and
+    ROOT/test: 20 toy test images, the held-out split of the final evaluation."""
     from clipguard.data.toy import TOY_CLASSNAMES, toy_split
 
-    images, labels = toy_split("train")
-    root = tmp_path_factory.mktemp("toytrain") / "train"
-    for k in range(256):
-        d = root / f"{int(labels[k]):02d}_{TOY_CLASSNAMES[int(labels[k])]}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[k].permute(1, 2, 0).numpy()).save(d / f"{k:04d}.png")
+    root = tmp_path_factory.mktemp("toytrain")
+    for split, n in (("train", 256), ("test", 20)):
+        images, labels = toy_split(split)
+        for c, name in enumerate(TOY_CLASSNAMES):  # every class folder, so both splits label alike
+            (root / split / f"{c:02d}_{name}").mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            d = root / split / f"{int(labels[k]):02d}_{TOY_CLASSNAMES[int(labels[k])]}"
+            Image.fromarray(images[k].permute(1, 2, 0).numpy()).save(d / f"{k:04d}.png")
     return root
 
 
@@ -260,7 +263,7 @@ def test_streaming_finetune_killed_and_resumed_is_bit_identical(toy_train_folder
     cfg = finetune_config(model="toy", dataset=f"imagefolder:{toy_train_folder}", split="train",
                           epochs=2, batch_size=64, eps="4/255", lr=1e-2, device="cpu", eval_limit=20,
                           eval_batch_size=20, eval_steps=1, save_every=3, data_mode="stream", workers=2,
-                          eval_split="train", run_dir=str(tmp_path / "a"))
+                          eval_split="test", run_dir=str(tmp_path / "a"))
     rec = run_finetune(cfg, progress=False)
     assert rec["finetune"]["train"]["data_mode"] == "stream"
     b = replace(cfg, run_dir=str(tmp_path / "b"))
@@ -283,7 +286,7 @@ def test_max_steps_replaces_epochs(toy_train_folder, tmp_path):
 
     cfg = finetune_config(model="toy", dataset=f"imagefolder:{toy_train_folder}", split="train", max_steps=5,
                           batch_size=64, eps="4/255", lr=1e-2, device="cpu", eval_limit=20, eval_batch_size=20,
-                          eval_steps=1, eval_split="train", run_dir=str(tmp_path / "s"))
+                          eval_steps=1, eval_split="test", run_dir=str(tmp_path / "s"))
     train = run_finetune(cfg, progress=False)["finetune"]["train"]
     assert train["steps"] == train["total_steps"] == 5  # 4 batches an epoch: the fifth step starts epoch 2
 

@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors import torch as safetensors_torch  # called through the module: tests make its save_file fail
 
+from clipguard.data.stream import chunks
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write, writing_output
 
@@ -55,8 +58,6 @@ def image_digest(images: torch.Tensor) -> str:
     clean images it was made from, not only to their labels."""
     if images.dtype != torch.uint8:
         raise ValueError(f"image_digest wants the uint8 clean images, got {images.dtype}")
-    from clipguard.data.stream import chunks
-
     h = hashlib.sha256(json.dumps(list(images.shape)).encode())
     for _, x in chunks(images, 1024):  # a streamed set is hashed batch by batch: the same bytes, the same digest
         h.update(x.detach().cpu().contiguous().numpy().data)  # the buffer itself, no copy
@@ -71,18 +72,15 @@ class AdvSet:
 
 
 def save_adv_set(path, images: torch.Tensor, labels: torch.Tensor, manifest: dict) -> None:
-    from safetensors.torch import save_file
-
     manifest = {"schema": SCHEMA, **manifest, "n": int(labels.shape[0]), "dtype": str(images.dtype).split(".")[-1],
                 "shape": list(images.shape)}
     tensors = {"images": images.contiguous(), "labels": labels.to(torch.int64).contiguous()}
+    meta = {"manifest": json.dumps(manifest)}
     with writing_output(path, "the adversarial set", hold=True):  # a full disk costs the set, not the record
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest)}))
+        atomic_write(path, lambda tmp: safetensors_torch.save_file(tensors, tmp, metadata=meta))
 
 
 def load_adv_set(path) -> AdvSet:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             manifest = json.loads((f.metadata() or {}).get("manifest", "{}"))

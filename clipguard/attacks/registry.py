@@ -10,10 +10,15 @@ training objective seen as logits), so eps and alpha are always in [0, 1] pixel 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
 
+import pyautoattack
 import torch
+import torchattacks
+from pyautoattack import AutoAttack
 from torch import nn
 
 from clipguard.errors import ClipguardError
@@ -56,12 +61,8 @@ class AttackConfig:
 
     def to_record(self, n_classes: int | None = None) -> dict:
         """The parameters this attack uses, and nothing else (alpha is per eps: it is in each robust entry)."""
-        import torchattacks
-
         rec = {"name": self.name, "norm": self.norm, "eps": self.eps.to_record(), "seed": self.seed}
         if self.name == "autoattack":
-            import pyautoattack
-
             rec.update(library="pyautoattack", library_version=_version(pyautoattack), version=self.aa_version,
                        attacks=list(aa_attacks_run(self, n_classes)), iterations=AA_ITERATIONS)
             if n_classes is not None:
@@ -76,8 +77,6 @@ class AttackConfig:
 
 
 def _version(module) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(module.__name__)
     except PackageNotFoundError:
@@ -111,8 +110,6 @@ _RESTARTABLE = {"pgd"}  # wrapped in build_attack; APGD restarts internally
 
 @ATTACKS.register("fgsm")
 def _fgsm(model: nn.Module, cfg: AttackConfig) -> Attack:
-    import torchattacks
-
     if cfg.norm == "l2":  # the fast gradient method in L2: one step of size eps along g / ||g||_2
         return torchattacks.PGDL2(model, eps=cfg.eps.value, alpha=cfg.eps.value, steps=1, random_start=False)
     return torchattacks.FGSM(model, eps=cfg.eps.value)
@@ -120,16 +117,12 @@ def _fgsm(model: nn.Module, cfg: AttackConfig) -> Attack:
 
 @ATTACKS.register("pgd")
 def _pgd(model: nn.Module, cfg: AttackConfig) -> Attack:
-    import torchattacks
-
     kind = torchattacks.PGDL2 if cfg.norm == "l2" else torchattacks.PGD
     return kind(model, eps=cfg.eps.value, alpha=cfg.alpha_value, steps=cfg.steps, random_start=True)
 
 
 @ATTACKS.register("apgd")
 def _apgd(model: nn.Module, cfg: AttackConfig) -> Attack:
-    import torchattacks
-
     # APGD reseeds itself on every call, so restarts go through its own n_restarts (each from a new point).
     return torchattacks.APGD(model, norm="L2" if cfg.norm == "l2" else "Linf", eps=cfg.eps.value, steps=cfg.steps,
                              n_restarts=cfg.restarts, seed=cfg.seed, loss="ce")
@@ -138,10 +131,6 @@ def _apgd(model: nn.Module, cfg: AttackConfig) -> Attack:
 @ATTACKS.register("autoattack")
 def _autoattack(model: nn.Module, cfg: AttackConfig) -> Attack:
     """Croce & Hein's reference AutoAttack (the code RobustBench runs), at the version's own settings."""
-    import logging
-
-    from pyautoattack import AutoAttack
-
     built: dict = {}
 
     def setup(n_classes: int):

@@ -28,6 +28,7 @@ def robust_entry(run, labels: torch.Tensor, cfg: AttackConfig) -> dict:
     entry["attacked"] = count(hit)
     put(entry, "attack_success_rate", *attack_success_counts(labels[hit], run.clean_pred[hit], run.adv_pred[hit]))
     entry["images_per_s"] = run.timings["images_per_s"]
+    entry["wall_s"] = run.timings.get("wall_s")  # this eps's attack alone; timings.total_s is the whole command
     if "alpha" in USES[cfg.name]:
         entry["alpha"] = cfg.alpha.text if cfg.alpha else f"{cfg.eps.value / 4:.6g} (eps/4)"
         entry["alpha_value"] = cfg.alpha_value

@@ -7,6 +7,7 @@ import sys
 import time
 
 import typer
+from typer.exceptions import TyperException
 
 from clipguard.cli import cache as cache_cli
 from clipguard.cli import uap as uap_cli
@@ -49,9 +50,19 @@ def run(argv: list[str] | None = None) -> int:
     distributed.bind_device()
     try:
         with holding_write_failures():  # a product that fails to be written after the work waits for the record
-            app(args=argv, prog_name="clipguard")  # standalone: usage errors print and exit 2 themselves
+            code = app(args=argv, prog_name="clipguard", standalone_mode=False)  # usage errors come back here
+        if isinstance(code, int) and code:  # typer.Exit(1) (a failed gate), --help's Exit(0)
+            return code
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except TyperException as e:  # a usage error (no such option, a missing value): one line like every other error
+        if hasattr(e, "format_message"):
+            ctx = getattr(e, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"Error: {e.format_message()}{where}", err=True)
+        else:
+            typer.echo("Aborted.", err=True)
+        return getattr(e, "exit_code", 1)
     except (ClipguardError, OSError) as e:
         if isinstance(e, OSError):  # a file no check could foresee (disk full mid-run, a folder gone): one line too
             from clipguard.fsutil import describe_os_error

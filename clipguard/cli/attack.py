@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from clipguard.cli import options as o
-from clipguard.cli.output import emit
+from clipguard.cli.output import emit, model_label
 from clipguard.tasks.configs import AttackSetConfig
 
 
 @o.command(AttackSetConfig)
-def attack_command(cfg: AttackSetConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
+def attack_command(cfg: AttackSetConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False,
+                   strict: o.StrictOpt = False) -> None:
     """Craft adversarial examples (eps in [0, 1] pixel units) and save them for `eval --adv-set`."""
     from clipguard.tasks.attack import run_craft
 
-    emit(run_craft(cfg, progress=not json_out), out=out, as_json=json_out, table=attack_table)
+    emit(run_craft(cfg, progress=not json_out), out=out, as_json=json_out, table=attack_table, strict=strict)
 
 
 def attack_table(rec: dict):
     from rich.table import Table
 
     a, m = rec["attack"], rec["metrics"]
-    t = Table(title=f"{a['name']} eps={a['eps']['text']} on {rec['model_spec']}"
+    t = Table(title=f"{a['name']} eps={a['eps']['text']} on {model_label(rec)}"
                     + (f" (crafted on {a['surrogate']})" if a.get("surrogate") else "")
                     + f" -> {rec['adv_set']['path']}")
     for col in ("n", "clean acc", "robust acc", "attack success", "img/s"):

@@ -52,13 +52,19 @@ def datasets_command(cfg: DatasetsConfig, json_out: o.JsonOpt = False) -> None:
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
-    t = Table(title=f"clipguard datasets (local copies: {data_root()})")
-    t.add_column("name", no_wrap=True)
-    for col in ("title", "classes", "templates", "source", "split", "suites", "local"):
-        t.add_column(col)
+    console = Console()
+    wide = console.width >= 140  # title and source need room; a narrow terminal gets the columns that fit whole
+    t = Table(title=f"clipguard datasets (local copies: {data_root()})"
+                    + ("" if wide else "; --json or a wider terminal shows titles and sources"))
+    cols = ["name", *(["title"] if wide else []), "classes", "templates", *(["source"] if wide else []), "split",
+            "suites", "local"]
+    for col in cols:
+        t.add_column(col, no_wrap=col in ("name", "source"))
     for r in rows:
-        source = f"hf:{r['hf']}\n{r['wds_repo']}" if r["hf"] else r["wds_repo"]
-        split = r["split"] if not r["hf_split"] else f"{r['split']} (hf: {r['hf_split']})"
-        t.add_row(r["name"], r["title"], str(r["n_classes"]), str(r["n_templates"]), source, split,
-                  ", ".join(r["suites"]), _local_text(r["local"]))
-    Console().print(t)
+        cells = {"name": r["name"], "title": r["title"], "classes": str(r["n_classes"]),
+                 "templates": str(r["n_templates"]),
+                 "source": f"hf:{r['hf']}\n{r['wds_repo']}" if r["hf"] else r["wds_repo"],
+                 "split": r["split"] if not r["hf_split"] else f"{r['split']} (hf: {r['hf_split']})",
+                 "suites": ", ".join(r["suites"]), "local": _local_text(r["local"])}
+        t.add_row(*(cells[c] for c in cols))
+    console.print(t)

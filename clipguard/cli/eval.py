@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from clipguard.cli import options as o
-from clipguard.cli.output import checks_line, emit
+from clipguard.cli.output import checks_line, emit, model_label
 from clipguard.tasks.configs import EvalConfig
 
 
 @o.command(EvalConfig)
-def eval_command(cfg: EvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
+def eval_command(cfg: EvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False,
+                 strict: o.StrictOpt = False) -> None:
     """Zero-shot accuracy of MODEL on DATASET; with --attack, robust accuracy too (eps in [0,1] pixels)."""
     from clipguard.tasks.eval import run_eval
 
-    emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table)
+    emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table, strict=strict)
 
 
 def eval_table(rec: dict):
     from rich.console import Group
     from rich.table import Table
 
-    t = Table(title=f"{rec['model_spec']} on {rec['data']['spec']} ({rec['data']['split']}, n={rec['data']['n']})")
+    t = Table(title=f"{model_label(rec)} on {rec['data']['spec']} ({rec['data']['split']}, n={rec['data']['n']})")
     for col in ("acc1", "acc5", "mean per-class recall", "img/s", "text emb."):
         t.add_column(col, justify="right")
     m = rec["metrics"]

@@ -19,12 +19,19 @@ def finetune_command(
                                              "RUN_DIR/record.json).", metavar="FILE",
                                              rich_help_panel=o.OUTPUT)] = None,
     json_out: o.JsonOpt = False,
+    strict: o.StrictOpt = False,
 ) -> None:
     """Robustly fine-tune the image tower (adversarial training, eps in [0,1] pixels) into an adapter RUN_DIR."""
     from clipguard.tasks.finetune import run_finetune
 
-    record = run_finetune(cfg, progress=not json_out)
-    emit(record, out=out or Path(cfg.run_dir) / "record.json", as_json=json_out, table=finetune_table)
+    try:
+        record = run_finetune(cfg, progress=not json_out)
+    except KeyboardInterrupt:
+        if (Path(cfg.run_dir) / "checkpoint.json").exists():
+            typer.echo("Interrupted: continue from the last checkpoint with "
+                       f"`clipguard finetune --resume {cfg.run_dir}`", err=True)
+        raise
+    emit(record, out=out or Path(cfg.run_dir) / "record.json", as_json=json_out, table=finetune_table, strict=strict)
 
 
 def finetune_table(rec: dict):

@@ -1,5 +1,5 @@
 """Command-line options generated from the command configs (:mod:`clipguard.config`), plus the few options that
-are not part of any config (--out, --json). No torch import here: ``clipguard --help`` stays fast."""
+are not part of any config (--out, --json, --strict). No torch import here: ``clipguard --help`` stays fast."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 
 from clipguard.config import MODEL_DATA, OUTPUT, PANELS, Field, flag, from_options, option_fields
 
-__all__ = ["MODEL_DATA", "OUTPUT", "Command", "JsonOpt", "OutOpt", "command", "config_of"]
+__all__ = ["MODEL_DATA", "OUTPUT", "Command", "JsonOpt", "OutOpt", "StrictOpt", "command", "config_of"]
 
 
 class Command(TyperCommand):
@@ -47,6 +47,9 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write the JSON
                                              rich_help_panel=OUTPUT)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON record to stdout instead of a table.",
                                        rich_help_panel=OUTPUT)]
+# --strict decides the exit code, not what a run measures: no config field, so never in a record or a hash
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Exit 1 when an integrity check fails (after the record "
+                                         "is written), so CI fails.", rich_help_panel=OUTPUT)]
 
 def _cli_type(f: Field):
     """What Typer parses the option as: the field's own type when it is a plain one (its parser then checks the
@@ -54,7 +57,8 @@ def _cli_type(f: Field):
     args = typing.get_args(f.type) if typing.get_origin(f.type) in (typing.Union, types.UnionType) else (f.type,)
     base = next((t for t in args if t is not type(None)), str)
     repeatable = typing.get_origin(base) is list and f.opt.parse is None  # --only a --only b
-    base = base if base in (int, float, bool, str) or repeatable else str
+    text = getattr(f.opt.parse, "takes_text", False)  # pixel units: "64/255" is a float to the config, not to Typer
+    base = base if (base in (int, float, bool, str) and not text) or repeatable else str
     return base | None if type(None) in args or f.default is None else base
 
 

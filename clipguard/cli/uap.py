@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from clipguard.cli import options as o
-from clipguard.cli.output import checks_line, emit
+from clipguard.cli.output import checks_line, emit, model_label
 from clipguard.tasks.configs import UAPEvalConfig, UAPFitConfig
 
 app = typer.Typer(help="Universal adversarial perturbations: fit one image-agnostic delta on a split, then "
@@ -15,20 +15,21 @@ app = typer.Typer(help="Universal adversarial perturbations: fit one image-agnos
 
 @app.command("fit", cls=o.Command)
 @o.command(UAPFitConfig)
-def fit(cfg: UAPFitConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
+def fit(cfg: UAPFitConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False, strict: o.StrictOpt = False) -> None:
     """Fit a universal adversarial perturbation (eps in [0, 1] pixel units) and save it (runs in fp32)."""
     from clipguard.tasks.uap import run_uap_fit
 
-    emit(run_uap_fit(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table)
+    emit(run_uap_fit(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table, strict=strict)
 
 
 @app.command("eval", cls=o.Command)
 @o.command(UAPEvalConfig)
-def eval_(cfg: UAPEvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False) -> None:
+def eval_(cfg: UAPEvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False,
+          strict: o.StrictOpt = False) -> None:
     """Fooling rate and accuracy with/without a UAP on any model (another model gives the transfer number)."""
     from clipguard.tasks.uap import run_uap_eval
 
-    emit(run_uap_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table)
+    emit(run_uap_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=uap_table, strict=strict)
 
 
 def uap_table(rec: dict):
@@ -36,7 +37,7 @@ def uap_table(rec: dict):
 
     a, m, u = rec["attack"], rec["metrics"], rec["uap"]
     what = "fitted on" if rec["task"] == "uap_fit" else ("transfer to" if u.get("transfer") else "evaluated on")
-    t = Table(title=f"UAP {a['method']} {a['norm']} eps={a['eps']['text']} {what} {rec['model_spec']}, "
+    t = Table(title=f"UAP {a['method']} {a['norm']} eps={a['eps']['text']} {what} {model_label(rec)}, "
                     f"{rec['data']['spec']} {rec['data']['split']} (n={rec['data']['n']}) -> {u['path']}")
     cols = {"fooling rate": m["fooling_rate"], "clean acc": m["acc1"], "perturbed acc": m["perturbed_acc"],
             "attack success": m["attack_success_rate"]}

@@ -21,7 +21,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from clipguard.data.prompts import load_prompts, prompts_dir
 from clipguard.data.stream import Reader, error_line, files_fingerprint
 from clipguard.errors import ClipguardError
 
@@ -40,8 +42,6 @@ class FileReader(Reader):
 
     def open(self, i: int):
         """Decoded and closed at once (a lazy ``Image.open`` would hold the file open)."""
-        from PIL import Image
-
         with Image.open(self.files[i]) as im:
             return im.convert("RGB")
 
@@ -69,15 +69,11 @@ def _images_in(d: Path) -> list[str]:
 
 def imagenet_wnids() -> list[str]:
     """The 1,000 ImageNet-1k WordNet ids in index order (sorted), from prompts/imagenet_wnids.txt."""
-    from clipguard.data.prompts import prompts_dir
-
     return (prompts_dir() / "imagenet_wnids.txt").read_text().split()
 
 
 def imagenet_prompts():
     """CLIP's ImageNet class names (index order) and 80 templates: prompts/imagenet1k.json's ``openai`` set."""
-    from clipguard.data.prompts import load_prompts
-
     return load_prompts("imagenet1k", templates="openai")
 
 
@@ -99,10 +95,25 @@ def _read_label_file(path: Path) -> dict[str, str]:
     return labels
 
 
+SPLIT_NAMES = ("train", "val", "validation", "test", "dev", "holdout")
+
+
+def _split_folder(root: Path, split: str, text: str) -> tuple[Path, str]:
+    """(the folder to read, the split it is): ``root/<split>`` when it exists; a folder with split subfolders but not
+    this one refuses the split; a folder without any (classes right under it) is one split, ``all``, whatever
+    --split says, so nothing downstream takes two reads of it for two splits."""
+    if (root / split).is_dir():
+        return root / split, split
+    splits = sorted(d.name for d in os.scandir(root) if d.is_dir() and d.name.lower() in SPLIT_NAMES)
+    if splits:
+        raise ClipguardError(f"--split {split!r}: {text} has no {split}/ folder (its splits: {', '.join(splits)})")
+    return root, "all"
+
+
 def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str] | None, str, dict]:
     """(files, labels, class names or None, dataset name, info) for an image folder, nothing opened."""
     root = Path(spec.path)
-    base = root / split if (root / split).is_dir() else root
+    base, read_split = _split_folder(root, split, spec.text)
     classes = sorted(d.name for d in os.scandir(base) if d.is_dir())
     files, labels = [], []
     if classes:
@@ -130,7 +141,7 @@ def list_folder(spec, split: str) -> tuple[list[str], np.ndarray, list[str] | No
             f"--dataset {spec.text!r}: no images under {str(base)!r} (expected {base}/<class>/<image>.png)"
         )
     labels = np.asarray(labels, dtype=np.int64)
-    name, info = spec.name, {"path": str(base)}
+    name, info = spec.name, {"path": str(base), "split": read_split}
     if classes and all(WNID.match(c) for c in classes):  # ImageNet layout
         wnids = imagenet_wnids()
         index = {w: i for i, w in enumerate(wnids)}

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow as pa
 
+from clipguard.catalogue import catalogue, hf_cache_dir, wds_dir, wds_repo
+from clipguard.data.images import to_uint8_chw
 from clipguard.data.stream import UNREADABLE, Reader, error_line
 from clipguard.errors import ClipguardError
+from clipguard.hub import ensure_reachable_or_offline
 
 
 def _guess_column(features, kinds: tuple[str, ...]) -> str | None:
@@ -23,15 +28,11 @@ def _refetch(spec) -> str:
     """How to get a damaged Arrow file back: save the dataset again, or have ``datasets`` download it again."""
     if Path(spec.hf_path).is_dir():
         return f"save the dataset to {spec.hf_path} again (Dataset.save_to_disk) or restore the file"
-    from clipguard.catalogue import hf_cache_dir
-
     return f"delete {hf_cache_dir(spec.hf_path)} and load {spec.hf_path} once with network access to download it again"
 
 
 def _damaged(files) -> tuple[str, BaseException] | None:
     """(file, error) of the first Arrow file pyarrow cannot read whole (as ``datasets`` maps it), else None."""
-    import pyarrow as pa
-
     for f in files:
         try:
             with pa.memory_map(str(f)) as source:
@@ -43,8 +44,6 @@ def _damaged(files) -> tuple[str, BaseException] | None:
 
 def _arrow_files(spec) -> list[Path]:
     """The Arrow files behind ``spec``: a save_to_disk folder's, or the ``datasets`` cache's for a hub id."""
-    from clipguard.catalogue import hf_cache_dir
-
     root = Path(spec.hf_path) if Path(spec.hf_path).is_dir() else hf_cache_dir(spec.hf_path)
     return sorted(root.rglob("*.arrow")) if root.is_dir() else []
 
@@ -68,8 +67,6 @@ class HFReader(Reader):
     def raw(self, i: int) -> bytes | None:
         """The stored bytes of an ``Image`` column (None for another column type, or an image stored by path)."""
         if getattr(self, "_raw", None) is None:
-            import datasets
-
             feature = self.ds.features[self.column]
             self._raw = self.ds.cast_column(self.column, datasets.Image(decode=False)) \
                 if isinstance(feature, datasets.Image) else False
@@ -100,8 +97,6 @@ def _columns(spec, features) -> tuple[str | None, str | None]:
 
 
 def _open(spec, split: str):
-    import datasets
-
     split = _hf_split(spec, split)
     local = Path(spec.hf_path)
     try:
@@ -112,6 +107,8 @@ def _open(spec, split: str):
                     raise ClipguardError(f"--split {split!r} is not in {spec.hf_path} (splits: {', '.join(ds)})")
                 ds = ds[split]
             return ds
+        if not local.exists():  # a hub id: offline, the cache answers at once instead of 30 s of retries
+            ensure_reachable_or_offline()
         return datasets.load_dataset(spec.hf_path, split=split)  # a hub id, or a folder of data files
     except ClipguardError:
         raise
@@ -128,8 +125,16 @@ def _open(spec, split: str):
         raise ClipguardError(
             f"cannot load dataset {spec.text!r} ({spec.hf_path}) from the Hugging Face hub "
             f"({type(e).__name__}); offline? set HF_DATASETS_CACHE to a cache that holds it, "
-            "or export it as folders and use --dataset imagefolder:PATH"
+            f"{_local_routes(spec)}or export it as folders and use --dataset imagefolder:PATH"
         ) from None
+
+
+def _local_routes(spec) -> str:
+    """For a catalogue set: where CLIP_benchmark's shards would be found without any network."""
+    entry = catalogue().get(spec.text)
+    if entry is None:
+        return ""
+    return f"put CLIP_benchmark's shards ({wds_repo(entry)}) in {str(wds_dir(entry))!r} ($CLIPGUARD_DATA), "
 
 
 def open_hf(spec, split: str) -> tuple[HFReader, np.ndarray, list[str] | None, dict]:
@@ -150,14 +155,11 @@ def open_hf(spec, split: str) -> tuple[HFReader, np.ndarray, list[str] | None, d
 def read_hf_stream(spec, split: str, limit: int | None, size):
     """``--streaming``: the first ``limit`` rows of a hub dataset, read as a stream (nothing else is downloaded);
     returns (uint8 images, labels, class names, info). Not stratified: the record says "first N rows"."""
-    import datasets
-
-    from clipguard.data.images import to_uint8_chw
-
     if limit is None:
         raise ClipguardError("--streaming reads the first --limit rows of the stream: give --limit N")
     split = _hf_split(spec, split)
     try:
+        ensure_reachable_or_offline()
         ds = datasets.load_dataset(spec.hf_path, split=split, streaming=True)
         features = ds.features
         img_col, lab_col = _columns(spec, features or {})

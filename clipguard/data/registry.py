@@ -20,7 +20,8 @@ SOURCES: Registry[Callable[..., Source | ImageSet]] = Registry("--dataset")
 
 
 @SOURCES.register("toy")
-def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None) -> ImageSet:
+def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None,
+              preprocess: str = "open_clip") -> ImageSet:
     from clipguard.data import toy
     from clipguard.data.images import tensor_geometry
 
@@ -30,8 +31,9 @@ def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=
         raise ClipguardError(f"--split: {e}") from None
     idx = stratified_indices(labels.numpy(), limit, seed)
     t = torch.from_numpy(idx)
-    # At 32x32 (the toy model's input) nothing changes; any other size goes through PIL and the same geometry.
-    return ImageSet(images=tensor_geometry(images[t].contiguous(), size), labels=labels[t].clone(),
+    # At 32x32 (the toy model's input) open_clip's geometry changes nothing; any other size (or TeCoA's geometry)
+    # goes through PIL, as a decoded file would.
+    return ImageSet(images=tensor_geometry(images[t].contiguous(), size, preprocess), labels=labels[t].clone(),
                     classnames=list(toy.TOY_CLASSNAMES), spec=spec.text, name="toy", split=split, limit=limit,
                     seed=seed, indices=idx.tolist() if limit else None)
 
@@ -45,6 +47,7 @@ class Source:
     classnames: list[str] | None = None  # names the source itself carries (ClassLabel, folders, classnames.txt)
     templates: list[str] | None = None  # templates the source carries (CLIP_benchmark's wds folders)
     name: str | None = None  # canonical name, when the source knows better than the spec (ImageNet layout)
+    split: str | None = None  # the split read, when the source knows better (a folder without split folders: all)
     info: dict = field(default_factory=dict)
 
 
@@ -61,7 +64,8 @@ def _open_folder(spec: DatasetSpec, split: str) -> Source:
     from clipguard.data.folder import FileReader, list_folder
 
     files, labels, classes, name, info = list_folder(spec, split)
-    return Source(FileReader(files), labels, classes, info.pop("templates", None), name=name, info=info)
+    return Source(FileReader(files), labels, classes, info.pop("templates", None), name=name, info=info,
+                  split=info.pop("split"))
 
 
 @SOURCES.register("wds")
@@ -90,7 +94,7 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
                  image_column: str | None = None, label_column: str | None = None,
                  size: int | tuple[int, int] | None = None, mode: str = "auto", workers: int | None = None,
                  use_prepared: bool = True, streaming: bool = False, decode: str = "pil",
-                 decode_device=None) -> ImageSet:
+                 decode_device=None, preprocess: str = "open_clip") -> ImageSet:
     """Load a dataset as uint8 images, through the one preprocessing protocol.
 
     Args:
@@ -110,6 +114,9 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
         decode: ``pil`` (the protocol, on the CPU workers) or ``device``: JPEG files decoded and resized on
             ``decode_device`` (:mod:`clipguard.data.device_decode`; close to PIL, not identical: the record's
             ``preprocess`` names it). Needs a ``size`` and files to decode (not the toy set, not ``--streaming``).
+        preprocess: the geometry that brings images to ``size``: ``open_clip`` (the protocol) or ``tecoa`` (TeCoA's
+            Resize(256) bilinear + CenterCrop(224): :func:`clipguard.data.images.tecoa_geometry`). Needs a square
+            ``size``, PIL decoding and a source read from disk (not ``--streaming``).
 
     Returns:
         An ImageSet whose ``images`` is a uint8 (N, 3, H, W) tensor or an ``ImageStream`` of that shape, and whose
@@ -123,6 +130,7 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
 
     check_positive("--limit", limit, "a positive number of images (or omitted for all)")
     size = as_size(size)
+    _check_preprocess(preprocess, size, decode, streaming)
     if isinstance(spec, str):
         spec = parse_dataset_spec(spec, image_column=image_column, label_column=label_column)
     if check_decode(decode) == "device":
@@ -136,11 +144,11 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
                                  "leave --decode at pil")
     else:
         decode_device = None
-    protocol = protocol_name(size, decode_device)
+    protocol = protocol_name(size, decode_device, preprocess)
     if streaming and spec.kind != "hf":
         raise ClipguardError(f"--streaming reads Hugging Face hub datasets; {spec.text!r} is read from disk anyway")
     if spec.kind == "toy":
-        ds = _load_toy(spec, split, limit, seed, size)
+        ds = _load_toy(spec, split, limit, seed, size, preprocess)
     elif streaming:
         from clipguard.data.hf import read_hf_stream
 
@@ -148,8 +156,10 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
         ds = ImageSet(images=images, labels=torch.from_numpy(labels), classnames=names, spec=spec.text,
                       name=spec.name, split=split, limit=limit, seed=seed, info=info)
     else:
-        ds = from_source(SOURCES.get(spec.kind)(spec, split), spec, split, limit, seed, size, mode, workers,
-                          use_prepared, decode_device=decode_device)
+        src = SOURCES.get(spec.kind)(spec, split)
+        _check_prepared_geometry(src, spec, size, preprocess)
+        ds = from_source(src, spec, split, limit, seed, size, mode, workers, use_prepared, decode_device=decode_device,
+                         preprocess=preprocess)
     if len(ds) == 0:
         raise ClipguardError(f"--dataset {spec.text!r} split {split!r} holds no images")
     assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4, "datasets hold uint8 (N, 3, H, W)"
@@ -159,13 +169,16 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
 
 
 def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, size, mode: str, workers,
-                 use_prepared: bool, decode_device: torch.device | None = None) -> ImageSet:
+                 use_prepared: bool, decode_device: torch.device | None = None,
+                 preprocess: str = "open_clip") -> ImageSet:
     """The ``limit`` selection of ``src`` as an ImageSet: in memory, or streamed (by ``mode`` and size);
-    ``decode_device``: JPEGs decoded there (``--decode device``)."""
+    ``decode_device``: JPEGs decoded there (``--decode device``); ``preprocess``: the geometry to ``size``."""
     from clipguard.data.images import protocol_name, to_uint8_chw
 
     idx = stratified_indices(src.labels, limit, seed)
     labels, reader, info = src.labels[idx], src.reader, dict(src.info)
+    if not reader.holds_pixels:
+        reader.preprocess = preprocess  # a fresh Source's own reader: what its read() applies, in every worker
     if size is None and reader.holds_pixels:
         size = tuple(reader.size)  # a prepared cache's own size is its only size
     if size is None:  # native: each image at its own size, decoded here (small sets: CIFAR-like)
@@ -176,7 +189,7 @@ def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, si
             from clipguard.data.prepared import cache_key, find_prepared, prepared_root
 
             if prepared_root().is_dir():  # fingerprinting a source costs a stat per file: only when caches exist
-                found = find_prepared(cache_key(reader, idx, labels, protocol_name(size, decode_device)))
+                found = find_prepared(cache_key(reader, idx, labels, protocol_name(size, decode_device, preprocess)))
                 if found is not None:
                     from clipguard.data.prepared import PreparedReader
 
@@ -185,8 +198,37 @@ def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, si
         info["data_mode"] = choose_mode(mode, stream.nbytes())
         images = stream if info["data_mode"] == "stream" else stream.materialize()
     return ImageSet(images=images, labels=torch.from_numpy(np.ascontiguousarray(labels)), classnames=src.classnames,
-                    spec=spec.text, name=src.name or spec.name, split=split, limit=limit, seed=seed,
+                    spec=spec.text, name=src.name or spec.name, split=src.split or split, limit=limit, seed=seed,
                     indices=idx.tolist() if limit else None, info=info, templates=src.templates)
+
+
+def _check_preprocess(preprocess: str, size, decode: str, streaming: bool) -> None:
+    """Refuse (one line) a ``--preprocess`` that could not be applied as named, before anything is read."""
+    from clipguard.config import choice
+    from clipguard.data.images import tecoa_side
+    from clipguard.run_options import PREPROCESSES
+
+    if choice(*PREPROCESSES)(preprocess, "--preprocess") == "open_clip":
+        return
+    why = ("the images keep their own size here (--resolution native): there is nothing to resize" if size is None
+           else "--decode device resizes by open_clip's geometry only: leave --decode at pil" if decode == "device"
+           else "--streaming decodes hub rows by open_clip's geometry only: download the set" if streaming else None)
+    if why:
+        raise ClipguardError(f"--preprocess {preprocess} does not apply: {why}")
+    tecoa_side(size)  # a non-square input size is refused here, not in every worker
+
+
+def _check_prepared_geometry(src: Source, spec: DatasetSpec, size, preprocess: str) -> None:
+    """A prepared cache's pixels were made by one geometry (its manifest's ``preprocess``): refuse a run that
+    names the other, which would record a geometry its images never went through."""
+    from clipguard.data.images import TECOA_NAME
+
+    made = str(getattr(src.reader, "manifest", {}).get("preprocess") or "")
+    if size is None or not src.reader.holds_pixels or made.startswith(TECOA_NAME) == (preprocess == "tecoa"):
+        return
+    other = "tecoa" if made.startswith(TECOA_NAME) else "open_clip"
+    raise ClipguardError(f"--dataset {spec.text!r} holds images made by {made!r}, not by --preprocess {preprocess}: "
+                         f"use --preprocess {other}, or prepare the set again with --preprocess {preprocess}")
 
 
 def _open(reader: Reader, i: int):

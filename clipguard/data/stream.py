@@ -11,6 +11,7 @@ in-memory tensor and a stream alike; both give the same bytes, so the same predi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -20,8 +21,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from PIL import Image
 
-from clipguard.data.device_decode import is_jpeg
+from clipguard.data.device_decode import decode_batch, is_jpeg
+from clipguard.data.images import GEOMETRIES
+from clipguard.distributed import local_world_size
 from clipguard.errors import ClipguardError
 
 # The in-memory path is chosen up to this many bytes of uint8 pixels (auto mode); above it, the set streams.
@@ -44,8 +48,6 @@ def error_line(err: BaseException) -> str:
 def default_workers() -> int:
     """Decode processes by default: the cores this process may use, shared with the other processes of a
     ``torchrun`` on this machine."""
-    from clipguard.distributed import local_world_size
-
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
@@ -64,11 +66,11 @@ class Reader:
         raise NotImplementedError
 
     def read(self, i: int, size: tuple[int, int]) -> np.ndarray:
-        """Item ``i`` as uint8 (H, W, 3) at ``size`` (open_clip's eval geometry)."""
-        from clipguard.data.images import eval_geometry
+        """Item ``i`` as uint8 (H, W, 3) at ``size`` (open_clip's eval geometry, or ``preprocess``'s)."""
+        geometry = GEOMETRIES[self.preprocess]
+        return np.array(geometry(self.open(i), size), dtype=np.uint8)  # writable: torch wraps it as is
 
-        return np.array(eval_geometry(self.open(i), size), dtype=np.uint8)  # writable: torch wraps it as is
-
+    preprocess = "open_clip"  # the geometry read() applies (--preprocess); load_dataset sets it before any read
     holds_pixels = False  # True: the source holds preprocessed uint8 pixels (a prepared cache): no decode
 
     def raw(self, i: int) -> bytes | None:
@@ -108,8 +110,6 @@ class Unreadable(str):
 
 def files_fingerprint(paths: Sequence[str]) -> str:
     """sha256 over each file's path, size and modification time: changes when any file does."""
-    import hashlib
-
     h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
@@ -263,8 +263,6 @@ class ImageStream:
 
     def _on_device(self, items: list[torch.Tensor], where: list[int]) -> torch.Tensor:
         """Decode one batch on the device; ``where``: the items' positions in the source (to name a broken one)."""
-        from clipguard.data.device_decode import decode_batch
-
         try:
             x, by_pil = decode_batch(items, self.size, self.decode_device)
         except OSError as e:  # refused by the device's decoder and by PIL: a broken file, named without a traceback
@@ -275,8 +273,6 @@ class ImageStream:
     def _unreadable_jpeg(self, items: list[torch.Tensor], where: list[int], err: OSError) -> str:
         """The error of a batch that neither the device's decoder nor PIL read: the first JPEG PIL refuses, named by
         its reader (only on this error path: each JPEG of the batch is opened once more)."""
-        from PIL import Image
-
         for item, i in zip(items, where, strict=True):
             if item.ndim == 1:
                 try:

@@ -22,7 +22,9 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from clipguard.catalogue import catalogue, wds_repo
 from clipguard.data.stream import UNREADABLE, Reader, error_line, files_fingerprint
 from clipguard.errors import ClipguardError
 
@@ -57,8 +59,6 @@ class TarReader(Reader):
         return data
 
     def open(self, i: int):
-        from PIL import Image
-
         with Image.open(io.BytesIO(self.raw(i))) as im:
             return im.convert("RGB")
 
@@ -73,6 +73,8 @@ class TarReader(Reader):
 
 def _shards(spec, split: str) -> tuple[list[str], Path]:
     """The shard files and the dataset folder (where classnames.txt lives)."""
+    # Lazy: braceexpand is not a clipguard dependency (webdataset's, installed with the dev extra's clip-benchmark);
+    # only a brace pattern (`wds:DIR/{0..9}.tar`) needs it, a shard folder does not.
     import braceexpand
 
     path = spec.path
@@ -101,8 +103,6 @@ def _shards(spec, split: str) -> tuple[list[str], Path]:
 def _source_repo(spec, root: Path) -> tuple[str | None, str]:
     """(repo, folder) to download a damaged shard again from: CLIP_benchmark's repo when the set is in the
     catalogue (else None), and the dataset folder that mirrors it."""
-    from clipguard.catalogue import catalogue, wds_repo
-
     entry = catalogue().get(spec.name)
     return (wds_repo(entry) if entry else None), str(root)
 

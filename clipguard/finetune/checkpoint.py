@@ -99,6 +99,6 @@ def check_resume(run_dir: str | Path, cfg: FinetuneConfig) -> dict:
     if summary.get("config_hash") != config_hash(cfg):
         diff = config_diff(summary.get("config", {}), hashed_fields(cfg))
         raise ClipguardError(f"--resume {str(run_dir)!r}: the checkpoint was made with another config "
-                             f"({'; '.join(diff) or 'config hash differs'}); rerun with the original options "
-                             "or start a new --out")
+                             f"({'; '.join(diff) or 'config hash differs'}): give only --resume DIR (the run keeps "
+                             "its own options) or start a new --run-dir")
     return summary

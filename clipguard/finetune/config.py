@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from clipguard.config import (
     ATTACK,
@@ -27,7 +28,7 @@ from clipguard.config import option_fields as _option_fields
 from clipguard.config import positive as _positive
 from clipguard.errors import ClipguardError
 from clipguard.run_options import RunOptions
-from clipguard.specs import Eps
+from clipguard.specs import Eps, check_linf_eps
 
 
 def _train_run() -> RunOptions:
@@ -133,6 +134,38 @@ class FinetuneConfig(Config):
     def check(self) -> None:
         validate(self)
 
+    @classmethod
+    def complete(cls, opts: dict) -> dict:
+        """``--resume DIR`` alone continues that run with the options its checkpoint holds: an option left at its
+        default takes the run's value; one given with another value is refused (it would change the run)."""
+        if not opts.get("resume"):
+            return opts
+        try:
+            stored = json.loads((Path(opts["resume"]) / "checkpoint.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            return opts  # nothing readable to resume from: check_resume says so in one line
+        defaults = {f.name: f.default for f in _option_fields(cls)}
+        out = dict(opts)
+        for name, value in stored.items():
+            if name not in defaults:
+                continue
+            mine = opts.get(name, defaults[name])
+            if _same(mine, defaults[name]) or _same(mine, value):
+                out[name] = value
+            else:
+                raise ClipguardError(f"--{name.replace('_', '-')} {mine!r}: the run in {opts['resume']!r} was made "
+                                     f"with {value!r}; --resume keeps the run's options (leave it out) or start a new "
+                                     "--run-dir")
+        return out
+
+
+def _same(a, b) -> bool:
+    """Two option values as given (text, numbers, lists) that mean the same ("4/255" and "4/255", 1 and 1.0)."""
+    def text(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+
+    return a == b or text(a) == text(b)
+
 
 def finetune_config(**opts) -> FinetuneConfig:
     """A FinetuneConfig from flat keyword options (a script, a test): RunOptions fields by their own names."""
@@ -158,7 +191,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 def validate(cfg: FinetuneConfig) -> None:
     """Checks across options (each option's own checks are in its parser); one ClipguardError naming the option."""
-    from clipguard.finetune.adversary import TRAIN_ATTACKS
+    from clipguard.finetune.adversary import TRAIN_ATTACKS  # torch: only when a config is built
     from clipguard.finetune.methods import METHODS
     from clipguard.finetune.objectives import OBJECTIVES
 
@@ -167,6 +200,9 @@ def validate(cfg: FinetuneConfig) -> None:
     TRAIN_ATTACKS.check(cfg.train_attack)
     if not cfg.run_dir:
         raise ClipguardError("finetune needs --run-dir DIR (or --resume DIR)")
+    check_linf_eps(cfg.eps)  # training is always L-inf: a bare 0.5 means 0.5/255
+    if cfg.alpha is not None:
+        check_linf_eps(cfg.alpha, "--alpha")
     if cfg.run.adapter:
         raise ClipguardError("finetune trains a new adapter on the base model: --adapter is not an input here "
                              "(evaluate an adapter with `clipguard eval --adapter DIR`)")
@@ -174,7 +210,7 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ClipguardError("LoRA on nn.MultiheadAttention merges its weights each forward, so dropout never "
                              "applies: use --lora-dropout 0 (or --lora-targets c_fc,c_proj, where it does)")
     if cfg.method == "lora" and cfg.run.compile and not cfg.lora_targets:  # default targets: attention modules
-        from clipguard.finetune.methods import LORA_MHA_NO_COMPILE
+        from clipguard.finetune.methods import LORA_MHA_NO_COMPILE  # torch: only when a config is built
 
         raise ClipguardError(LORA_MHA_NO_COMPILE)
     if cfg.run.precision == "fp16":

@@ -12,18 +12,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from clipguard.attacks.surrogates import build_surrogate
 from clipguard.config import flat
 from clipguard.distributed import all_reduce_sum_, barrier, gather_objects, is_main, rank, world_size
 from clipguard.distributed import start as start_ranks
 from clipguard.errors import ClipguardError
+from clipguard.finetune.adversary import Adversary, build_train_attack
 from clipguard.finetune.checkpoint import TrainState, capture_rng, restore_rng
 from clipguard.finetune.config import FinetuneConfig, config_hash, hashed_fields
+from clipguard.finetune.methods import METHODS, trainable_state
+from clipguard.finetune.objectives import OBJECTIVES, Objective
+from clipguard.models import adapters  # called as adapters.save_adapter: tests spy on it
+from clipguard.models.classifier import WARMUP_IMAGES, ZeroShotClassifier, compile_failed
 from clipguard.models.inference import attack_inputs, autocast_for
 from clipguard.progress import progress_bar
 
@@ -46,25 +54,20 @@ class Setup:
     model: nn.Module  # ZeroShotClassifier around the tower that trains
     visual: nn.Module  # the tower that trains (LoRA / VPT / full), saved as the adapter
     frozen: nn.Module  # the untouched base classifier: FARE's f0
-    params: list  # the trainable tensors
-    objective: object  # finetune.objectives.Objective
-    adversary: object  # (x, y, ref) -> x_adv
+    params: list[nn.Parameter]  # the trainable tensors
+    objective: Objective  # bound to the config's options
+    adversary: Adversary  # (x, y, ref) -> x_adv
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     lr: float
     total: int  # optimizer steps in the whole run
     steps_per_epoch: int
     resolution: str  # where the training perturbation lives
-    autocast: object  # () -> the precision context of a forward pass
+    autocast: Callable[[], AbstractContextManager]  # () -> the precision context of a forward pass
 
 
 def setup(cfg: FinetuneConfig, p) -> Setup:
     """The trainable model, adversary, optimizer and schedule for ``cfg`` on prepared base model + data ``p``."""
-    from clipguard.finetune.adversary import build_train_attack
-    from clipguard.finetune.methods import METHODS
-    from clipguard.finetune.objectives import OBJECTIVES
-    from clipguard.models.classifier import ZeroShotClassifier
-
     method, objective = METHODS.get(cfg.method), OBJECTIVES.get(cfg.objective).bind(cfg)
     clip = p.clip
     torch.manual_seed(cfg.run.seed)  # adapter init, random starts and dropout all follow the seed
@@ -73,8 +76,6 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     params = [q for q in model.parameters() if q.requires_grad]
     surrogate = None
     if cfg.train_attack == "transfer":
-        from clipguard.attacks.surrogates import build_surrogate
-
         surrogate = build_surrogate(cfg.surrogate, p)
 
     def autocast():  # bf16 autocast where the loader chose it (a capable GPU); a no-op context in fp32
@@ -116,8 +117,6 @@ def compile_trainable(s: Setup, shape: tuple[int, ...], device: torch.device, mo
     gradient in eval mode, the objective's forward + backward in train mode; shapes dynamic), so no timed step
     compiles. Random state, buffers and gradients are put back: the run draws what an eager run draws.
     Returns the seconds it took (the summary's ``compile_s``, outside images/s)."""
-    from clipguard.models.classifier import WARMUP_IMAGES, compile_failed
-
     t0 = time.perf_counter()
     buffers = {k: b.clone() for k, b in s.model.named_buffers()}
     # dynamic=True: the adversary perturbs tensors it makes itself (no batch dimension to mark), so a static first
@@ -233,8 +232,6 @@ def save_checkpoint(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator, st
                     order: torch.Tensor, loss: float) -> None:
     """Where the loop is, atomically into ``cfg.run_dir``: weights, optimizer, schedule and random state; under
     torchrun every rank's random state (a collective: every rank calls this), written once by rank 0."""
-    from clipguard.finetune.methods import trainable_state
-
     rng = capture_rng(data_gen)
     if world_size() > 1:
         rng = {**rng, "ranks": gather_objects(rng)}
@@ -246,12 +243,10 @@ def save_checkpoint(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator, st
 
 def save_final_adapter(cfg: FinetuneConfig, s: Setup, clip, *, steps: int) -> None:
     """The trained adapter into ``cfg.run_dir``, manifest last (a directory with a manifest is complete)."""
-    from clipguard.models.adapters import save_adapter
-
     info = {"objective": cfg.objective, "train_attack": cfg.train_attack, "config_hash": config_hash(cfg),
             "steps": steps, "config": {k: v for k, v in flat(cfg).items() if k != "resume"}}
     if is_main():
-        save_adapter(Path(cfg.run_dir), s.visual, method=cfg.method, clip=clip, info=info)
+        adapters.save_adapter(Path(cfg.run_dir), s.visual, method=cfg.method, clip=clip, info=info)
     barrier()  # the adapter is on disk before any rank evaluates it
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import torch as safetensors_torch  # called through the module, so a test can make it fail
 from torch import nn
 
 from clipguard.errors import ClipguardError
@@ -29,6 +30,9 @@ LORA_CONFIG, LORA_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 VPT_WEIGHTS, FULL_WEIGHTS = "vpt_prompts.safetensors", "visual.safetensors"
 
 log = logging.getLogger(__name__)
+
+# peft is imported inside the LoRA functions only: every run (tasks.setup, for --adapter) and every fine-tuning option
+# check (finetune.config -> finetune.methods) import this module, and peft adds ~2 s where no LoRA is used.
 
 
 def visual_attention_names(visual: nn.Module) -> list[str]:
@@ -67,7 +71,7 @@ def _restore_base(module: nn.Module, args, output) -> None:
 
 
 def _pin_base_weights(visual: nn.Module) -> None:
-    from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
+    from peft.tuners.lora.layer import MultiheadAttention as LoraMHA  # lazy: see the note on peft above
 
     for m in visual.modules():
         if isinstance(m, LoraMHA):
@@ -95,7 +99,7 @@ def apply_lora(visual: nn.Module, r: int = 8, alpha: int = 32, dropout: float = 
         ClipguardError: a target matches nothing, hits a MultiheadAttention's out_proj, or has an
             unsupported type; non-zero dropout on an attention target.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: see the note on peft above
 
     targets = list(targets) if targets else visual_attention_names(visual)
     _check_lora_targets(visual, targets, dropout)
@@ -116,61 +120,51 @@ def trainable_parameters(module: nn.Module) -> int:
 
 
 def _save_lora(d: Path, visual: nn.Module) -> list[str]:
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft import get_peft_model_state_dict  # lazy: see the note on peft above
 
     cfg = visual.peft_config["default"].to_dict()
     cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}  # as peft's save_pretrained
     atomic_write(d / LORA_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
     sd = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(visual).items()}
-    atomic_write(d / LORA_WEIGHTS, lambda tmp: save_file(sd, tmp))
+    atomic_write(d / LORA_WEIGHTS, lambda tmp: safetensors_torch.save_file(sd, tmp))
     return [LORA_CONFIG, LORA_WEIGHTS]
 
 
 def _load_lora(d: Path, base: nn.Module) -> nn.Module:
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # lazy: see the note above
 
     config = LoraConfig.from_pretrained(str(d))
     visual = copy.deepcopy(base)
     inject_adapter_in_model(config, visual)
     _pin_base_weights(visual)
-    result = set_peft_model_state_dict(visual, load_file(str(d / LORA_WEIGHTS)))
+    result = set_peft_model_state_dict(visual, safetensors_torch.load_file(str(d / LORA_WEIGHTS)))
     if getattr(result, "unexpected_keys", None):
         raise ClipguardError(f"--adapter {str(d)!r}: LoRA weights do not fit this model ({result.unexpected_keys[0]})")
     return visual
 
 
 def _save_vpt(d: Path, visual: nn.Module) -> list[str]:
-    from safetensors.torch import save_file
-
     sd = {"prompts": visual.prompts.detach().contiguous().cpu()}
-    atomic_write(d / VPT_WEIGHTS, lambda tmp: save_file(sd, tmp))
+    atomic_write(d / VPT_WEIGHTS, lambda tmp: safetensors_torch.save_file(sd, tmp))
     return [VPT_WEIGHTS]
 
 
 def _load_vpt(d: Path, base: nn.Module) -> nn.Module:
-    from safetensors.torch import load_file
-
-    prompts = load_file(str(d / VPT_WEIGHTS))["prompts"]
+    prompts = safetensors_torch.load_file(str(d / VPT_WEIGHTS))["prompts"]
     vpt = PromptedVisual(base, prompts.shape[0])
     vpt.prompts.data.copy_(prompts)
     return vpt
 
 
 def _save_full(d: Path, visual: nn.Module) -> list[str]:
-    from safetensors.torch import save_file
-
     sd = {k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()}
-    atomic_write(d / FULL_WEIGHTS, lambda tmp: save_file(sd, tmp))
+    atomic_write(d / FULL_WEIGHTS, lambda tmp: safetensors_torch.save_file(sd, tmp))
     return [FULL_WEIGHTS]
 
 
 def _load_full(d: Path, base: nn.Module) -> nn.Module:
-    from safetensors.torch import load_file
-
     visual = copy.deepcopy(base)
-    visual.load_state_dict(load_file(str(d / FULL_WEIGHTS)), strict=True)
+    visual.load_state_dict(safetensors_torch.load_file(str(d / FULL_WEIGHTS)), strict=True)
     return visual
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_json, cache_root
+from clipguard.hub import ensure_reachable_or_offline
 from clipguard.models import toy
 from clipguard.models.inference import DTYPES
 from clipguard.registry import suggest
@@ -251,6 +252,7 @@ def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
         model.visual.image_mean, model.visual.image_std = tuple(toy.TOY_MEAN), tuple(toy.TOY_STD)
         return model, file_digest(path), {"arch": toy.TOY_MODEL_NAME, "pretrained": f"toy@{spec.variant}"}
     if spec.kind == "hf-hub":
+        ensure_reachable_or_offline()  # offline: the cache answers at once instead of 30 s of retries
         try:
             model, weights = create_model_noting_weights(f"hf-hub:{spec.repo}")
         except Exception as e:
@@ -278,10 +280,15 @@ def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
         return model, file_digest(spec.path), {"arch": spec.arch, "pretrained": spec.path}
     tags = open_clip.list_pretrained_tags_by_model(spec.arch)
     if spec.tag not in tags:
+        close = suggest(spec.tag, tags)
+        known = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more (open_clip.list_pretrained())"
+                                       if len(tags) > 6 else "")
         raise ClipguardError(
-            f"--model {spec.text!r}: unknown pretrained tag {spec.tag!r} for {spec.arch}; "
-            f"known: {', '.join(tags) or 'none'} (or ARCH:/path/weights.safetensors, ARCH:none)"
+            f"--model {spec.text!r}: unknown pretrained tag {spec.tag!r} for {spec.arch}"
+            + (f" (did you mean {close}?)" if close else "")
+            + f"; known: {known or 'none'} (or ARCH:/path/weights.safetensors, ARCH:none)"
         )
+    ensure_reachable_or_offline()
     try:
         model, weights = create_model_noting_weights(spec.arch, pretrained=spec.tag, require_pretrained=True)
     except Exception as e:

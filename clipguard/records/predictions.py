@@ -26,11 +26,15 @@ def image_digests(images: torch.Tensor) -> list[str]:
 
 
 def prediction_table(digests: list[str], labels: torch.Tensor, clean_pred: torch.Tensor,
-                     adv_preds: dict[str, torch.Tensor]) -> dict[str, list]:
-    """Column name -> values, in image order (``digests``: :func:`image_digests` of the images)."""
+                     adv_preds: dict[str, torch.Tensor], classnames: list[str] | None = None) -> dict[str, list]:
+    """Column name -> values, in image order (``digests``: :func:`image_digests` of the images); with
+    ``classnames`` each class column gets a ``_name`` twin, so the file reads without the prompts file."""
     cols = {"index": list(range(len(labels))), "digest": digests, "label": labels.tolist(),
             "clean_pred": clean_pred.tolist()}
     cols.update({f"adv_pred@{eps}": pred.tolist() for eps, pred in adv_preds.items()})
+    if classnames:
+        cols.update({f"{k}_name" if "@" not in k else k.replace("@", "_name@"): [classnames[c] for c in v]
+                     for k, v in list(cols.items()) if k == "label" or "pred" in k})
     return cols
 
 

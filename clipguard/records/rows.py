@@ -1,8 +1,10 @@
 """Read result records from a folder and flatten them into rows that reports and gates aggregate.
 
 A row is one number with its context: ``{"metric", "value", "model", "adapter", "label", "dataset",
-"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path"}``. Nothing is recomputed here: every
-value is copied from a record.
+"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path", "check"}``. Nothing is recomputed here:
+every value is copied from a record. Integrity checks are rows too (metric ``checks_passed``, value 1.0 or 0.0): one
+per record with checks (``check`` None: all of them passed) and one per check (``check`` = its name), so a gate can
+fail a build on them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipguard.errors import ClipguardError
 from clipguard.records.schema import SCHEMA
+from clipguard.specs import parse_eps
 
 CLEAN_METRICS = ("acc1", "acc5", "mean_per_class_recall")
 ROBUST_METRICS = ("robust_acc", "attack_success_rate")
@@ -45,7 +49,29 @@ def _context(rec: dict) -> dict:
     attack = rec.get("attack") or {}
     return {"model": rec.get("model_spec"), "adapter": rec.get("adapter"), "label": label(rec),
             "dataset": rec.get("dataset"), "task": rec.get("task"), "cell": bench.get("cell"),
-            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "path": rec.get("_path")}
+            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "path": rec.get("_path"), "check": None}
+
+
+def _eps_value(text) -> float | None:
+    try:
+        return None if text is None else parse_eps(str(text), name="eps").value
+    except ClipguardError:  # a check's eps that is not a pixel-unit value (none today): no eps filter matches it
+        return None
+
+
+def check_rows(rec: dict, ctx: dict) -> list[dict]:
+    """The record's integrity checks as rows: ``checks_passed`` of the whole record, then one per check (by name,
+    at its eps). A record that ran no checks (a clean-only eval: ``checks_passed`` true over none) still says so."""
+    checks = rec.get("checks") or []
+    if "checks_passed" not in rec and not checks:
+        return []
+    failed = failed_checks(rec)
+    out = [{**ctx, "metric": "checks_passed", "value": float(not failed), "failed": failed,
+            "attack": None, "eps": None, "eps_value": None}]
+    for c in checks:
+        out.append({**ctx, "metric": "checks_passed", "value": float(bool(c.get("passed"))), "check": c.get("name"),
+                    "attack": None, "eps": c.get("eps"), "eps_value": _eps_value(c.get("eps"))})
+    return out
 
 
 def rows(records: list[dict]) -> list[dict]:
@@ -54,6 +80,7 @@ def rows(records: list[dict]) -> list[dict]:
     for rec in records:
         ctx, m = _context(rec), rec.get("metrics") or {}
         task = rec.get("task", "")
+        out += check_rows(rec, ctx)
         if task.startswith("uap"):
             eps = ((rec.get("attack") or {}).get("eps")) or {}
             for k in UAP_METRICS:
@@ -105,13 +132,21 @@ def zero_shot_readings(rs: list[dict]) -> dict[str, dict[tuple[str, str], float]
     return {"clean": {**fallback, **clean}, **robust}
 
 
+def failed_checks(rec: dict) -> list[str]:
+    """A record's failed integrity checks as ``name@eps``; a record that says ``checks_passed: false`` without
+    naming one still counts as failed (``checks_passed``)."""
+    failed = [f"{c['name']}" + (f"@{c['eps']}" if c.get("eps") else "") for c in rec.get("checks") or []
+              if not c["passed"]]
+    return failed or (["checks_passed"] if rec.get("checks_passed") is False else [])
+
+
 def checks_summary(records: list[dict]) -> list[dict]:
     """Per record: how many integrity checks passed, and the names of the failed ones."""
     out = []
     for rec in records:
         checks = rec.get("checks") or []
         if checks:
-            failed = [f"{c['name']}" + (f"@{c['eps']}" if c.get("eps") else "") for c in checks if not c["passed"]]
+            failed = failed_checks(rec)
             out.append({"label": label(rec), "task": rec.get("task"), "cell": (rec.get("bench") or {}).get("cell"),
-                        "passed": len(checks) - len(failed), "total": len(checks), "failed": failed})
+                        "passed": sum(bool(c["passed"]) for c in checks), "total": len(checks), "failed": failed})
     return out

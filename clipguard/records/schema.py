@@ -17,16 +17,17 @@ from pathlib import Path
 from clipguard.distributed import describe
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_json, save_fallback, take_held_failures
+from clipguard.version import __version__
 
 SCHEMA = "clipguard.result/1"
 
 
 def environment(device=None, precision: str | None = None) -> dict:
     """Versions, device and precision of this run."""
+    # Lazy: `clipguard report` and `gate` import this module (through records.rows) and load no model; torch and
+    # open_clip would add ~4 s to them.
     import open_clip
     import torch
-
-    from clipguard.version import __version__
 
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
            "clipguard": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
@@ -56,8 +57,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: dict, **extra) -> dict:
-    """Assemble a record. ``clip`` is a LoadedClip, ``dataset`` an ImageSet, ``prompts`` a PromptSet."""
+def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: dict, started: float | None = None,
+                **extra) -> dict:
+    """Assemble a record. ``clip`` is a LoadedClip, ``dataset`` an ImageSet, ``prompts`` a PromptSet; ``started``
+    (``time.perf_counter()`` when the task began) gives ``timings.total_s``, the whole run beside its parts."""
+    if started is not None:
+        timings = {**timings, "total_s": round(time.perf_counter() - started, 3)}
     rec = {
         "schema": SCHEMA,
         "task": task,

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -14,12 +11,16 @@ from clipguard.catalogue import catalogue
 from clipguard.fsutil import atomic_write_text
 from clipguard.records.rows import checks_summary, load_records, rows, zero_shot_readings
 from clipguard.report import certify as certify_report
+from clipguard.report import html as html_report
 from clipguard.report import plots
+from clipguard.report.files import link, refuse_foreign, resolve_picture
 
 ZS_NOTE = ("One row per model, one column per dataset, as the FARE and TeCoA papers report; the average is over "
            "the row's datasets and is printed only when the row has all of them (else —).")
+# CLIP_benchmark's leading columns, then ours; columns added later go last, so older readers keep their places
 CSV_COLUMNS = ["dataset", "model", "pretrained", "task", "acc1", "acc5", "mean_per_class_recall", "attack", "eps",
-               "robust_acc", "attack_success_rate", "adapter", "cell"]
+               "robust_acc", "attack_success_rate", "adapter", "cell", "fooling_rate", "perturbed_acc"]
+UAP_HEADER = ["model", "dataset", "task", "eps", "fooling rate", "clean acc1", "perturbed acc"]
 
 
 def _col(r: dict) -> str:
@@ -83,14 +84,30 @@ def zero_shot_tables(rs: list[dict]) -> list[dict]:
     return tables
 
 
-def _fmt(v) -> str:
-    return "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-
 def _md_table(header, body) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in body]
+    lines += ["| " + " | ".join(html_report.fmt(v) for v in row) + " |" for row in body]
     return "\n".join(lines)
+
+
+def uap_table(rs: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per UAP record (fit or evaluation): its fooling rate, clean and perturbed accuracy, as recorded."""
+    by_record: dict = {}
+    for r in rs:
+        if str(r.get("task") or "").startswith("uap") and r["metric"] in ("fooling_rate", "acc1", "perturbed_acc"):
+            row = by_record.setdefault(r["path"], {"label": r["label"], "dataset": r["dataset"], "task": r["task"]})
+            row[r["metric"]] = r["value"]
+            row["eps"] = row.get("eps") or r["eps"]  # the acc1 row carries no eps
+    body = [[v["label"], v["dataset"], v["task"], v.get("eps"), v.get("fooling_rate"), v.get("acc1"),
+             v.get("perturbed_acc")] for v in by_record.values()]
+    return UAP_HEADER, body
+
+
+def uap_pictures(records: list[dict]) -> list[Path]:
+    """The pictures UAP records name (at most 4), found wherever the report runs (:func:`files.resolve_picture`)."""
+    found = (resolve_picture(p, rec.get("_path")) for rec in records if str(rec.get("task", "")).startswith("uap")
+             for p in rec.get("pngs", []))
+    return [p for p in found if p is not None][:4]
 
 
 def _scatter_points(rs: list[dict]) -> tuple[str, list]:
@@ -122,6 +139,11 @@ def csv_text(records: list[dict]) -> str:
                 "task": rec.get("task"), "acc1": m.get("acc1", m.get("clean_acc")), "acc5": m.get("acc5"),
                 "mean_per_class_recall": m.get("mean_per_class_recall"), "adapter": rec.get("adapter"),
                 "cell": (rec.get("bench") or {}).get("cell")}
+        if str(rec.get("task", "")).startswith("uap"):  # one line: the perturbation's numbers at its eps
+            eps = ((rec.get("attack") or {}).get("eps") or {}).get("text")
+            w.writerow({**base, "attack": "uap", "eps": eps, "attack_success_rate": m.get("attack_success_rate"),
+                        "fooling_rate": m.get("fooling_rate"), "perturbed_acc": m.get("perturbed_acc")})
+            continue
         entries = m.get("robust") or [None]
         for e in entries:
             w.writerow({**base, **({"attack": e["attack"], "eps": e["eps"], "robust_acc": e["robust_acc"],
@@ -129,33 +151,36 @@ def csv_text(records: list[dict]) -> str:
     return buf.getvalue()
 
 
-def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
-    """Write the report; returns what it contains (table, plots, checks) for the CLI and tests."""
+def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: bool = False) -> dict:
+    """Write the report; returns what it contains (table, plots, checks) for the CLI and tests.
+
+    ``out_md`` defaults to ``folder/report.md``. An existing output file that clipguard report did not write is
+    refused (one line, before anything is written) unless ``force``. Links and embedded pictures resolve against
+    the records and the report file, not the current folder."""
+    out_md = Path(folder) / "report.md" if out_md is None else Path(out_md)
+    refuse_foreign({"--out": out_md, "--html": html_out, "--csv": csv_out}, force)
     records = load_records(folder)
     rs = rows(records)
-    out_md = Path(out_md)
     assets = out_md.parent / (out_md.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
     header, body = reference_table(rs)
     col, pts = _scatter_points(rs)
     pngs = [p for p in (plots.eps_curves(rs, assets / "robust_vs_eps.png"),
                         plots.clean_vs_robust(pts, col, assets / "clean_vs_robust.png")) if p]
-    uap_pngs = [p for rec in records if str(rec.get("task", "")).startswith("uap") for p in rec.get("pngs", [])]
+    uap_pngs = uap_pictures(records)
     checks = checks_summary(records)
-    uap_rows = [r for r in rs if r["metric"] == "fooling_rate"]
+    uap = uap_table(rs)
     zs = zero_shot_tables(rs)
     md = [f"# clipguard report\n\n{len(records)} records from `{folder}`.\n", "## Clean and robust accuracy\n",
           _md_table(header, body), ""]
     if zs:
         md += ["## Zero-shot robustness\n", ZS_NOTE, ""]
         md += [x for t in zs for x in (f"### {t['title']}\n", _md_table(t["header"], t["body"]), "")]
-    if uap_rows:
-        md += ["## Universal perturbations\n", _md_table(["model", "dataset", "eps", "fooling rate"],
-                                                          [[r["label"], r["dataset"], r["eps"], r["value"]]
-                                                           for r in uap_rows]), ""]
+    if uap[1]:
+        md += ["## Universal perturbations\n", _md_table(*uap), ""]
+        md += [f"![{p.stem}]({link(p, out_md)})" for p in uap_pngs] + ([""] if uap_pngs else [])
     md += certify_report.section(records, assets)
-    md += ["## Plots\n"] + [f"![{p.stem}]({assets.name}/{p.name})" for p in pngs]
-    md += [f"![uap]({os.path.relpath(Path(p).resolve(), out_md.resolve().parent)})" for p in uap_pngs[:4]]
+    md += ["## Plots\n"] + [f"![{p.stem}]({link(p, out_md)})" for p in pngs]
     n_fail = sum(len(c["failed"]) for c in checks)
     md += ["", "## Integrity checks\n", f"{sum(c['passed'] for c in checks)} of {sum(c['total'] for c in checks)} "
            f"checks passed" + (f"; {n_fail} failed." if n_fail else "."), "",
@@ -164,35 +189,10 @@ def build_report(folder, out_md, *, html_out=None, csv_out=None) -> dict:
                       for c in checks])]
     atomic_write_text(out_md, "\n".join(md) + "\n")
     if html_out:
-        atomic_write_text(html_out, _html(header, body, pngs + [Path(p) for p in uap_pngs[:4]], checks, len(records),
-                                          zs))
+        atomic_write_text(html_out, html_report.page(n=len(records), main=(header, body), zs=zs, zs_note=ZS_NOTE,
+                                                     uap=uap, plots=pngs, uap_pictures=uap_pngs, checks=checks))
     if csv_out:
         atomic_write_text(csv_out, csv_text(records))
-    return {"records": len(records), "header": header, "body": body, "plots": [str(p) for p in pngs],
-            "checks": checks, "uap": uap_rows, "zero_shot": zs}
-
-
-def _html_table(header, body) -> str:
-    cell = "".join
-    return "<table><tr>" + cell(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" + cell(
-        "<tr>" + cell(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in body) + "</table>"
-
-
-def _html(header, body, pngs, checks, n, zs=()) -> str:
-    cell = "".join
-    table = _html_table(header, body)
-    if zs:
-        table += f"<h2>Zero-shot robustness</h2><p>{html.escape(ZS_NOTE)}</p>" + cell(
-            f"<h3>{html.escape(t['title'])}</h3>" + _html_table(t["header"], t["body"]) for t in zs)
-    imgs = cell(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                for p in pngs if p.exists())
-    def check_item(c: dict) -> str:
-        failed = "; failed: " + html.escape(", ".join(c["failed"])) if c["failed"] else ""
-        return (f"<li>{html.escape(str(c['label']))} ({html.escape(str(c['task']))}): "
-                f"{c['passed']}/{c['total']} passed{failed}</li>")
-
-    chk = "<ul>" + cell(check_item(c) for c in checks) + "</ul>"
-    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.2em .6em;border:1px solid #ccc}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>clipguard report</title><style>{style}</style>"
-            f"</head><body><h1>clipguard report</h1><p>{n} records.</p><h2>Clean and robust accuracy</h2>{table}"
-            f"<h2>Plots</h2>{imgs}<h2>Integrity checks</h2>{chk}</body></html>\n")
+    return {"records": len(records), "out": out_md, "header": header, "body": body, "plots": [str(p) for p in pngs],
+            "uap_pictures": [str(p) for p in uap_pngs], "checks": checks, "uap_table": uap, "zero_shot": zs,
+            "uap": [r for r in rs if r["metric"] == "fooling_rate"]}

@@ -31,7 +31,7 @@ def certified_table(records: list[dict]) -> tuple[list[str], list[list]]:
         m, s, cert = r["metrics"], r["smoothing"], {e["radius"]: e["certified_acc"] for e in r["metrics"]["certified"]}
         body.append([label(r), r.get("dataset"), f"{s['sigma']:g}", f"{s['n']:,}", m["acc1"], m["smoothed_acc1"],
                      m["abstain_rate"], *[cert.get(x) for x in radii], r["timings"]["samples_per_s"],
-                     "passed" if r.get("checks_passed") else "FAILED"])
+                     {True: "passed", None: "skipped"}.get(r.get("checks_passed"), "FAILED")])  # None: --check-images 0
     return header, body
 
 

@@ -4,6 +4,10 @@ A rule reads ``METRIC[(key=value, ...)] OP NUMBER``, e.g. ``robust_acc(attack=pg
 ``clean_acc1 >= 0.85``. Every record row that matches the filters must satisfy it; a rule that matches no
 row fails (a gate that checks nothing must not pass). Exit 0 when all hold, 1 when any fails, 2 when a rule
 is malformed.
+
+Integrity checks are gated the same way (1 = passed, 0 = failed): ``checks_passed == 1`` holds when every record
+that ran checks passed all of them; ``checks_passed(check=no_nan) == 1`` reads every check of that name (at every
+eps; ``eps=`` and the other filters narrow it).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from clipguard.specs import parse_eps
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 METRICS = {"clean_acc1": "acc1", "acc1": "acc1", "acc5": "acc5", "mean_per_class_recall": "mean_per_class_recall",
            "robust_acc": "robust_acc", "attack_success_rate": "attack_success_rate", "fooling_rate": "fooling_rate",
-           "perturbed_acc": "perturbed_acc"}
-FILTERS = ("attack", "eps", "model", "adapter", "label", "dataset", "cell", "surrogate", "task")
+           "perturbed_acc": "perturbed_acc", "checks_passed": "checks_passed"}
+FILTERS = ("attack", "eps", "model", "adapter", "label", "dataset", "cell", "surrogate", "task", "check")
 _RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*(>=|<=|==|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -59,6 +63,8 @@ def parse_rule(text: str) -> Rule:
 def _matches(row: dict, rule: Rule) -> bool:
     if row["metric"] != rule.metric:
         return False
+    if row.get("check") is not None and "check" not in rule.filters:  # checks_passed alone: the whole record's
+        return False
     for key, want in rule.filters.items():
         have = row.get("eps_value") if key == "eps" else row.get(key)
         if have is None or (abs(have - want) > 1e-9 if key == "eps" else str(have) != want):
@@ -77,14 +83,25 @@ class Outcome:
 def evaluate_rule(rule: Rule, rows: list[dict]) -> Outcome:
     hits = [r for r in rows if _matches(r, rule)]
     if not hits:
-        return Outcome(rule, False, f"FAIL {rule.text}: no record matches", 0)
+        names = sorted({r["check"] for r in rows if r.get("check")}) if "check" in rule.filters else []
+        known = f" (checks in these records: {', '.join(names)})" if names else ""
+        return Outcome(rule, False, f"FAIL {rule.text}: no record matches{known}", 0)
     bad = [r for r in hits if not OPS[rule.op](r["value"], rule.threshold)]
     if not bad:
         worst = min(hits, key=lambda r: r["value"]) if rule.op in (">=", ">") else max(hits, key=lambda r: r["value"])
         return Outcome(rule, True, f"ok   {rule.text}: {len(hits)} value(s), worst {worst['value']:.4f}", len(hits))
-    shown = "; ".join(f"{r['label']}={r['value']:.4f}" + (f" ({r['cell']})" if r.get("cell") else "") for r in bad[:3])
+    shown = "; ".join(_what(r) + f"={r['value']:.4f}" + (f" ({r['cell']})" if r.get("cell") else "") for r in bad[:3])
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     return Outcome(rule, False, f"FAIL {rule.text}: {shown}{more}", len(hits))
+
+
+def _what(row: dict) -> str:
+    """A failing row as a reader finds it: the model label, and for checks the failed ones (``name@eps``)."""
+    check = row.get("check")
+    if check:
+        return f"{row['label']} {check}" + (f"@{row['eps']}" if row.get("eps") else "")
+    failed = row.get("failed") or []
+    return row["label"] + (f" [{', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}]" if failed else "")
 
 
 def load_rules(path) -> list[Rule]:

@@ -58,21 +58,74 @@ def eps_curves(rows: list[dict], out: Path) -> Path | None:
 
 
 def clean_vs_robust(points: list[tuple[str, float, float]], title: str, out: Path) -> Path | None:
-    """Scatter of (label, clean acc1, robust acc) points."""
+    """Scatter of (label, clean acc1, robust acc) points, each named where its label overlaps no other."""
     if not points:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
-    for name, clean, robust in points:
-        ax.scatter([clean], [robust], s=40)
-        ax.annotate(name, (clean, robust), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    colours = [ax.scatter([clean], [robust], s=40).get_facecolor()[0] for _, clean, robust in points]
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set_xlabel("clean acc1")
     ax.set_ylabel(f"robust acc ({title})")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels: they are placed in the final pixel layout
+    place_labels(ax, points, colours=colours)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# Places a label may take around its point (offsets in points, nearest first): models of one suite often sit close
+# together (the same clean accuracy, robust numbers a point apart), where one fixed offset stacks their names.
+_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+OFFSETS = [(dx * r, dy * r) for r in (4, 10, 18, 28, 40, 54, 70) for dx, dy in _DIRECTIONS]
+MARKER_PX = 5  # half the side of the box a marker (s=40) occupies, in pixels
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def place_labels(ax, points: list[tuple[str, float, float]], fontsize: int = 7, colours=None) -> list:
+    """Name each (name, x, y) point with a text that overlaps no other label, no marker and stays inside the axes:
+    the nearest free place in ``OFFSETS``; if none is free, the place that overlaps least. A label set apart from
+    its point gets a leader line; each label takes its marker's colour (``colours``), so a crowd stays readable.
+    Returns the texts (in ``points`` order)."""
+    from matplotlib.transforms import Bbox  # matplotlib only when a picture is drawn (see pyplot)
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [Bbox.from_extents(x - MARKER_PX, y - MARKER_PX, x + MARKER_PX, y + MARKER_PX)
+             for x, y in ax.transData.transform([(px, py) for _, px, py in points])]
+    texts = []
+    for i, (name, x, y) in enumerate(points):
+        colour = "black" if colours is None else colours[i]
+        best = None
+        for dx, dy in OFFSETS:
+            t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=colour,
+                            ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                            va="bottom" if dy > 0 else "top" if dy < 0 else "center")
+            box = t.get_window_extent(renderer)
+            outside = box.width * box.height - _overlap(box, frame)
+            cost = sum(_overlap(box, b) for b in taken) + outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, t, box, (dx, dy))
+            else:
+                t.remove()
+            if cost == 0:
+                break
+        _, t, box, (dx, dy) = best
+        if max(abs(dx), abs(dy)) > OFFSETS[0][0]:  # set apart from its point: a leader line says whose name it is
+            t.remove()
+            t = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=colour,
+                            ha=t.get_ha(), va=t.get_va(), arrowprops={"arrowstyle": "-", "lw": 0.6, "color": colour,
+                                                                       "shrinkA": 0, "shrinkB": 3})
+        taken.append(box)
+        texts.append(t)
+    return texts

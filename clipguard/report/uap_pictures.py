@@ -9,6 +9,8 @@ import torch
 
 from clipguard.report.plots import pyplot
 
+GRID_COLUMNS = 4  # image pairs per row of the grid
+
 
 def uap_pictures(v: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor, clean_pred: torch.Tensor,
                  adv_pred: torch.Tensor, labels: torch.Tensor, classnames: list[str], out_dir) -> list[str]:
@@ -31,18 +33,23 @@ def uap_pictures(v: torch.Tensor, clean: torch.Tensor, adv: torch.Tensor, clean_
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
+    # At most GRID_COLUMNS pairs a row (720 px at 100 dpi): eight pairs side by side were 1,400 px, wider than a
+    # report page; more images wrap onto further (clean, UAP) row pairs.
     n = clean.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.7 * n + 0.4, 4.6), squeeze=False)
+    cols = max(1, min(n, GRID_COLUMNS))
+    pairs = -(-n // cols)
+    fig, axes = plt.subplots(2 * pairs, cols, figsize=(1.7 * cols + 0.4, 2.3 * 2 * pairs), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")  # the last row pair may have empty places
     for i in range(n):
         changed = int(adv_pred[i]) != int(clean_pred[i])
         rows = ((clean[i], f"true: {classnames[int(labels[i])]}\nclean: {classnames[int(clean_pred[i])]}", "black"),
                 (adv[i], f"UAP: {classnames[int(adv_pred[i])]}", "red" if changed else "black"))
         for row, (img, title, colour) in enumerate(rows):
-            ax = axes[row, i]
+            ax = axes[2 * (i // cols) + row, i % cols]
             ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_title(title, fontsize=8, color=colour)
-            ax.axis("off")
-    fig.suptitle("top: clean prediction | bottom: with the UAP (red = changed)", fontsize=9)
+    fig.suptitle("upper: clean prediction | lower: with the UAP (red = changed)", fontsize=9)
     fig.tight_layout()
     paths.append(out / "uap_grid.png")
     fig.savefig(paths[1], dpi=100)

@@ -15,6 +15,7 @@ distances in the same pixel units.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,13 @@ from clipguard.attacks.integrity import check
 from clipguard.models.inference import autocast_for, is_oom
 from clipguard.records.metrics import ratio
 
+Advance = Callable[[int], None]  # told how many noisy samples were just classified (a progress bar's advance)
 ABSTAIN = -1  # the prediction of an abstained certificate (Cohen et al.'s reference code uses -1 too)
 L2_SLACK = 1e-5  # float32 rounding of ||x_adv - x||_2
+
+
+def _quiet(samples: int) -> None:
+    """The default ``advance``: no progress bar."""
 
 
 @dataclass(frozen=True)
@@ -117,12 +123,13 @@ def certified_counts(certs: list[Certificate], labels: list[int], radius: float)
 
 
 def smoothadv_pgd(smoothed: Smoothed, x: torch.Tensor, classes: torch.Tensor, radii: torch.Tensor, *, steps: int,
-                  samples: int, generator: torch.Generator) -> torch.Tensor:
+                  samples: int, generator: torch.Generator, advance: Advance = _quiet) -> torch.Tensor:
     """SmoothAdv's L2 PGD: images pushed away from ``classes`` under the soft smoothed classifier.
 
     Maximises ``-log(mean_i softmax(f(x + delta + sigma z_i))[class])`` over ``||delta||_2 <= radius`` and
     ``x + delta`` in [0, 1]: ``samples`` fresh noise draws per step (the Monte-Carlo expectation), normalised
-    gradient steps of ``2.5 * radius / steps``, projection onto the ball, then onto [0, 1]. fp32.
+    gradient steps of ``2.5 * radius / steps``, projection onto the ball, then onto [0, 1]. fp32. ``advance(m)``
+    is told the ``m = K * samples`` noisy samples of each step.
 
     Shape:
         x: (K, 3, H, W) in [0, 1]; classes: (K,) int64; radii: (K,) L2, [0, 1] pixel units -> (K, 3, H, W).
@@ -139,6 +146,7 @@ def smoothadv_pgd(smoothed: Smoothed, x: torch.Tensor, classes: torch.Tensor, ra
         delta = delta.detach() + 2.5 * r / steps * grad / _l2(grad).clamp_min(1e-12)
         delta = delta * (r / _l2(delta).clamp_min(1e-12)).clamp(max=1.0)  # onto the L2 ball
         delta = (x + delta).clamp(0, 1) - x  # onto [0, 1]: only shrinks |delta| per pixel
+        advance(k * samples)
     return (x + delta).detach()
 
 
@@ -147,26 +155,47 @@ def _l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
 
 
+CHECK_NAMES = ("smoothadv_within_certificate", "smoothadv_l2_within_radius")  # what certificate_check returns
+
+
+def check_samples(images: int, *, steps: int, samples: int, num: int) -> int:
+    """Noisy samples :func:`certificate_check` classifies for ``images`` certified images (a progress bar's total):
+    ``steps x samples`` per image for the attack, ``num`` per image for the re-estimate."""
+    return images * (steps * samples + num)
+
+
+def skipped_checks(reason: str) -> list[dict]:
+    """:func:`certificate_check`'s checks, not run: ``passed`` is None (neither passed nor failed) and ``skipped``
+    says so, so a record never shows a check it did not run as passed."""
+    return [{"name": name, "value": None, "passed": None, "skipped": True, "detail": f"skipped: {reason}"}
+            for name in CHECK_NAMES]
+
+
 def certificate_check(smoothed: Smoothed, x: torch.Tensor, certs: list[Certificate], *, steps: int, samples: int,
-                      num: int, alpha: float, generator: torch.Generator) -> list[dict]:
+                      num: int, alpha: float, generator: torch.Generator, advance: Advance = _quiet) -> list[dict]:
     """Attack each certified image (``x`` (K, 3, H, W), ``certs`` not abstained) at its certified radius with
     SmoothAdv's PGD, then re-estimate the smoothed classifier there from ``num`` samples.
 
     A certificate promises ``P(f(x_adv + noise) = cA) >= 1/2`` inside its radius; it is violated when the
     Clopper-Pearson upper bound of that probability (level ``alpha / K``, Bonferroni over the K images) is below
     1/2. Returns two checks: no violation, and every attacked image within its radius (both pass, vacuously, when
-    no image is certified).
+    no image is certified). ``advance(m)`` is told the noisy samples as they are classified
+    (:func:`check_samples` in all).
     """
     if not certs:
         return [check("smoothadv_within_certificate", 0, True, "no certified image (radius > 0) to attack"),
                 check("smoothadv_l2_within_radius", 0.0, True, "no certified image (radius > 0) to attack")]
     classes = torch.tensor([c.prediction for c in certs], dtype=torch.long)
     radii = torch.tensor([c.radius for c in certs], dtype=torch.float32)
-    x_adv = smoothadv_pgd(smoothed, x, classes, radii, steps=steps, samples=samples, generator=generator)
+    x_adv = smoothadv_pgd(smoothed, x, classes, radii, steps=steps, samples=samples, generator=generator,
+                          advance=advance)
     excess = (_l2(x_adv - x).view(-1).cpu() - radii).max().item()
     level = alpha / len(certs)
-    broken = [i for i, c in enumerate(certs)
-              if upper_confidence_bound(int(smoothed.counts(x_adv[i], num, generator)[c.prediction]), num, level) < 0.5]
+    broken = []
+    for i, c in enumerate(certs):
+        if upper_confidence_bound(int(smoothed.counts(x_adv[i], num, generator)[c.prediction]), num, level) < 0.5:
+            broken.append(i)
+        advance(num)
     # A NaN attack tested nothing: its images are counted as the argmax of NaN logits, so it cannot pass.
     attacked = bool(torch.isfinite(x_adv).all())
     return [
@@ -180,7 +209,12 @@ def certificate_check(smoothed: Smoothed, x: torch.Tensor, certs: list[Certifica
     ]
 
 
-def majority(smoothed: Smoothed, x: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+def majority(smoothed: Smoothed, x: torch.Tensor, num: int, generator: torch.Generator,
+             advance: Advance = _quiet) -> torch.Tensor:
     """The smoothed classifier's top class (K,) int64 on CPU for each image of ``x`` (K, 3, H, W), each from
-    ``num`` noisy samples (no abstention: the empirical attack's view of g)."""
-    return torch.stack([smoothed.counts(img, num, generator).argmax() for img in x])
+    ``num`` noisy samples (no abstention: the empirical attack's view of g); ``advance(num)`` after each image."""
+    tops = []
+    for img in x:
+        tops.append(smoothed.counts(img, num, generator).argmax())
+        advance(num)
+    return torch.stack(tops)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from clipguard.attacks import runner  # called as runner.run_attack: tests spy on it
+from clipguard.attacks.advset import image_digest, save_adv_set
+from clipguard.attacks.advset import quantize as quantize_fn
+from clipguard.attacks.surrogates import build_surrogate
+from clipguard.attacks.sweep import robust_entry
 from clipguard.config import flat
 from clipguard.distributed import is_main
+from clipguard.models.inference import attack_inputs
 from clipguard.records.metrics import put
 from clipguard.records.schema import make_record
+from clipguard.report.pictures import adversarial_grid
 from clipguard.tasks.configs import AttackSetConfig
 from clipguard.tasks.eval import load_resolution
 from clipguard.tasks.setup import prepare
@@ -19,23 +28,16 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
     The set's manifest names the source dataset, the model or surrogate it was crafted on and the attack,
     so ``clipguard eval --adv-set`` can send it to any target.
     """
-    from clipguard.attacks.advset import image_digest, save_adv_set
-    from clipguard.attacks.advset import quantize as quantize_fn
-    from clipguard.attacks.runner import run_attack
-    from clipguard.attacks.sweep import robust_entry
-    from clipguard.models.inference import attack_inputs
-
+    started = time.perf_counter()
     base, out, quantize, png_dir = cfg.attack_settings(), cfg.adv_set, cfg.quantize, cfg.png
     resolution = load_resolution(cfg)
     p = prepare(cfg.run, resolution=resolution, attack_precision=cfg.attack_precision)  # --compile: warmed up
     surrogate = None
     if cfg.surrogate:  # crafted on the dataset's own images
-        from clipguard.attacks.surrogates import build_surrogate
-
         surrogate = build_surrogate(cfg.surrogate, p)
-    run = run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.run.batch_size,
-                     resolution=resolution, precision=cfg.attack_precision, keep_adv=True, progress=progress,
-                     craft_on=surrogate)
+    run = runner.run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.run.batch_size,
+                            resolution=resolution, precision=cfg.attack_precision, keep_adv=True,
+                            progress=progress, craft_on=surrogate)
     adv = run.adv_images
     if quantize and is_main():
         clean = p.data.images
@@ -56,14 +58,12 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
     entry = robust_entry(run, p.data.labels, base)
     pngs = []
     if png_dir and is_main():
-        from clipguard.report.pictures import adversarial_grid
-
         pngs = adversarial_grid(p, run, png_dir, n=n_png)
     counts = entry["counts"]  # each metric k / n of integers, its counts beside it (clean_acc is acc1 here)
     metrics = put({}, "acc1", **counts["clean_acc"])
     for name in ("robust_acc", "attack_success_rate", "surrogate_clean_acc", "surrogate_robust_acc"):
         if name in counts:
             put(metrics, name, **counts[name])
-    return make_record("attack", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
+    return make_record("attack", started=started, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=p.timings(run.timings), attack=attack, adv_set={"path": str(out), "quantized": quantize},
                        stats=run.stats, pngs=pngs, config=flat(cfg))

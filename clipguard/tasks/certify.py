@@ -5,7 +5,10 @@ Certified L2 robustness of the zero-shot classifier smoothed with Gaussian noise
 holds every image's certificate, certified accuracy over a grid of radii, the smoothed classifier's clean accuracy
 and abstain rate, timings, and an integrity check: SmoothAdv's L2 PGD at each checked image's certified radius
 must not beat the certificate. The same attack at the grid radii gives the empirical robust accuracy of the
-smoothed classifier on that sample (an upper bound the certified curve stays under).
+smoothed classifier on that sample (an upper bound the certified curve stays under). The check has its own progress
+bar and its own timings (``check_wall_s``, ``check_samples_per_s``); ``--check-images 0`` skips it, and then the
+record lists its checks as skipped (``passed`` null) and ``checks_passed`` is null: not false (nothing failed), not
+true (nothing was checked).
 
 Every image's noise comes from its own generator seeded by (``--seed``, image position), so the same options
 (including ``--noise-batch``) give the same record.
@@ -29,7 +32,9 @@ from clipguard.smoothing.core import (
     certificate_check,
     certified_counts,
     certify,
+    check_samples,
     majority,
+    skipped_checks,
     smoothadv_pgd,
 )
 from clipguard.tasks.configs import CertifyConfig, certify_config
@@ -48,6 +53,7 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
         >>> rec = run_certify(certify_config(model="toy", dataset="toy", limit=20, sigma=0.25, n=10_000))
         >>> rec["metrics"]["certified"]  # [{"radius": 0.0, "certified_acc": ...}, ...]
     """
+    started = time.perf_counter()
     p = prepare(cfg.run, resolution="model")  # the noise lives at the model's input size
     smoothed = Smoothed(p.classifier, cfg.sigma, len(p.prompts.classnames), cfg.noise_batch, p.clip.precision)
     certs, base_pred, timings = _certify_all(p, cfg, smoothed, progress)
@@ -58,14 +64,20 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
     put(metrics, "abstain_rate", sum(c.prediction == ABSTAIN for c in certs), len(certs))
     metrics["certified"] = [put({"radius": r}, "certified_acc", *certified_counts(certs, labels, r)) for r in radii]
     metrics["counts"] = metrics.pop("counts")  # after the numbers
-    t0 = time.perf_counter()
-    checks, empirical = _checks(p, cfg, smoothed, certs, radii)
-    timings["check_wall_s"] = round(time.perf_counter() - t0, 3)
-    return make_record("certified_robustness", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
-                       timings=p.timings(timings), text_embeddings=p.text.to_record(), adapter=cfg.run.adapter,
-                       config=flat(cfg),
+    checks, empirical, check_timings = _checks(p, cfg, smoothed, certs, radii, progress)
+    return make_record("certified_robustness", clip=p.clip, started=started,
+                       dataset=p.data, prompts=p.prompts, metrics=metrics,
+                       timings=p.timings({**timings, **check_timings}), text_embeddings=p.text.to_record(),
+                       adapter=cfg.run.adapter, config=flat(cfg),
                        smoothing=_protocol(cfg, p), empirical_l2=empirical, checks=checks,
-                       checks_passed=all(c["passed"] for c in checks), per_image=_per_image(p, certs, base_pred))
+                       checks_passed=all_passed(checks), per_image=_per_image(p, certs, base_pred))
+
+
+def all_passed(checks: list[dict]) -> bool | None:
+    """A record's ``checks_passed``: False when a check failed, else None when one was skipped (``passed`` None:
+    an unchecked certificate is not a passed one), else True."""
+    passed = [c["passed"] for c in checks]
+    return False if False in passed else None if None in passed else True
 
 
 def _protocol(cfg: CertifyConfig, p) -> dict:
@@ -120,27 +132,42 @@ def _certify_all(p, cfg: CertifyConfig, smoothed: Smoothed, progress: bool) -> t
                               "samples_per_s": round(n * (cfg.n0 + cfg.n) / wall, 1), "noise_batch": smoothed.batch}
 
 
-def _checks(p, cfg: CertifyConfig, smoothed: Smoothed, certs: list, radii: list[float]) -> tuple[list, dict]:
-    """The integrity check on the first ``check_images`` certified images (radius > 0), and the empirical L2 robust
-    accuracy of the smoothed classifier on the first ``check_images`` images, beside their certified accuracy:
-    SmoothAdv PGD at each grid radius; an image counts at radius r if the smoothed classifier's majority stays
-    correct unattacked and at every grid radius up to r (RobustBench's accounting, worst case over the radii)."""
-    dev, gen = p.clip.device, _generator(cfg.run.seed, CHECK_STREAM, 0, p.clip.device)
-    attack = {"steps": cfg.check_steps, "samples": cfg.check_samples, "generator": gen}
-    chosen = [i for i, c in enumerate(certs) if c.radius > 0][:cfg.check_images]
-    x = _pixels(p.data, chosen, dev) if chosen else None
-    checks = certificate_check(smoothed, x, [certs[i] for i in chosen], num=cfg.check_n, alpha=cfg.alpha, **attack)
-    checks[0]["positions"] = chosen  # the checked images' positions in the run (the detail's indices point here)
-    sample = list(range(min(cfg.check_images, len(certs))))
-    x, labels = _pixels(p.data, sample, dev), p.data.labels[sample]
-    robust = majority(smoothed, x, cfg.check_n, gen) == labels
-    curve = []
-    for r in radii:  # an image broken at a radius stays broken at every larger one (the same x_adv is inside)
-        adv = smoothadv_pgd(smoothed, x, labels, torch.full((len(sample),), r), **attack) if r > 0 else x
-        robust = robust & (majority(smoothed, adv, cfg.check_n, gen) == labels)
-        point = put({"radius": r}, "robust_acc", int(robust.sum()), len(sample))
-        curve.append(put(point, "certified_acc", *certified_counts(certs[:len(sample)], labels.tolist(), r)))
+def _checks(p, cfg: CertifyConfig, smoothed: Smoothed, certs: list, radii: list[float],
+            progress: bool) -> tuple[list, dict, dict]:
+    """(checks, empirical curve, timings): the integrity check on the first ``check_images`` certified images
+    (radius > 0), and the empirical L2 robust accuracy of the smoothed classifier on the first ``check_images``
+    images, beside their certified accuracy: SmoothAdv PGD at each grid radius; an image counts at radius r if the
+    smoothed classifier's majority stays correct unattacked and at every grid radius up to r (RobustBench's
+    accounting, worst case over the radii). ``--check-images 0``: both skipped, and the record says so."""
     empirical = {"attack": "SmoothAdv L2 PGD on the Monte-Carlo smoothed classifier (Salman et al. 2019)",
-                 "steps": cfg.check_steps, "samples": cfg.check_samples, "n": cfg.check_n, "images": len(sample),
-                 "curve": curve}
-    return checks, empirical
+                 "steps": cfg.check_steps, "samples": cfg.check_samples, "n": cfg.check_n}
+    if cfg.check_images == 0:
+        why = "--check-images 0"
+        return skipped_checks(why), {**empirical, "images": 0, "curve": [], "skipped": why}, {}  # no check timings
+    dev, gen = p.clip.device, _generator(cfg.run.seed, CHECK_STREAM, 0, p.clip.device)
+    chosen = [i for i, c in enumerate(certs) if c.radius > 0][:cfg.check_images]
+    sample = list(range(min(cfg.check_images, len(certs))))
+    per_image = {"steps": cfg.check_steps, "samples": cfg.check_samples, "num": cfg.check_n}
+    attacked = sum(r > 0 for r in radii) * len(sample)  # the curve attacks the sample once per radius > 0
+    recounted = (1 + sum(r == 0 for r in radii)) * len(sample)  # unattacked majorities: before the loop, at r = 0
+    total = check_samples(len(chosen) + attacked, **per_image) + recounted * cfg.check_n  # noisy samples classified
+    t0 = time.perf_counter()
+    with progress_bar(total, "check (SmoothAdv)", enabled=progress, unit="sample") as advance:
+        attack = {"steps": cfg.check_steps, "samples": cfg.check_samples, "generator": gen, "advance": advance}
+        x = _pixels(p.data, chosen, dev) if chosen else None
+        checks = certificate_check(smoothed, x, [certs[i] for i in chosen], num=cfg.check_n, alpha=cfg.alpha,
+                                   **attack)
+        checks[0]["positions"] = chosen  # the checked images' positions in the run (the detail's indices point here)
+        x, labels = _pixels(p.data, sample, dev), p.data.labels[sample]
+        robust = majority(smoothed, x, cfg.check_n, gen, advance) == labels
+        curve = []
+        for r in radii:  # an image broken at a radius stays broken at every larger one (the same x_adv is inside)
+            adv = smoothadv_pgd(smoothed, x, labels, torch.full((len(sample),), r), **attack) if r > 0 else x
+            robust = robust & (majority(smoothed, adv, cfg.check_n, gen, advance) == labels)
+            point = put({"radius": r}, "robust_acc", int(robust.sum()), len(sample))
+            curve.append(put(point, "certified_acc", *certified_counts(certs[:len(sample)], labels.tolist(), r)))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return checks, {**empirical, "images": len(sample), "curve": curve}, {
+        "check_wall_s": round(wall, 3), "check_samples_per_s": round(total / wall, 1)}

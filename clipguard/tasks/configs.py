@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from clipguard.config import (
     ATTACK,
@@ -25,15 +26,20 @@ from clipguard.config import (
     eps_list,
     from_options,
     input_path,
+    non_negative,
     option,
     output_dir,
     output_file,
+    pixel_float,
     pixel_units,
     positive,
 )
+from clipguard.config import (
+    given as changed_from_default,
+)
 from clipguard.errors import ClipguardError
 from clipguard.run_options import RunOptions
-from clipguard.specs import Eps, Norm, parse_norm
+from clipguard.specs import Eps, Norm, check_linf_eps, parse_eps, parse_norm
 
 RESOLUTIONS = ("model", "native")  # where a perturbation lives: the model's input size or the dataset's own
 ATTACK_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -54,7 +60,7 @@ def same(cls, name: str, **changes):
 class AttackOptions(Config):
     """The attack block of ``eval`` and ``attack``: an attack, its threat model and its settings."""
 
-    attack: str | None = option(None, panel=ATTACK, metavar="NAME",
+    attack: str | None = option(None, panel=ATTACK, metavar="NAME", parse=lambda v, n: str(v).strip().lower(),
                                 help="Attack: fgsm, pgd, apgd (torchattacks) or autoattack (the reference AutoAttack, "
                                      "pyautoattack).")
     eps: tuple[Eps, ...] = option("8/255", panel=ATTACK, parse=eps_list, metavar="EPS",
@@ -84,12 +90,24 @@ class AttackOptions(Config):
                                         "recorded as a warning, and checked against fp32 on 256 images, within 0.5 "
                                         "points).")
 
+    # options that mean something only when an attack runs (--resolution also places the clean images)
+    ATTACK_ONLY: ClassVar[tuple[str, ...]] = ("eps", "norm", "alpha", "steps", "restarts", "aa_version", "aa_attacks",
+                                              "surrogate", "attack_precision")
+
     def check(self) -> None:
-        if self.surrogate and not self.attack:
-            raise ClipguardError("--surrogate needs --attack (e.g. --attack pgd --surrogate toy-cnn)")
         if not self.attack:
+            unused = changed_from_default(self, self.ATTACK_ONLY)
+            if unused:
+                one = len(unused) == 1
+                raise ClipguardError(f"{', '.join(unused)} {'is' if one else 'are'} used only with --attack (e.g. "
+                                     f"--attack pgd): add --attack, or leave {'it' if one else 'them'} out")
             return
-        from clipguard.attacks.registry import ATTACKS, USES, check_attack
+        if self.norm == "linf":
+            for e in self.eps:
+                check_linf_eps(e)
+            if self.alpha is not None:
+                check_linf_eps(self.alpha, "--alpha")
+        from clipguard.attacks.registry import ATTACKS, USES, check_attack  # torch: only when a config is built
 
         ATTACKS.check(self.attack)
         for name in ("alpha", "steps", "restarts", "aa_version", "aa_attacks"):
@@ -99,13 +117,13 @@ class AttackOptions(Config):
                                      f"{uses}): leave it out")
         check_attack(self.attack_settings())
         if self.surrogate:
-            from clipguard.attacks.surrogates import check_surrogate_spec
+            from clipguard.attacks.surrogates import check_surrogate_spec  # torch: only when a config is built
 
             check_surrogate_spec(self.surrogate)
 
     def attack_settings(self):
         """The attack as :class:`clipguard.attacks.registry.AttackConfig`, at the first eps (a sweep replaces it)."""
-        from clipguard.attacks.registry import DEFAULT_STEPS, AttackConfig
+        from clipguard.attacks.registry import DEFAULT_STEPS, AttackConfig  # torch: only when a config is built
 
         return AttackConfig(self.attack, eps=self.eps[0], alpha=self.alpha,
                             steps=self.steps if self.steps is not None else DEFAULT_STEPS.get(self.attack, 1),
@@ -127,6 +145,8 @@ class EvalConfig(AttackOptions):
     predictions: Path | None = option(None, panel=OUTPUT, parse=output_file, metavar="FILE",
                                       help="Write per-image results (digest, label, clean and adversarial predictions "
                                            "per eps) to this .csv or .parquet.")
+
+    ATTACK_ONLY = (*AttackOptions.ATTACK_ONLY, "sanity")
 
     def check(self) -> None:
         if self.attack and self.adv_set:
@@ -170,14 +190,15 @@ def _radii(value, name: str) -> tuple[float, ...]:
     """``"0,0.25,0.5"`` -> sorted distinct L2 radii >= 0 ([0, 1] pixel units)."""
     if isinstance(value, tuple):
         return value
-    try:
-        radii = tuple(sorted({float(r) for r in str(value).split(",") if r.strip()}))
-    except ValueError:
-        radii = ()
-    if not radii or radii[0] < 0:
+    radii = tuple(sorted({parse_eps(r.strip(), name=name, upper=None).value for r in str(value).split(",")
+                          if r.strip()}))  # L2 radii may exceed 1; fractions (1/255) work as everywhere
+    if not radii:
         raise ClipguardError(f"{name} {value!r}: use a comma list of L2 radii >= 0 in [0, 1] pixel units, "
                              "e.g. 0,0.25,0.5,1")
     return radii
+
+
+_radii.takes_text = True
 
 
 def _radii_text(radii: tuple[float, ...]) -> str:
@@ -200,8 +221,8 @@ class CertifyConfig(Config):
     EXCLUDE = ("batch_size",)
 
     run: RunOptions = field(default_factory=RunOptions)
-    sigma: float = option(0.25, panel=SMOOTHING, parse=_unit_interval(0, float("inf"), "the noise std in [0, 1] "
-                                                                       "pixel units (Cohen et al.: 0.12-1.0)"),
+    sigma: float = option(0.25, panel=SMOOTHING, parse=pixel_float(allow_zero=False),
+                          metavar="STD",
                           help="Noise std in [0, 1] pixel units at the model's input size (Cohen et al.: 0.12, 0.25, "
                                "0.5, 1.0).")
     n0: int = option(100, panel=SMOOTHING, parse=positive, help="Selection samples per image.")
@@ -215,9 +236,9 @@ class CertifyConfig(Config):
     radii: tuple[float, ...] = option("0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", panel=SMOOTHING, parse=_radii,
                                       dump=_radii_text, metavar="LIST",
                                       help="Certified-accuracy grid: comma list of L2 radii in [0, 1] pixel units.")
-    check_images: int = option(10, panel=CHECK, parse=positive,
+    check_images: int = option(10, panel=CHECK, parse=non_negative,
                                help="Images attacked (SmoothAdv L2 PGD) by the integrity check and for the empirical "
-                                    "curve.")
+                                    "curve; 0 skips both (the record lists the check as skipped, checks_passed null).")
     check_steps: int = option(20, panel=CHECK, parse=positive, help="PGD iterations of the check attack.")
     check_samples: int = option(16, panel=CHECK, parse=positive, help="Noise samples per PGD step.")
     check_n: int = option(1000, panel=CHECK, parse=positive,
@@ -254,8 +275,8 @@ class UAPFitConfig(Config):
     target_fooling: float = option(0.8, panel=ATTACK, parse=_class_share,
                                    help="Stop once the fitting-set fooling rate reaches this share.")
     epochs: int = option(10, panel=ATTACK, parse=positive, help="At most this many passes over the fitting set.")
-    step: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
-                              help="sgd step per batch in [0, 1] pixel units (default eps/10).")
+    step_size: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
+                                   help="sgd step per batch in [0, 1] pixel units (default eps/10).")
     target_class: str | None = option(None, panel=ATTACK, metavar="CLASS",
                                       help="Targeted UAP: success = the prediction becomes this class name.")
     resolution: str = same(AttackOptions, "resolution")
@@ -266,16 +287,20 @@ class UAPFitConfig(Config):
     def check(self) -> None:
         if self.uap is None:
             raise ClipguardError("give --uap FILE.safetensors: where to write the result")
+        if self.norm == "linf":
+            check_linf_eps(self.eps)
+            if self.step_size is not None:
+                check_linf_eps(self.step_size, "--step-size")
         self.uap_settings()
 
     def uap_settings(self):
         """The checked :class:`clipguard.uap.core.UAPConfig` (target class still unresolved)."""
-        from clipguard.uap.core import UAPConfig
+        from clipguard.uap.core import UAPConfig  # torch: only when a config is built
         from clipguard.uap.fit import check_uap_config
 
         return check_uap_config(UAPConfig(eps=self.eps, norm=self.norm, method=self.method,
                                           target_fooling=self.target_fooling, epochs=self.epochs,
-                                          batch_size=self.run.batch_size, step=self.step,
+                                          batch_size=self.run.batch_size, step=self.step_size,
                                           resolution=self.resolution, seed=self.run.seed))
 
 
@@ -359,7 +384,7 @@ class BenchRunConfig(Config):
     out: Path | None = option(None, panel=OUTPUT, short="-o", parse=output_dir, metavar="DIR",
                               help="Folder for records/ and adapters/.")
     only: list[str] | None = option(None, panel=MODEL_DATA, metavar="CELL",
-                                    help="Run only these cell ids (repeatable).")
+                                    help="Run only these cell ids (repeatable; an id not in SUITE is refused).")
     executor: str = option("local", panel=PERF, parse=choice(*EXECUTOR_NAMES),
                            help="Who runs the cells: local (this process, in file order), ray (one Ray task per cell) "
                                 "or slurm (a submitit job array per wave of independent cells).")
@@ -405,16 +430,19 @@ class ReportConfig(Config):
 
     records: Path | None = option(None, panel=MODEL_DATA, argument=True, parse=_existing_dir("report:"),
                                   metavar="RECORDS", help="Folder of result records (searched recursively).")
-    out: Path = option("report.md", panel=OUTPUT, short="-o", parse=output_file, metavar="FILE",
-                       help="Markdown report to write.")
+    out: Path | None = option(None, panel=OUTPUT, short="-o", parse=output_file, metavar="FILE",
+                              help="Markdown report to write (default: RECORDS/report.md).")
     html: Path | None = option(None, panel=OUTPUT, parse=output_file, metavar="FILE",
                                help="Also write a self-contained HTML report.")
     csv: Path | None = option(None, panel=OUTPUT, parse=output_file, metavar="FILE",
                               help="Also write a CSV (CLIP_benchmark's columns first).")
+    force: bool = option(False, panel=OUTPUT, help="Replace existing report files that clipguard did not write.")
 
     def check(self) -> None:
         if self.records is None:
             raise ClipguardError("report needs RECORDS: a folder of result records (e.g. runs/bench-toy)")
+        if self.out is None:  # beside the records, never the current folder (a report of another run lands there)
+            object.__setattr__(self, "out", output_file(self.records / "report.md", "--out"))
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import time
+
+from clipguard.attacks.advset import image_digest, load_adv_set
+from clipguard.attacks.surrogates import build_surrogate
+from clipguard.attacks.sweep import robust_sweep
 from clipguard.config import flat
+from clipguard.distributed import gather_objects, is_main
+from clipguard.errors import ClipguardError
 from clipguard.models.inference import predict_logits
 from clipguard.records.metrics import attack_success_counts, classification_metrics, count, put
-from clipguard.records.predictions import image_digests
+from clipguard.records.predictions import image_digests, prediction_table, write_predictions
 from clipguard.records.schema import make_record
 from clipguard.tasks.configs import EvalConfig, eval_config
 from clipguard.tasks.setup import prepare
@@ -15,10 +22,9 @@ __all__ = ["EvalConfig", "eval_config", "run_eval"]
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Clean zero-shot evaluation (robust too with ``attack``); returns a ``clipguard.result/1`` record."""
+    started = time.perf_counter()
     adv = None
     if cfg.adv_set:  # the images the set was made from: loaded at the resolution it was crafted at
-        from clipguard.attacks.advset import load_adv_set
-
         adv = load_adv_set(cfg.adv_set)
     p = prepare(cfg.run, resolution=load_resolution(cfg, adv),  # --compile: warmed up for the attack's passes too
                 attack_precision=cfg.attack_precision if cfg.attack else None)
@@ -45,25 +51,26 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
             put(metrics, name, **counts)
     adv_preds = extra.pop("_preds", {})
     if cfg.predictions:
-        from clipguard.distributed import gather_objects, is_main
-        from clipguard.records.predictions import prediction_table, write_predictions
-
         digests = [d for part in gather_objects(digests) for d in part]  # under torchrun: every rank's, in order
         if is_main():
-            write_predictions(cfg.predictions, prediction_table(digests, p.data.labels, logits.argmax(1), adv_preds))
+            write_predictions(cfg.predictions, prediction_table(digests, p.data.labels, logits.argmax(1), adv_preds,
+                                                                  p.prompts.classnames))
         extra["predictions"] = {"path": str(cfg.predictions), "rows": len(p.data)}
-    return make_record(task, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
-                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg), **extra)
+    return make_record(task, clip=p.clip, started=started,
+                       dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=_recorded(cfg), **extra)
+
+
+def _recorded(cfg: EvalConfig) -> dict:
+    """The config a record keeps: a run with no attack keeps no attack settings (they were not used)."""
+    unused = ("attack", *cfg.ATTACK_ONLY) if not cfg.attack else ()
+    return {k: v for k, v in flat(cfg).items() if k not in unused}
 
 
 def _attack_section(p, cfg: EvalConfig, progress: bool, correct) -> dict:
-    from clipguard.attacks.sweep import robust_sweep
-
     base, eps_list = cfg.attack_settings(), list(cfg.eps)
     surrogate, resolution = None, load_resolution(cfg)
     if cfg.surrogate:  # crafted on the dataset's own images (native), which the target resizes itself
-        from clipguard.attacks.surrogates import build_surrogate
-
         surrogate = build_surrogate(cfg.surrogate, p)
     entries, checks, preds = robust_sweep(p, base, eps_list, batch_size=cfg.run.batch_size, resolution=resolution,
                                    precision=cfg.attack_precision, surrogate=surrogate, sanity=cfg.sanity,
@@ -90,9 +97,6 @@ def load_resolution(cfg: EvalConfig, adv=None) -> str:
 
 def _check_matching_adv_set(p, cfg: EvalConfig, adv) -> None:
     """Refuse (one line) a saved set that was not made for exactly this run's images."""
-    from clipguard.attacks.advset import image_digest
-    from clipguard.errors import ClipguardError
-
     src = adv.manifest.get("data", {})
     digest = adv.manifest.get("images_digest")
     if digest is None:

@@ -5,36 +5,37 @@ from __future__ import annotations
 import time
 
 from clipguard.config import flat
+from clipguard.data.images import as_size, protocol_name
+from clipguard.data.prepared import cache_key, write_prepared
+from clipguard.data.registry import SOURCES, from_source
+from clipguard.models.inference import rate_fields
+from clipguard.models.loader import model_input_size
+from clipguard.progress import progress_bar
+from clipguard.records.schema import SCHEMA, environment
+from clipguard.specs import parse_dataset_spec
 from clipguard.tasks.configs import PrepareConfig
 
 
 def run_prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
     """Write (or finish) the prepared cache of ``cfg``'s selection at the model's input size; returns a record."""
-    from clipguard.data.images import as_size, protocol_name
-    from clipguard.data.prepared import cache_key, write_prepared
-    from clipguard.data.registry import SOURCES, from_source
-    from clipguard.errors import ClipguardError
-    from clipguard.models.inference import rate_fields
-    from clipguard.progress import progress_bar
-    from clipguard.records.schema import SCHEMA, environment
-    from clipguard.specs import parse_dataset_spec
-
     run = cfg.run
     spec = parse_dataset_spec(run.dataset, image_column=run.image_column, label_column=run.label_column)
-    if spec.kind in ("toy", "prepared"):
-        raise ClipguardError(f"--dataset {spec.text!r} is already in memory or prepared: nothing to prepare")
+    if spec.kind in ("toy", "prepared"):  # nothing to do is not an error: a script may prepare every set it uses
+        return {"schema": SCHEMA, "task": "prepare", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "dataset": spec.text, "prepared": None, "config": flat(cfg), "environment": environment(),
+                "note": f"--dataset {spec.text!r} is generated in memory or already prepared: nothing to prepare"}
     if cfg.size is None:
-        from clipguard.models.loader import model_input_size
-
         size = model_input_size(run.model)
     else:
         size = as_size(cfg.size)
     src = SOURCES.get(spec.kind)(spec, run.split)
-    ds = from_source(src, spec, run.split, run.limit, run.seed, size, "stream", run.workers, use_prepared=False)
+    ds = from_source(src, spec, run.split, run.limit, run.seed, size, "stream", run.workers, use_prepared=False,
+                     preprocess=run.preprocess)
     stream, labels = ds.images, ds.labels.numpy()  # the selection, undecoded: positions in the source
-    key = cache_key(src.reader, stream.indices, labels, protocol_name(size))
+    protocol = protocol_name(size, preprocess=run.preprocess)
+    key = cache_key(src.reader, stream.indices, labels, protocol)
     meta = {"spec": spec.text, "name": ds.name, "split": run.split, "limit": run.limit, "seed": run.seed,
-            "preprocess": protocol_name(size), "classnames": ds.classnames, "templates": ds.templates,
+            "preprocess": protocol, "classnames": ds.classnames, "templates": ds.templates,
             "source": ds.info}
     t0 = time.perf_counter()
     with progress_bar(len(stream), f"prepare {spec.text} {size[0]}x{size[1]}", enabled=progress) as advance:

@@ -53,7 +53,8 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
     clip = loader.load_clip(mspec, device=run.device, precision=run.precision)
     size = clip.input_size if resolution == "model" else None
     data = load_dataset(dspec, split=run.split, limit=run.limit, seed=run.seed, size=size, mode=run.data_mode,
-                        workers=run.workers, streaming=run.streaming, decode=run.decode, decode_device=clip.device)
+                        workers=run.workers, streaming=run.streaming, decode=run.decode, decode_device=clip.device,
+                        preprocess=run.preprocess)
     prompts = load_prompts(data.name, prompts_file=run.prompts, templates=run.templates,
                            fallback_classnames=data.classnames, fallback_templates=data.templates)
     n_classes = len(data.classnames) if data.classnames else int(data.labels.max()) + 1

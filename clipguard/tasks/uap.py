@@ -12,12 +12,34 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from safetensors.torch import load_file
+
+from clipguard.attacks.integrity import check
 from clipguard.config import flat
+from clipguard.data.stream import chunks
 from clipguard.distributed import barrier, is_main, world_size
 from clipguard.errors import ClipguardError
+from clipguard.models.inference import attack_inputs
+from clipguard.progress import progress_bar
+from clipguard.records.metrics import count, put
+from clipguard.records.predictions import image_digests
 from clipguard.records.schema import make_record
+from clipguard.registry import suggest
+from clipguard.report.uap_pictures import uap_pictures
 from clipguard.tasks.configs import UAPEvalConfig, UAPFitConfig, uap_eval_config, uap_fit_config
 from clipguard.tasks.setup import prepare
+from clipguard.uap.core import (
+    NORM_SLACK,
+    fit_to,
+    norm_of,
+    perturb,
+    predict,
+    random_control,
+    scaled_eps,
+    universal_attack,
+)
+from clipguard.uap.file import UAPFile, tensor_digest
+from clipguard.uap.fit import fit_uap, uap_metrics
 
 __all__ = ["UAPEvalConfig", "UAPFitConfig", "run_uap_eval", "run_uap_fit", "uap_eval_config", "uap_fit_config"]
 
@@ -28,8 +50,6 @@ def resolve_target(name: str | None, classnames: list[str]) -> int | None:
         return None
     if name in classnames:
         return classnames.index(name)
-    from clipguard.registry import suggest
-
     close = suggest(name, classnames)
     known = ", ".join(classnames[:12]) + (", ..." if len(classnames) > 12 else "")
     raise ClipguardError(f"--target-class {name!r} is not in the class list"
@@ -42,41 +62,35 @@ def _prepare(cfg, resolution: str, *, gradients: bool = False):
 
 
 def _inputs(p, resolution: str):
-    from clipguard.models.inference import attack_inputs
-
     return lambda batch: attack_inputs(p.classifier, batch, resolution)
 
 
 def _norm_check(v, norm, eps: float) -> dict:
-    from clipguard.attacks.integrity import check
-    from clipguard.uap.core import NORM_SLACK, norm_of
-
     size = norm_of(v, norm)
     return check("norm_within_eps", size, size <= eps + NORM_SLACK, f"||v||_{norm.value} vs eps {eps:.6g}")
 
 
 def _pictures(p, inputs, v, clean_pred, adv_pred, png_dir, n: int = 8) -> list[str]:
-    from clipguard.report.uap_pictures import uap_pictures
-    from clipguard.uap.core import perturb
-
     x = inputs(p.data.images[:n]).cpu()
     return uap_pictures(v.cpu(), x, perturb(x, v.cpu()), clean_pred[:n], adv_pred[:n], p.data.labels[:n],
                         p.prompts.classnames, png_dir)
 
 
-def _fitted_on_these(fit_data: dict, data) -> bool:
-    """Whether the evaluation images overlap the fitting images: same dataset and split (any limit/seed)."""
-    return fit_data.get("spec") == data.spec and fit_data.get("split") == data.split
+def _fit_overlap(manifest: dict, data) -> int:
+    """How many evaluation images are among the fitting images, by image digest (a flat folder read as two
+    "splits" is the same images; two limits of one split overlap). A UAP file without digests (made before them) is
+    matched by dataset and split."""
+    fitted = manifest.get("image_digests")
+    if fitted is None:
+        fit_data = manifest.get("data") or {}
+        return len(data) if (fit_data.get("spec"), fit_data.get("split")) == (data.spec, data.split) else 0
+    fitted = set(fitted)
+    return sum(d in fitted for _, x in chunks(data.images, 1024) for d in image_digests(x))
 
 
 def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     """Fit a UAP on ``cfg``'s split, save it to ``cfg.uap``; returns a ``clipguard.result/1`` record."""
-    from safetensors.torch import load_file
-
-    from clipguard.attacks.integrity import check
-    from clipguard.uap.file import UAPFile, tensor_digest
-    from clipguard.uap.fit import fit_uap, uap_metrics
-
+    started = time.perf_counter()
     ucfg = cfg.uap_settings()
     if ucfg.method != "sgd" and world_size() > 1:
         raise ClipguardError(f"--method {ucfg.method} fits on one process (its loop walks the images one by one); "
@@ -85,12 +99,14 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     ucfg = replace(ucfg, target_class=resolve_target(cfg.target_class, p.prompts.classnames))
     inputs = _inputs(p, ucfg.resolution)
     # Fitting draws random batches over the whole set: a streamed set is decoded into memory once.
-    fit = fit_uap(p.classifier, p.data.in_memory(), ucfg, inputs, progress=progress)
+    images = p.data.in_memory()
+    fit = fit_uap(p.classifier, images, ucfg, inputs, progress=progress)
     metrics = uap_metrics(p.data.labels, fit.clean_pred, fit.adv_pred, ucfg.target_class)
     attack = {**ucfg.to_record(), "target_class_name": cfg.target_class, "precision": "fp32"}
     manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "source": {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "adapter": cfg.run.adapter},
                 "data": p.data.to_record(), "attack": attack,
+                "image_digests": image_digests(images),  # uap eval's held-out check: which images v was fitted on
                 "fitting": {**metrics, "history": fit.history, "epochs_run": fit.timings["epochs_run"]}}
     fitted = tensor_digest(fit.delta)  # before anything is written
     uap = UAPFile(fit.delta, manifest)
@@ -105,7 +121,8 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
               check("reload_identical", same, same, "the tensor on disk has the bits that were fitted")]
     pngs = _pictures(p, inputs, fit.delta.to(p.clip.device), fit.clean_pred, fit.adv_pred, cfg.png) \
         if cfg.png and is_main() else []
-    return make_record("uap_fit", clip=p.clip, dataset=p.data, prompts=p.prompts,
+    return make_record("uap_fit", clip=p.clip, started=started,
+                       dataset=p.data, prompts=p.prompts,
                        metrics={**metrics, "fooling_history": fit.history}, timings=p.timings(fit.timings),
                        attack=attack,
                        uap={"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
@@ -119,20 +136,16 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
 
     The record also holds ``random_fooling_rate``: a random sign pattern of the same norm, the chance level.
     """
-    from clipguard.attacks.integrity import check
-    from clipguard.progress import progress_bar
-    from clipguard.records.metrics import count, put
-    from clipguard.uap.core import fit_to, predict, random_control, scaled_eps, universal_attack
-    from clipguard.uap.file import UAPFile
-    from clipguard.uap.fit import uap_metrics
-
+    started = time.perf_counter()
     uap = UAPFile.from_disk(cfg.uap)  # a bad file fails before any model loads
     p = _prepare(cfg, uap.resolution)
-    same_images = _fitted_on_these(uap.manifest.get("data") or {}, p.data)
+    overlap = _fit_overlap(uap.manifest, p.data)
+    same_images = overlap > 0
     if same_images and not cfg.allow_fit_split:
-        raise ClipguardError(f"--uap {str(cfg.uap)!r} was fitted on {p.data.spec} {p.data.split}, the images evaluated "
-                             "here: that is not a held-out fooling rate. Evaluate on another split (e.g. --split test)"
-                             " or pass --allow-fit-split to measure it anyway (the record says so)")
+        raise ClipguardError(f"--uap {str(cfg.uap)!r} was fitted on {overlap} of the {len(p.data)} images evaluated "
+                             f"here ({p.data.spec} {p.data.split}): that is not a held-out fooling rate. Evaluate "
+                             "on other images (e.g. --split test) or pass --allow-fit-split to measure it anyway (the "
+                             "record says so)")
     inputs = _inputs(p, uap.resolution)
     size = tuple(inputs(p.data.images[:1]).shape[-2:])
     v = fit_to(uap.delta.to(p.clip.device), size, uap.norm, uap.eps)
@@ -162,10 +175,11 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     info = {"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
             "applied_shape": list(v.shape), "resized": tuple(v.shape) != tuple(uap.delta.shape),
             "source": src, "fitted_on": uap.manifest.get("data"), "fitting": uap.manifest.get("fitting"),
-            "evaluated_on_fit_images": same_images,
+            "evaluated_on_fit_images": same_images, "fit_images_overlap": {"k": overlap, "n": len(p.data)},
             "transfer": src.get("fingerprint") != p.clip.fingerprint or src.get("adapter") != cfg.run.adapter}
     pngs = _pictures(p, inputs, v, clean, adv, cfg.png) if cfg.png and is_main() else []
-    return make_record("uap_evaluation", clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
+    return make_record("uap_evaluation", clip=p.clip, started=started,
+                       dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=p.timings({"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)}),
                        attack=uap.manifest["attack"], uap=info, checks=checks,
                        checks_passed=all(c["passed"] for c in checks), warnings=warnings, pngs=pngs,

@@ -74,7 +74,7 @@ class UAPConfig:
             if v < 1:
                 raise ClipguardError(f"{name} {v} must be at least 1")
         if self.step is not None and self.step.value <= 0:
-            raise ClipguardError(f"--step {self.step.text} must be > 0 ([0, 1] pixel units, e.g. 1/255)")
+            raise ClipguardError(f"--step-size {self.step.text} must be > 0 ([0, 1] pixel units, e.g. 1/255)")
         return self
 
     def to_record(self) -> dict:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors import torch as safetensors_torch  # called through the module, as tests can make it fail
 
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write, writing_output
@@ -52,20 +54,16 @@ class UAPFile:
 
     def to_disk(self, path: str | Path) -> Path:
         """Write atomically (temp file + ``os.replace``); the manifest gains schema, shape and sha256."""
-        from safetensors.torch import save_file
-
         delta = self.delta.detach().float().cpu().contiguous()
         self.manifest = {"schema": SCHEMA, **self.manifest, "shape": list(delta.shape),
                          "sha256": tensor_digest(delta)}
         meta = {"manifest": json.dumps(self.manifest)}
         with writing_output(path, "the UAP"):  # not held: `uap fit` reads the file back for its record
-            return atomic_write(path, lambda tmp: save_file({"uap": delta}, tmp, metadata=meta))
+            return atomic_write(path, lambda tmp: safetensors_torch.save_file({"uap": delta}, tmp, metadata=meta))
 
     @classmethod
     def from_disk(cls, path: str | Path, *, option: str = "--uap") -> UAPFile:
         """Load and check a UAP file; every problem is a one-line ClipguardError naming the file."""
-        from safetensors import SafetensorError, safe_open
-
         name = f"{option} {str(path)!r}"
         if not Path(path).is_file():
             raise ClipguardError(f"{name}: no such file (make one with `clipguard uap fit --out FILE`)")
