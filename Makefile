@@ -51,7 +51,7 @@ report: install
 		--csv $(REPORT_DIR)/results.csv
 
 gate-toy: bench-toy
-	$(BIN)/clipguard gate --records runs/bench-toy --rules benchmarks/gate-toy.toml --junit runs/bench-toy/gate.xml
+	$(BIN)/clipguard gate runs/bench-toy --rules benchmarks/gate-toy.toml --junit runs/bench-toy/gate.xml
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

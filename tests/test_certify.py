@@ -214,7 +214,8 @@ def test_checks_passed_is_false_on_a_failure_then_null_on_a_skip(passed, expecte
 
 
 @pytest.mark.parametrize("opts, needle", [
-    ({"sigma": 0.0}, "--sigma"), ({"alpha": 0.5}, "--alpha"), ({"n": 0}, "--n "), ({"radii": "0,-1"}, "--radii"),
+    ({"sigma": 0.0}, "--sigma"), ({"failure_prob": 0.5}, "--failure-prob"), ({"n": 0}, "--n "),
+    ({"radii": "0,-1"}, "--radii"),
     ({"radii": "a"}, "--radii"), ({"check_images": -1}, "--check-images"),
 ])
 def test_bad_options_are_one_line_errors(opts, needle):
@@ -258,11 +259,12 @@ def test_cli_builds_the_config(fake_task, cli, tmp_path):
 
     got = fake_task(task, "run_certify")
     code, _, err = cli("certify", "--model", "toy", "--dataset", "toy", "--limit", "7", "--sigma", "0.5", "--n0",
-                       "50", "--n", "2000", "--alpha", "0.01", "--noise-batch", "500", "--radii", "0,1",
+                       "50", "--n", "2000", "--failure-prob", "0.01", "--noise-batch", "500", "--radii", "0,1",
                        "--seed", "3", "--out", tmp_path / "r.json", "--json")
     assert code == 0, err
     cfg = got["cfg"]
-    assert (cfg.sigma, cfg.n0, cfg.n, cfg.alpha, cfg.noise_batch, cfg.radii) == (0.5, 50, 2000, 0.01, 500, (0.0, 1.0))
+    assert (cfg.sigma, cfg.n0, cfg.n, cfg.failure_prob, cfg.noise_batch, cfg.radii) == \
+        (0.5, 50, 2000, 0.01, 500, (0.0, 1.0))
     assert (cfg.run.limit, cfg.run.seed, cfg.run.model) == (7, 3, "toy")
     code, _, err = cli("certify", "--sigma", "-1")
     assert code == 2 and "--sigma" in err and len(err.strip().splitlines()) == 1

@@ -266,3 +266,23 @@ def test_resume_alone_continues_with_the_runs_own_options(fake_task, cli, tmp_pa
     assert code == 0, err
     code, _, err = cli("finetune", "--resume", tmp_path, "--lr", "0.5", "--json")
     assert code == 2 and "--lr 0.5" in err and "was made with 0.01" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_training_bar_ends_at_its_total(tmp_path, monkeypatch):
+    """100 images in steps of 64: 64 + 36 per epoch. The bar's total is the images the steps take (it used to be
+    steps x 64 = 128 per epoch, so the bar stopped at 200/256)."""
+    from contextlib import contextmanager
+
+    import clipguard.finetune.loop as loop
+    from clipguard.tasks.finetune import run_finetune
+
+    seen = {"done": 0}
+
+    @contextmanager
+    def bar(total, description, **kw):
+        seen["total"] = total
+        yield lambda n, **fields: seen.update(done=seen["done"] + n)
+
+    monkeypatch.setattr(loop, "progress_bar", bar)
+    run_finetune(finetune_config(**{**TINY, "limit": 100, "eval_limit": 10}, run_dir=str(tmp_path)), progress=True)
+    assert seen["total"] == seen["done"] == 200

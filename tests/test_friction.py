@@ -172,3 +172,12 @@ def test_finetune_refuses_to_evaluate_on_its_training_images(cli, tmp_path, monk
     code, _, err = cli("finetune", "--dataset", f"imagefolder:{two}", "--run-dir", tmp_path / "run2", "--device",
                        "cpu")
     assert code == 2 and "training reached" in err, err
+
+
+def test_a_skipped_check_is_not_reported_as_failed():
+    from clipguard.records.rows import failed_checks
+
+    rec = {"checks": [{"name": "skipped", "passed": None}, {"name": "bad", "passed": False, "eps": "8/255"},
+                      {"name": "good", "passed": True}], "checks_passed": False}
+    assert failed_checks(rec) == ["bad@8/255"]
+    assert failed_checks({"checks": [{"name": "skipped", "passed": None}], "checks_passed": None}) == []

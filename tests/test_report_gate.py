@@ -122,24 +122,24 @@ def test_gate_passes_fails_and_rejects_malformed(bench, tmp_path, cli):
     root, _, _ = bench
     recs = root / "out"
     ok = _rules(tmp_path, "clean_acc1 >= 0.9", "robust_acc(attack=pgd, eps=8/255, cell=base) <= 0.5")
-    code, out, _ = cli("gate", "--records", recs, "--rules", ok, "--junit", tmp_path / "j.xml")
+    code, out, _ = cli("gate", recs, "--rules", ok, "--junit", tmp_path / "j.xml")
     assert code == 0 and "2 of 2 rules hold" in out
     bad = _rules(tmp_path, "clean_acc1 >= 0.9", "robust_acc(attack=pgd, eps=4/255) >= 0.99")
-    code, out, err = cli("gate", "--records", recs, "--rules", bad, "--junit", tmp_path / "j.xml")
+    code, out, err = cli("gate", recs, "--rules", bad, "--junit", tmp_path / "j.xml")
     assert code == 1
     fails = [line for line in err.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "robust_acc(attack=pgd, eps=4/255) >= 0.99" in fails[0]
     suite = ET.parse(tmp_path / "j.xml").getroot()
     assert suite.get("tests") == "2" and suite.get("failures") == "1"
-    code, _, err = cli("gate", "--records", recs, "--rules", _rules(tmp_path, "robust_acc(attack=pgd >= x"))
+    code, _, err = cli("gate", recs, "--rules", _rules(tmp_path, "robust_acc(attack=pgd >= x"))
     assert code == 2 and "malformed" in err and len(err.strip().splitlines()) == 1
-    code, _, err = cli("gate", "--records", recs, "--rules", _rules(tmp_path, "robust_acc(norm=l2) >= 0.1"))
+    code, _, err = cli("gate", recs, "--rules", _rules(tmp_path, "robust_acc(norm=l2) >= 0.1"))
     assert code == 2 and "norm=l2" in err
 
 
 def test_gate_rule_matching_nothing_fails(bench, tmp_path, cli):
     root, _, _ = bench
-    code, _, err = cli("gate", "--records", root / "out", "--rules", _rules(tmp_path, "fooling_rate <= 0.5"))
+    code, _, err = cli("gate", root / "out", "--rules", _rules(tmp_path, "fooling_rate <= 0.5"))
     assert code == 1 and "no record matches" in err
 
 

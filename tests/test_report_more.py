@@ -76,10 +76,10 @@ def test_gate_strict_fails_on_a_failed_check_even_when_the_rules_hold(tmp_path, 
     good = _write(tmp_path / "good", a=_robust("a"))
     bad = _write(tmp_path / "bad", a=_robust("a"), b=_robust("b", ("eps0_equals_clean",)))
     rules = _rules(tmp_path / "g.toml", "clean_acc1 >= 0.5")
-    assert cli("gate", "--records", bad, "--rules", rules)[0] == 0
-    code, _, err = cli("gate", "--records", bad, "--rules", rules, "--strict")
+    assert cli("gate", bad, "--rules", rules)[0] == 0
+    code, _, err = cli("gate", bad, "--rules", rules, "--strict")
     assert code == 1 and "checks_passed == 1" in err and "eps0_equals_clean" in err
-    assert cli("gate", "--records", good, "--rules", rules, "--strict")[0] == 0
+    assert cli("gate", good, "--rules", rules, "--strict")[0] == 0
 
 
 def _record_commands():

@@ -191,7 +191,9 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     # ---- the loop: one train_step per batch; a new order each epoch; a checkpoint every save_every steps
     start_step, losses, seen, t0 = step, [], 0, time.perf_counter()
     batches = epoch_batches(p.data, order, position, bs)
-    with progress_bar((s.total - step) * bs * ranks, f"finetune {cfg.method}/{cfg.objective}",
+    whole = bs * ranks  # images per step; an epoch's last step takes what is left, so the bar ends at its total
+    left = sum(min(whole, n - (k % s.steps_per_epoch) * whole) for k in range(step, s.total))
+    with progress_bar(left, f"finetune {cfg.method}/{cfg.objective}",
                       enabled=progress) as advance:
         while step < s.total:
             idx, batch, whole = next(batches)

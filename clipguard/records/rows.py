@@ -134,9 +134,9 @@ def zero_shot_readings(rs: list[dict]) -> dict[str, dict[tuple[str, str], float]
 
 def failed_checks(rec: dict) -> list[str]:
     """A record's failed integrity checks as ``name@eps``; a record that says ``checks_passed: false`` without
-    naming one still counts as failed (``checks_passed``)."""
+    naming one still counts as failed (``checks_passed``). A skipped check (``passed: null``) did not fail."""
     failed = [f"{c['name']}" + (f"@{c['eps']}" if c.get("eps") else "") for c in rec.get("checks") or []
-              if not c["passed"]]
+              if c["passed"] is False]
     return failed or (["checks_passed"] if rec.get("checks_passed") is False else [])
 
 

@@ -83,7 +83,7 @@ def all_passed(checks: list[dict]) -> bool | None:
 def _protocol(cfg: CertifyConfig, p) -> dict:
     """The record's ``smoothing`` section: the settings, units and definitions behind its numbers."""
     return {"method": "randomized smoothing, CERTIFY (Cohen et al. 2019)", "sigma": cfg.sigma, "n0": cfg.n0,
-            "n": cfg.n, "alpha": cfg.alpha, "resolution": list(p.data.images.shape[-2:]),
+            "n": cfg.n, "alpha": cfg.failure_prob, "resolution": list(p.data.images.shape[-2:]),
             "noise": "N(0, sigma^2 I) added to [0, 1] pixels at the model's input size, not clamped",
             "radius_units": "L2 norm, [0, 1] pixel units at the model's input size",
             "acc1": "the base classifier on the clean images",
@@ -121,7 +121,7 @@ def _certify_all(p, cfg: CertifyConfig, smoothed: Smoothed, progress: bool) -> t
             x = _pixels(p.data, [i], dev)
             with torch.no_grad(), autocast_for(dev, smoothed.precision):
                 base_pred.append(int(p.classifier(x).argmax()))
-            certs.append(certify(smoothed, x[0], n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
+            certs.append(certify(smoothed, x[0], n0=cfg.n0, n=cfg.n, alpha=cfg.failure_prob,
                                  generator=_generator(cfg.run.seed, CERTIFY_STREAM, i, dev)))
             abstained += certs[-1].prediction == ABSTAIN
             advance(cfg.n0 + cfg.n, abstained=abstained)
@@ -155,7 +155,7 @@ def _checks(p, cfg: CertifyConfig, smoothed: Smoothed, certs: list, radii: list[
     with progress_bar(total, "check (SmoothAdv)", enabled=progress, unit="sample") as advance:
         attack = {"steps": cfg.check_steps, "samples": cfg.check_samples, "generator": gen, "advance": advance}
         x = _pixels(p.data, chosen, dev) if chosen else None
-        checks = certificate_check(smoothed, x, [certs[i] for i in chosen], num=cfg.check_n, alpha=cfg.alpha,
+        checks = certificate_check(smoothed, x, [certs[i] for i in chosen], num=cfg.check_n, alpha=cfg.failure_prob,
                                    **attack)
         checks[0]["positions"] = chosen  # the checked images' positions in the run (the detail's indices point here)
         x, labels = _pixels(p.data, sample, dev), p.data.labels[sample]

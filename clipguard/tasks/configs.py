@@ -228,9 +228,11 @@ class CertifyConfig(Config):
     n0: int = option(100, panel=SMOOTHING, parse=positive, help="Selection samples per image.")
     n: int = option(100_000, panel=SMOOTHING, parse=positive,
                     help="Estimation samples per image (Cohen et al.: 100000).")
-    alpha: float = option(0.001, panel=SMOOTHING,
-                          parse=_unit_interval(0, 0.5, "each certificate's failure probability (Cohen et al.: 0.001)"),
-                          help="Failure probability of each certificate.")
+    failure_prob: float = option(0.001, panel=SMOOTHING, metavar="P",
+                                 parse=_unit_interval(0, 0.5, "each certificate's failure probability (Cohen et al.'s "
+                                                              "alpha: 0.001)"),
+                                 help="Failure probability of each certificate (Cohen et al.'s alpha; --alpha is "
+                                      "PGD's step everywhere else).")
     noise_batch: int = option(1000, panel=PERF, parse=positive,
                               help="Noisy samples per forward pass (halved on GPU out-of-memory).")
     radii: tuple[float, ...] = option("0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", panel=SMOOTHING, parse=_radii,
@@ -449,8 +451,9 @@ class ReportConfig(Config):
 class GateConfig(Config):
     """``clipguard gate``: exit 0 when every rule holds over the records, 1 when any fails."""
 
-    records: Path | None = option(None, panel=MODEL_DATA, parse=_existing_dir("--records"), metavar="DIR",
-                                  help="Folder of result records.")
+    records: Path | None = option(None, panel=MODEL_DATA, argument=True, parse=_existing_dir("gate:"),
+                                  metavar="RECORDS", help="Folder of result records (searched recursively), as for "
+                                                          "`clipguard report`.")
     rules: Path | None = option(None, panel=MODEL_DATA, parse=input_path, metavar="FILE",
                                 help="TOML with rules = [\"robust_acc(attack=pgd, eps=1/255) >= 0.40\", \"clean_acc1 "
                                      ">= 0.85\"].")
@@ -461,7 +464,8 @@ class GateConfig(Config):
 
     def check(self) -> None:
         if self.records is None or self.rules is None:
-            raise ClipguardError("gate needs --records DIR and --rules FILE (e.g. benchmarks/gate-toy.toml)")
+            raise ClipguardError("gate needs RECORDS and --rules FILE (e.g. clipguard gate runs/bench-toy --rules "
+                                 "benchmarks/gate-toy.toml)")
 
 
 @dataclass(frozen=True)
