@@ -65,7 +65,7 @@ LINF_PLAUSIBLE = 32 / 255  # above this, a bare L-inf radius (0.5, 1) is almost 
 def check_linf_eps(eps: Eps, name: str = "--eps") -> Eps:
     """A bare decimal L-inf radius above 32/255 is refused with the /255 hint (a fraction says it is meant)."""
     if eps.value > LINF_PLAUSIBLE and "/" not in eps.text:
-        raise ClipguardError(f"{name} {eps.text} with --norm linf changes every pixel by up to "
+        raise ClipguardError(f"{name} {eps.text} as an L-inf radius changes every pixel by up to "
                              f"{eps.value * 255:g}/255, which no image survives: did you mean {eps.text}/255? (write "
                              f"it as a fraction, e.g. {round(eps.value * 255)}/255, if you mean it)")
     return eps
