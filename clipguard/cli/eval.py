@@ -16,27 +16,33 @@ def eval_command(cfg: EvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = Fa
     emit(run_eval(cfg, progress=not json_out), out=out, as_json=json_out, table=eval_table, strict=strict)
 
 
+def with_ci(metrics: dict, name: str) -> str:
+    """``0.4800 [0.337, 0.626]``: a metric with its interval (records from before intervals: the value alone)."""
+    ci = metrics.get(f"{name}_ci")
+    return f"{metrics[name]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def eval_table(rec: dict):
     from rich.console import Group
     from rich.table import Table
 
     t = Table(title=f"{model_label(rec)} on {rec['data']['spec']} ({rec['data']['split']}, n={rec['data']['n']})")
-    for col in ("acc1", "acc5", "mean per-class recall", "img/s", "text emb."):
+    for col in ("acc1 [95% CI]", "acc5", "mean per-class recall", "img/s", "text emb."):
         t.add_column(col, justify="right")
     m = rec["metrics"]
-    t.add_row(f"{m['acc1']:.4f}", "—" if m["acc5"] is None else f"{m['acc5']:.4f}", f"{m['mean_per_class_recall']:.4f}",
+    t.add_row(with_ci(m, "acc1"), "—" if m["acc5"] is None else f"{m['acc5']:.4f}", f"{m['mean_per_class_recall']:.4f}",
               f"{rec['timings']['images_per_s']:,.1f}", rec["text_embeddings"]["cache"])
     if "robust" in m:
         r = Table(title=f"robust accuracy ({rec['attack']['name']}, {rec['attack']['resolution']} resolution"
                         + (f", transfer from {rec['attack']['surrogate']}" if rec["attack"].get("surrogate") else "")
                         + ")")
-        cols = ["eps", "robust acc", "attack success", "img/s"]
+        cols = ["eps", "robust acc [95% CI]", "attack success", "img/s"]
         transfer = "surrogate_robust_acc" in m["robust"][0]
         cols += ["surrogate clean", "surrogate adv"] if transfer else []
         for col in cols:
             r.add_column(col, justify="right")
         for e in m["robust"]:
-            row = [e["eps"], f"{e['robust_acc']:.4f}", f"{e['attack_success_rate']:.4f}", f"{e['images_per_s']:,.1f}"]
+            row = [e["eps"], with_ci(e, "robust_acc"), f"{e['attack_success_rate']:.4f}", f"{e['images_per_s']:,.1f}"]
             row += [f"{e['surrogate_clean_acc']:.4f}", f"{e['surrogate_robust_acc']:.4f}"] if transfer else []
             r.add_row(*row)
         return Group(t, r, checks_line(rec))

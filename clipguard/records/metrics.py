@@ -11,6 +11,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import torch
+from scipy.stats import binomtest
 
 
 def ratio(k: int, n: int) -> float:
@@ -18,10 +19,23 @@ def ratio(k: int, n: int) -> float:
     return int(k) / int(n) if n else 0.0
 
 
+CONFIDENCE = 0.95  # the level of every interval a record carries (Clopper-Pearson, exact)
+
+
+def interval(k: int, n: int, confidence: float = CONFIDENCE) -> list[float]:
+    """The exact (Clopper-Pearson) interval of a proportion k of n, as scipy computes it; [0, 1] when n is 0."""
+    if not n:
+        return [0.0, 1.0]
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
 def put(metrics: dict, name: str, k: int, n: int) -> dict:
-    """``metrics[name] = k / n`` and ``metrics["counts"][name] = {"k": k, "n": n}``; returns ``metrics``."""
+    """``metrics[name] = k / n``, its 95 % interval ``metrics[name + "_ci"] = [lo, hi]`` and
+    ``metrics["counts"][name] = {"k": k, "n": n}``; returns ``metrics``."""
     k, n = int(k), int(n)
     metrics[name] = ratio(k, n)
+    metrics[f"{name}_ci"] = interval(k, n)
     metrics.setdefault("counts", {})[name] = {"k": k, "n": n}
     return metrics
 
@@ -49,7 +63,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     classes = labels.unique().tolist()
     recalls = [Fraction(count(pred[labels == c] == c), count(labels == c)) for c in classes]
     m["mean_per_class_recall"] = float(sum(recalls) / len(recalls)) if recalls else 0.0
-    return {k: m[k] for k in ("acc1", "acc5", "mean_per_class_recall", "counts")}
+    return {k: m[k] for k in ("acc1", "acc1_ci", "acc5", *(("acc5_ci",) if "acc5_ci" in m else ()),
+                              "mean_per_class_recall", "counts")}
 
 
 def accuracy_counts(pred: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
