@@ -259,6 +259,21 @@ def non_negative(value, name: str):
     return int(value)
 
 
+def in_range(lo: float, hi: float | None, what: str, *, lo_open: bool = False, hi_open: bool = True, cast=float):
+    """A parser of a number in [lo, hi) (``lo_open`` / ``hi_open`` choose the ends; ``hi`` None: no upper end);
+    outside, one line: "--NAME VALUE must be WHAT"."""
+
+    def parse(value, name: str):
+        v = float(value)
+        below = v <= lo if lo_open else v < lo
+        above = hi is not None and (v >= hi if hi_open else v > hi)
+        if below or above:
+            raise ClipguardError(f"{name} {value} must be {what}")
+        return cast(v)
+
+    return parse
+
+
 def choice(*names: str):
     """A parser accepting one of ``names`` (case-insensitive), else a one-line error listing them."""
 

@@ -20,6 +20,7 @@ from clipguard.config import (
     comma_list,
     flat,
     from_options,
+    in_range,
     option,
     output_dir,
     pixel_units,
@@ -33,16 +34,6 @@ from clipguard.specs import Eps, check_linf_eps
 
 def _train_run() -> RunOptions:
     return RunOptions(split="train", batch_size=128)
-
-
-def _in(lo: float, hi: float | None, what: str, *, lo_open: bool = False):
-    def parse(value, name: str) -> float:
-        v = float(value)
-        if (v <= lo if lo_open else v < lo) or (hi is not None and not v < hi):
-            raise ClipguardError(f"{name} {value} must be {what}")
-        return v
-
-    return parse
 
 
 def _run_dir(value, name: str) -> str:
@@ -70,7 +61,7 @@ class FinetuneConfig(Config):
     method: str = option("lora", panel=TRAIN, metavar="NAME", help="What trains: lora, vpt or full.")
     lora_r: int = option(8, panel=TRAIN, parse=_positive, help="LoRA rank.")
     lora_alpha: int = option(32, panel=TRAIN, help="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = option(0.0, panel=TRAIN, parse=_in(0, 1, "in [0, 1)"),
+    lora_dropout: float = option(0.0, panel=TRAIN, parse=in_range(0, 1, "in [0, 1)"),
                                  help="LoRA dropout (MLP targets only: on the attention modules peft merges LoRA each "
                                       "forward, so dropout never applies).")
     lora_targets: list[str] | None = option(None, panel=TRAIN, metavar="LIST",
@@ -102,16 +93,17 @@ class FinetuneConfig(Config):
     epochs: int = option(1, panel=TRAIN, parse=_positive, help="Passes over the training split.")
     max_steps: int | None = option(None, panel=TRAIN, parse=_positive, omit_at_default=True,
                                    help="Optimizer steps in all, instead of --epochs (FARE: 20000 of 128 images).")
-    lr: float | None = option(None, panel=TRAIN, parse=_in(0, None, "a positive learning rate (e.g. 1e-4)",
+    lr: float | None = option(None, panel=TRAIN, parse=in_range(0, None, "a positive learning rate (e.g. 1e-4)",
                                                            lo_open=True),
                               help="AdamW peak learning rate (default per method: lora 5e-4, vpt 1e-3, full 1e-5).")
-    weight_decay: float = option(0.0, panel=TRAIN, parse=_in(0, None, ">= 0"), help="AdamW weight decay.")
-    warmup: float = option(0.05, panel=TRAIN, parse=_in(0, 1, "a share of all steps in [0, 1)"),
+    weight_decay: float = option(0.0, panel=TRAIN, parse=in_range(0, None, ">= 0"), help="AdamW weight decay.")
+    warmup: float = option(0.05, panel=TRAIN, parse=in_range(0, 1, "a share of all steps in [0, 1)"),
                            help="Share of steps with linear warm-up before cosine decay.")
-    grad_clip: float = option(1.0, panel=TRAIN, parse=_in(0, None, ">= 0 (0 = no clipping)"),
+    grad_clip: float = option(1.0, panel=TRAIN, parse=in_range(0, None, ">= 0 (0 = no clipping)"),
                               help="Max gradient norm (0 = off).")
     # --- checkpoints
-    save_every: int = option(50, panel=OUTPUT, trains=False, parse=_in(0, None, ">= 0 steps (0 = only at the end)"),
+    save_every: int = option(50, panel=OUTPUT, trains=False,
+                             parse=in_range(0, None, ">= 0 steps (0 = only at the end)", cast=int),
                              help="Checkpoint every N optimizer steps (0 = only at the end).")
     resume: str | None = option(None, panel=OUTPUT, metavar="DIR", trains=False,
                                 help="Continue the run in this directory (same options).")

@@ -25,6 +25,7 @@ from clipguard.config import (
     comma_list,
     eps_list,
     from_options,
+    in_range,
     input_path,
     non_negative,
     option,
@@ -205,15 +206,6 @@ def _radii_text(radii: tuple[float, ...]) -> str:
     return ",".join(f"{r:g}" for r in radii)
 
 
-def _unit_interval(lo: float, hi: float, what: str):
-    def parse(value, name: str) -> float:
-        if not lo < float(value) < hi:
-            raise ClipguardError(f"{name} {value} must be in ({lo:g}, {hi:g}): {what}")
-        return float(value)
-
-    return parse
-
-
 @dataclass(frozen=True)
 class CertifyConfig(Config):
     """``clipguard certify``: certified L2 accuracy of the Gaussian-smoothed classifier (Cohen et al.)."""
@@ -229,8 +221,8 @@ class CertifyConfig(Config):
     n: int = option(100_000, panel=SMOOTHING, parse=positive,
                     help="Estimation samples per image (Cohen et al.: 100000).")
     failure_prob: float = option(0.001, panel=SMOOTHING, metavar="P",
-                                 parse=_unit_interval(0, 0.5, "each certificate's failure probability (Cohen et al.'s "
-                                                              "alpha: 0.001)"),
+                                 parse=in_range(0, 0.5, "in (0, 0.5): each certificate's failure probability "
+                                                         "(Cohen et al.'s alpha: 0.001)", lo_open=True),
                                  help="Failure probability of each certificate (Cohen et al.'s alpha; --alpha is "
                                       "PGD's step everywhere else).")
     noise_batch: int = option(1000, panel=PERF, parse=positive,
@@ -251,12 +243,6 @@ def _fit_run() -> RunOptions:
     return RunOptions(split="train", batch_size=128)
 
 
-def _class_share(value, name: str) -> float:
-    if not 0 < float(value) <= 1:
-        raise ClipguardError(f"{name} {value} must be a share in (0, 1]")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class UAPFitConfig(Config):
     """``clipguard uap fit``: one universal perturbation fitted on a split (always fp32)."""
@@ -274,7 +260,8 @@ class UAPFitConfig(Config):
     method: str = option("sgd", panel=ATTACK, metavar="NAME",
                          help="sgd (projected sign-gradient ascent over mini-batches, fast) or deepfool "
                               "(Moosavi-Dezfooli et al. 2017).")
-    target_fooling: float = option(0.8, panel=ATTACK, parse=_class_share,
+    target_fooling: float = option(0.8, panel=ATTACK,
+                                   parse=in_range(0, 1, "a share in (0, 1]", lo_open=True, hi_open=False),
                                    help="Stop once the fitting-set fooling rate reaches this share.")
     epochs: int = option(10, panel=ATTACK, parse=positive, help="At most this many passes over the fitting set.")
     step_size: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
