@@ -3,6 +3,7 @@ twin of each), the noise objective, the record, the CLI and the bench cell."""
 
 import json
 import math
+import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from statistics import NormalDist
@@ -251,7 +252,8 @@ def test_noise_objective_needs_sigma_and_only_it():
 def finetune_config_for(**opts):
     from clipguard.finetune.config import finetune_config
 
-    return finetune_config(model="toy", dataset="toy", run_dir="unused", **opts)
+    # a run folder outside the checkout: configs probe (create) it on construction
+    return finetune_config(model="toy", dataset="toy", run_dir=tempfile.mkdtemp(prefix="clipguard-unused-"), **opts)
 
 
 def test_cli_builds_the_config(fake_task, cli, tmp_path):

@@ -50,9 +50,10 @@ def test_each_option_default_and_help_come_from_its_config_field(path, cmd):
         assert p.opts[0] == (name if f.opt.argument else "--" + name.replace("_", "-"))
 
 
-def test_a_field_added_to_a_config_appears_everywhere_with_no_other_edit():
+def test_a_field_added_to_a_config_appears_everywhere_with_no_other_edit(monkeypatch, tmp_path):
     """A throwaway field on a config: --help, the parsed value in the command, the record's config, the suite cell
     schema (type check) and the training hash all see it."""
+    monkeypatch.chdir(tmp_path)  # the configs probe (create) their --run-dir: not in the checkout
 
     @dataclass(frozen=True)
     class Thrown(FinetuneConfig):
@@ -84,8 +85,9 @@ def test_a_field_added_to_a_config_appears_everywhere_with_no_other_edit():
     assert config_hash(same) != config_hash(other_value)  # the training hash covers it
 
 
-def test_finetune_hashes_of_existing_fields_are_those_of_the_code_before_the_configs():
+def test_finetune_hashes_of_existing_fields_are_those_of_the_code_before_the_configs(monkeypatch, tmp_path):
     """Computed with the pre-config code (commit f3710f5): a run started before the change resumes after it."""
+    monkeypatch.chdir(tmp_path)  # the configs probe (create) their --run-dir: not in the checkout
     assert config_hash(finetune_config(run_dir="x")) == \
         "f65f7313da39b44d099e8eae08285e162530267a119d903b8359a46c494284e7"
     assert config_hash(finetune_config(method="vpt", vpt_tokens=50, objective="fare", eps="2/255", alpha="1/255",

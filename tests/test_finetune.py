@@ -237,9 +237,10 @@ def test_cli_builds_the_config(fake_task, cli, tmp_path):
     assert json.loads((tmp_path / "record.json").read_text())["schema"] == "clipguard.result/1"
 
 
-def test_fields_added_later_keep_old_runs_resumable():
+def test_fields_added_later_keep_old_runs_resumable(monkeypatch, tmp_path):
     """A run made before --max-steps / --sigma / --streaming existed has the same hash as the same run today
     (those fields hash only when set); setting one does change the hash."""
+    monkeypatch.chdir(tmp_path)  # the configs probe (create) their --run-dir: not in the checkout
     from clipguard.finetune.config import config_hash, hashed_fields
 
     cfg = finetune_config(**TINY, run_dir="unused")

@@ -10,6 +10,7 @@ shorter side resized with PIL bicubic, then centre crop); with ``size=None`` ima
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,31 @@ from torchvision.transforms import functional as F
 from clipguard.errors import ClipguardError
 
 NATIVE = "native"
+
+RESIZE_MODES = ("shortest", "squash", "longest")  # open_clip's ``resize_mode`` values
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # open_clip's ``interpolation`` values
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image reaches a model's input size: a model's own open_clip preprocess config (``resize_mode``,
+    ``interpolation``, ``fill_color``; ``open_clip.image_transform``'s arguments of the same names), minus the
+    normalisation (mean/std are applied on the device, inside the classifier). The default is OpenAI CLIP's:
+    shorter side bicubic, then centre crop."""
+
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ClipguardError(f"resize mode {self.resize_mode!r} is unknown: use one of {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ClipguardError(f"interpolation {self.interpolation!r} is unknown: use one of "
+                                 f"{', '.join(INTERPOLATIONS)}")
+
+
+DEFAULT_GEOMETRY = Geometry()
 
 
 def as_size(size) -> tuple[int, int] | None:

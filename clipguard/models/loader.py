@@ -25,6 +25,7 @@ from open_clip import factory as open_clip_factory
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from clipguard.data.images import DEFAULT_GEOMETRY, Geometry
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_json, cache_root
 from clipguard.hub import ensure_reachable_or_offline
@@ -52,6 +53,10 @@ class LoadedClip:
     fingerprint: str  # weights digest (local files); tag or hub name + weights digest or hub revision
     spec: ModelSpec
     info: dict = field(default_factory=dict)  # provenance for records
+    # the model's own resize rule (open_clip preprocess config / a transformers image-processor config)
+    geometry: Geometry = DEFAULT_GEOMETRY
+    # names the tokenizer and its context length; part of the text-embedding key ("" = open_clip's default)
+    tokenizer_name: str = ""
 
     @property
     def dtype(self) -> torch.dtype:
