@@ -12,7 +12,7 @@ else may move between releases):
 Example:
     >>> import clipguard
     >>> clf = clipguard.load_classifier("toy", dataset="toy", device="cpu")
-    >>> data = clipguard.load_images("toy", split="test", limit=100, size=clf.input_size)
+    >>> data = clipguard.load_images("toy", split="test", limit=100, model=clf)
     >>> logits = clf(clipguard.to_model_input(clf, data.images))
     >>> rec = clipguard.evaluate(model="toy", dataset="toy", limit=100, attack="pgd", eps="4/255")
     >>> rec["metrics"]["acc1"], rec["metrics"]["robust_acc"]
@@ -51,11 +51,12 @@ def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, 
         ClipguardError: bad spec, neither or both of ``classnames`` and ``dataset``, adapter for another model.
     """
     from clipguard.data.prompts import load_prompts
-    from clipguard.models.adapters import load_adapter
     from clipguard.models.classifier import ZeroShotClassifier
     from clipguard.models.loader import load_clip
     from clipguard.models.text_embeddings import get_text_embeddings
+    from clipguard.run_options import RunOptions
     from clipguard.specs import parse_dataset_spec
+    from clipguard.tasks.setup import adapted
 
     if (classnames is None) == (dataset is None):
         raise ClipguardError("load_classifier needs exactly one of classnames=[...] or dataset='...'")
@@ -63,24 +64,58 @@ def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, 
         p = load_prompts(parse_dataset_spec(dataset).name, prompts_file=prompts, templates=template_set)
         classnames, templates = p.classnames, p.templates
     clip = load_clip(model, device=device, precision="fp32")
-    visual = load_adapter(adapter, clip) if adapter else None
-    text = get_text_embeddings(clip, list(classnames), list(templates or ["a photo of a {c}."]))
+    visual, text = (None, None)
+    if adapter:  # an image-tower adapter, or a prompt adapter (its class embeddings replace the templates')
+        visual, text = adapted(RunOptions(adapter=str(adapter)), clip, list(classnames))
+    if text is None:
+        text = get_text_embeddings(clip, list(classnames), list(templates or ["a photo of a {c}."]))
     return ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()
 
 
 def load_images(dataset: str = "toy", *, split: str = "test", limit: int | None = None, seed: int = 0,
                 size: int | tuple[int, int] | None = None, image_column: str | None = None,
-                label_column: str | None = None):
+                label_column: str | None = None, model=None):
     """A dataset as the commands load it: an ``ImageSet`` with ``.images`` (uint8 (N, 3, H, W)), ``.labels``
     (int64 (N,)) and ``.classnames``; ``limit`` keeps a seeded, class-stratified subset.
 
-    ``size`` (e.g. ``classifier.input_size``) applies open_clip's eval geometry (bicubic resize of the shorter
-    side, centre crop) once, as ``--resolution model`` does; ``None`` keeps each image's own size (native), which
-    needs a set whose images share one size."""
+    Args:
+        model: the model the images are for: exactly the uint8 images ``--resolution model`` feeds it (its input
+            size and its own open_clip eval transform: resize mode, interpolation, order). A model spec string
+            (``ViT-B-16-SigLIP:webli``: only its config is read, no weights, no tokenizer), a classifier from
+            :func:`load_classifier`, or a ``LoadedClip``.
+        size: a bare input size instead (an int or (H, W)): OpenAI CLIP's geometry at that size (shorter side
+            bicubic, centre crop). Neither: each image keeps its own size (native), which needs a set whose images
+            share one size.
+
+    Raises:
+        ClipguardError: both ``model`` and ``size``; a bad spec.
+
+    Example:
+        >>> data = clipguard.load_images("imagefolder:photos", model="ViT-B-16-SigLIP:webli")  # squashed to 224
+    """
     from clipguard.data.registry import load_dataset
 
+    geometry = None
+    if model is not None:
+        if size is not None:
+            raise ClipguardError("load_images takes model=... (its own size and geometry) or size=..., not both")
+        size, geometry = _model_geometry(model)
     return load_dataset(dataset, split=split, limit=limit, seed=seed, size=size, image_column=image_column,
-                        label_column=label_column)
+                        label_column=label_column, geometry=geometry)
+
+
+def _model_geometry(model):
+    """(input size, Geometry) of a model spec string (its config only), a classifier or a LoadedClip."""
+    if isinstance(model, str):
+        from clipguard.models.loader import model_preprocess
+
+        pp = model_preprocess(model)
+        return pp.input_size, pp.geometry
+    size = getattr(model, "input_size", None)
+    if size is None:
+        raise ClipguardError(f"load_images(model=...) takes a model spec string, a classifier or a LoadedClip, "
+                             f"not a {type(model).__name__}")
+    return tuple(size), getattr(model, "geometry", None)
 
 
 def to_model_input(classifier, images):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clipguard import specs
-from clipguard.config import MODEL_DATA, PERF, Config, choice, non_negative, option, positive
+from clipguard.config import MODEL_DATA, OUTPUT, PERF, Config, choice, in_range, non_negative, option, positive
 from clipguard.errors import ClipguardError
 from clipguard.specs import parse_dataset_spec
 
@@ -33,7 +33,8 @@ def _spec(parse_name: str):
 class RunOptions(Config):
     model: str = option("toy", short="-m", metavar="SPEC", panel=MODEL_DATA, parse=_spec("parse_model_spec"),
                         help="Model spec: ViT-B-32:openai, ARCH:/path/weights.safetensors, ARCH:none (random init), "
-                             "hf-hub:ORG/NAME, or toy.")
+                             "hf-hub:ORG/NAME, transformers:ORG/NAME[@REV] or transformers:DIR (a transformers "
+                             "CLIPModel / SiglipModel), or toy.")
     dataset: str = option("toy", short="-d", metavar="SPEC", panel=MODEL_DATA,
                           help="Dataset spec: toy, a catalogue name (cifar10, imagenet1k, ...: clipguard datasets), "
                                "hf:ORG/NAME or hf:SAVED_DIR, imagefolder:PATH (ImageNet's layout too), wds:PATH "
@@ -42,13 +43,23 @@ class RunOptions(Config):
     limit: int | None = option(None, panel=MODEL_DATA, parse=positive, metavar="N",
                                help="Keep N images, stratified by class and seeded by --seed.")
     seed: int = option(0, panel=MODEL_DATA, help="Seed for --limit selection, attacks and training.")
+    confidence: float = option(0.95, panel=OUTPUT, metavar="LEVEL", omit_at_default=True, trains=False,
+                               parse=in_range(0, 1, "in (0, 1), e.g. 0.95", lo_open=True),
+                               help="Level of every accuracy's exact (Clopper-Pearson) interval in the record "
+                                    "(<metric>_ci); the record names it.")
     prompts: str | None = option(None, panel=MODEL_DATA, metavar="FILE",
                                  help="Prompts JSON overriding prompts/<dataset>.json.")
     templates: str = option("seed", panel=MODEL_DATA, help="Template set in the prompts file: seed or openai.")
     image_column: str | None = option(None, panel=MODEL_DATA, help="Image column of an hf: dataset.")
     label_column: str | None = option(None, panel=MODEL_DATA, help="Label column of an hf: dataset.")
     adapter: str | None = option(None, panel=MODEL_DATA, metavar="DIR",
-                                 help="Adapter directory (LoRA, VPT or full) made by finetune.")
+                                 help="Adapter directory (LoRA, VPT, full or prompt) made by finetune.")
+    base_adapter: str | None = option(None, panel=MODEL_DATA, metavar="DIR", omit_at_default=True,
+                                      help="Image-tower adapter (e.g. a TeCoA/FARE LoRA) under a prompt --adapter; "
+                                           "finetune --method prompt trains on top of it.")
+    trust_remote_code: bool = option(False, panel=MODEL_DATA, omit_at_default=True,
+                                     help="Let code from a model repository run: a transformers: checkpoint's own "
+                                          "model code, a hub:OWNER/REPO:ENTRY surrogate's torch.hub code.")
     device: str = option("auto", panel=PERF, trains=False, help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     precision: str = option("auto", panel=PERF, parse=choice(*PRECISIONS),
                             help="Clean passes: auto (bf16 on capable GPUs, else fp32), fp32, bf16, fp16.")
@@ -65,7 +76,8 @@ class RunOptions(Config):
                                   "the whole set (not stratified).")
     preprocess: str = option("open_clip", panel=MODEL_DATA, parse=choice(*PREPROCESSES), omit_at_default=True,
                              help="Geometry that brings images to the model's input size: open_clip (the protocol: "
-                                  "open_clip's eval transform, shorter side bicubic + centre crop) or tecoa (TeCoA's "
+                                  "the model's own open_clip eval transform: its resize mode, e.g. shorter side + "
+                                  "centre crop or SigLIP's squash, and interpolation) or tecoa (TeCoA's "
                                   "test code: torchvision Resize(256) bilinear + CenterCrop(224)); named in the "
                                   "record.")
     decode: str = option("pil", panel=PERF, parse=choice(*DECODES), omit_at_default=True,

@@ -101,15 +101,16 @@ def parse_norm(text: str | Norm) -> Norm:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a CLIP model comes from. ``kind`` is one of toy, pretrained, file, hf-hub, random."""
+    """Where a CLIP model comes from. ``kind`` is one of toy, pretrained, file, hf-hub, random, transformers."""
 
     kind: str
     arch: str | None = None  # open_clip model name, e.g. "ViT-B-32"
     tag: str | None = None  # pretrained tag, e.g. "openai"
-    path: str | None = None  # local weights file for kind == "file"
-    repo: str | None = None  # "org/name" for kind == "hf-hub"
+    path: str | None = None  # local weights file for kind == "file"; the save_pretrained folder for "transformers"
+    repo: str | None = None  # "org/name" for kind == "hf-hub" or a hub "transformers" checkpoint
     variant: str = "seed0"  # toy variant
     text: str = ""  # the spec as typed
+    revision: str | None = None  # hub revision of a "transformers" checkpoint (ORG/NAME@revision); None: main
 
     def __str__(self) -> str:
         return self.text
@@ -119,13 +120,32 @@ _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 RANDOM_TAGS = ("none", "random")
 
 
+TRANSFORMERS = "transformers:"
+
+
+def _transformers_spec(t: str) -> ModelSpec:
+    """``transformers:ORG/NAME[@revision]`` (a hub id) or ``transformers:PATH`` (a save_pretrained folder: a path that
+    exists, or one starting with / . or ~). The folder's content is checked at load (models.hf_transformers)."""
+    rest = t[len(TRANSFORMERS):]
+    if rest.startswith(("/", ".", "~")) or (rest and Path(rest).exists()):
+        return ModelSpec(kind="transformers", path=str(Path(rest).expanduser()), text=t)
+    repo, _, revision = rest.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")) or ("@" in rest and not revision):
+        raise ClipguardError(f"--model {t!r}: transformers specs look like transformers:ORG/NAME, "
+                             "transformers:ORG/NAME@REVISION or transformers:/path/to/saved_folder")
+    return ModelSpec(kind="transformers", repo=repo, revision=revision or None, text=t)
+
+
 def parse_model_spec(text: str) -> ModelSpec:
     """Parse ``toy``, ``toy@seed1``, ``ARCH:TAG``, ``ARCH:/path/weights.safetensors``,
-    ``ARCH:none`` (random init) or ``hf-hub:ORG/NAME``. Arch names are checked by the loader."""
+    ``ARCH:none`` (random init), ``hf-hub:ORG/NAME`` or ``transformers:ORG/NAME[@REV]`` / ``transformers:DIR``.
+    Arch names are checked by the loader."""
     t = str(text).strip()
     if t == "toy" or t.startswith("toy@"):
         variant = t.split("@", 1)[1] if "@" in t else "seed0"
         return ModelSpec(kind="toy", arch="clipguard-toy", variant=variant, text=t)
+    if t.startswith(TRANSFORMERS):
+        return _transformers_spec(t)
     if t.startswith("hf-hub:"):
         repo = t[len("hf-hub:"):]
         if repo.count("/") != 1 or not all(repo.split("/")):
@@ -134,7 +154,7 @@ def parse_model_spec(text: str) -> ModelSpec:
     if ":" not in t or not t.split(":", 1)[0] or not t.split(":", 1)[1]:
         raise ClipguardError(
             f"--model {t!r} is not a model spec: use ARCH:TAG (e.g. ViT-B-32:openai), "
-            "ARCH:/path/weights.safetensors, hf-hub:ORG/NAME or toy"
+            "ARCH:/path/weights.safetensors, hf-hub:ORG/NAME, transformers:ORG/NAME or toy"
         )
     arch, tag = t.split(":", 1)
     if tag.lower() in RANDOM_TAGS:

@@ -33,7 +33,7 @@ CONFIG_COMMANDS = [(p, c) for p, c in _commands() if o.config_of(c.callback)]
 
 
 def test_every_command_is_generated_from_its_config():
-    assert len(CONFIG_COMMANDS) == len(list(_commands())) == 13, [p for p, _ in _commands()]
+    assert len(CONFIG_COMMANDS) == len(list(_commands())) == 14, [p for p, _ in _commands()]
 
 
 @pytest.mark.parametrize("path,cmd", CONFIG_COMMANDS, ids=[" ".join(p) for p, _ in CONFIG_COMMANDS])

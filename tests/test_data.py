@@ -66,7 +66,8 @@ def test_hf_local_parquet_columns(tmp_path):
     assert sorted(ds.labels.tolist()) == [0, 1, 2] and ds.to_record()["preprocess"] == "native"
     at_model = load_dataset(f"hf:{tmp_path}", split="test", image_column="picture", label_column="y", size=(16, 16))
     assert at_model.images.shape == (6, 3, 16, 16)
-    assert at_model.to_record()["preprocess"] == "open_clip eval geometry 16x16"
+    assert at_model.to_record()["preprocess"] == ("open_clip eval geometry 16x16 "
+                                                 "(resize_mode=shortest, interpolation=bicubic)")
     with pytest.raises(ClipguardError, match="nosuchcol"):
         load_dataset(f"hf:{tmp_path}", split="test", image_column="nosuchcol", label_column="y")
 

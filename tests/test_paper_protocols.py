@@ -148,7 +148,7 @@ def test_eval_records_the_geometry_and_hashes_it_only_when_set():
                      progress=False)
     plain = run_eval(eval_config(model="toy", dataset="toy", limit=10, device="cpu"), progress=False)
     assert tecoa["data"]["preprocess"].startswith("TeCoA geometry 32x32")
-    assert plain["data"]["preprocess"] == "open_clip eval geometry 32x32"
+    assert plain["data"]["preprocess"] == "open_clip eval geometry 32x32 (resize_mode=shortest, interpolation=bicubic)"
     assert tecoa["config"]["preprocess"] == "tecoa" and "preprocess" not in plain["config"]  # old hashes stay
 
 

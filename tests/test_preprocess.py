@@ -66,7 +66,8 @@ def test_same_size_non_square_set_is_centre_cropped_not_squashed(tmp_path):
     _write_folder(tmp_path, {"a": [(300, 200)] * 5, "b": [(300, 200)] * 5})
     ds = load_dataset(f"imagefolder:{tmp_path}", size=(224, 224))
     assert ds.images.shape == (10, 3, 224, 224)
-    assert ds.to_record()["preprocess"] == "open_clip eval geometry 224x224"
+    assert ds.to_record()["preprocess"] == ("open_clip eval geometry 224x224 "
+                                           "(resize_mode=shortest, interpolation=bicubic)")
     files = sorted(tmp_path.glob("*/*.png"))
     for img, f in zip(ds.images, files, strict=True):
         assert (img.to(torch.int16) - _open_clip_uint8(Image.open(f), 224)).abs().max().item() <= 1
@@ -92,7 +93,8 @@ def test_toy_world_follows_the_protocol():
     same = load_dataset("toy", limit=20, size=(32, 32))
     assert torch.equal(native.images, same.images)  # the toy numbers stay bit-identical at the toy model's size
     assert native.to_record()["preprocess"] == "native"
-    assert same.to_record()["preprocess"] == "open_clip eval geometry 32x32"
+    assert same.to_record()["preprocess"] == ("open_clip eval geometry 32x32 "
+                                             "(resize_mode=shortest, interpolation=bicubic)")
     big = load_dataset("toy", limit=20, size=224)
     assert big.images.shape == (20, 3, 224, 224) and big.to_record()["resolution"] == [224, 224]
     from PIL import Image
@@ -109,7 +111,7 @@ def test_prepare_loads_data_at_the_models_input_size(tmp_path):
     run = RunOptions(model="toy", dataset=f"imagefolder:{tmp_path}", device="cpu", precision="fp32")
     p = prepare(run)
     assert tuple(p.data.images.shape) == (4, 3, *p.clip.input_size)
-    assert p.data.info["preprocess"] == "open_clip eval geometry 32x32"
+    assert p.data.info["preprocess"] == "open_clip eval geometry 32x32 (resize_mode=shortest, interpolation=bicubic)"
     with pytest.raises(ClipguardError, match="--resolution model"):
         prepare(run, resolution="native")
     with pytest.raises(ClipguardError, match="--resolution 'squash'"):

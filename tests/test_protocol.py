@@ -142,10 +142,11 @@ def test_predictions_file_pairs_images_across_runs(cli, tmp_path):
     rec = _eval(cli, "--limit", "30", "--attack", "pgd", "--eps", "0,8/255", "--steps", "3", "--predictions", out)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 30 and list(rows[0]) == ["index", "digest", "label", "clean_pred", "adv_pred@0",
-                                                 "adv_pred@8/255", "label_name", "clean_pred_name",
-                                                 "adv_pred_name@0", "adv_pred_name@8/255"]
+                                                 "adv_pred@8/255", "robust@0", "robust@8/255", "label_name",
+                                                 "clean_pred_name", "adv_pred_name@0", "adv_pred_name@8/255"]
     robust = sum(r["label"] == r["clean_pred"] == r["adv_pred@8/255"] for r in rows) / 30
     assert robust == pytest.approx(rec["metrics"]["robust"][1]["robust_acc"])
+    assert sum(r["robust@8/255"] == "1" for r in rows) / 30 == pytest.approx(rec["metrics"]["robust"][1]["robust_acc"])
     assert sum(r["label"] == r["clean_pred"] for r in rows) / 30 == pytest.approx(rec["metrics"]["acc1"])
     assert len({r["digest"] for r in rows}) == 30
     parquet = tmp_path / "p.parquet"

@@ -60,7 +60,27 @@ def cheap_checks(run, eps: float, norm: str = "linf") -> list[dict]:
         check("no_nan", s["nan"], s["nan"] == 0, "NaN values in adversarial images"),
         check("zero_grad_share", round(share, 4), share <= ZERO_GRAD_MAX,
               f"share of images whose input gradient is exactly zero (<= {ZERO_GRAD_MAX})"),
+        *aa_flag_checks(s.get("aa_flags")),
     ]
+
+
+# AutoAttack's own flags (attacks.registry.AA_FLAGS, raised by pyautoattack.checks) as checks: name -> what it means
+AA_FLAG_CHECKS = {
+    "randomized": "AutoAttack found the forward randomized and the version is not rand (no EOT): rerun with "
+                  "--aa-version rand",
+    "zero_gradients": "AutoAttack found images with an exactly zero input gradient (masked gradients?)",
+    "square_beats_white_box": "Square (black-box) lowered robust accuracy below the white-box attacks': gradients "
+                              "are unreliable, attack adaptively",
+    "dynamic": "AutoAttack found gradient calls inside the forward (a test-time defense): its attacks alone may be "
+               "insufficient",
+}
+
+
+def aa_flag_checks(flags) -> list[dict]:
+    """One check per AutoAttack flag (passed: AutoAttack did not raise it); none when AutoAttack did not run."""
+    if flags is None:
+        return []
+    return [check(f"aa_{name}", name in flags, name not in flags, detail) for name, detail in AA_FLAG_CHECKS.items()]
 
 
 def eps0_check(eps0_pred: torch.Tensor, clean_pred: torch.Tensor) -> dict:

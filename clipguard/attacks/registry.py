@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 
@@ -19,6 +20,7 @@ import pyautoattack
 import torch
 import torchattacks
 from pyautoattack import AutoAttack
+from pyautoattack import checks as aa_checks
 from torch import nn
 
 from clipguard.errors import ClipguardError
@@ -152,9 +154,44 @@ def _autoattack(model: nn.Module, cfg: AttackConfig) -> Attack:
         aa = built["aa"]
         if not aa.attacks_to_run:
             return x
-        return aa.run_standard_evaluation(x, y, batch_size=x.shape[0])[0]
+        with aa_flags_caught(attack.flags):  # AutoAttack's own warnings become integrity checks (attacks.integrity)
+            return aa.run_standard_evaluation(x, y, batch_size=x.shape[0])[0]
 
+    attack.flags = set()  # names of AA_FLAGS raised on any batch
     return attack
+
+
+# AutoAttack's own flags (pyautoattack.checks): a phrase of its warning -> the flag's name in the record
+AA_FLAGS = {"randomized defense": "randomized", "zero gradient": "zero_gradients",
+            "Square Attack has decreased": "square_beats_white_box", "dynamic defense": "dynamic",
+            "probability distribution": "probabilities", "target classes": "target_classes",
+            "not possible to use": "target_classes"}
+
+
+@contextmanager
+def aa_flags_caught(flags: set):
+    """Collect the names of the AA_FLAGS that AutoAttack's checks warn about while the block runs (its logger is
+    silenced otherwise). Its dynamic-defense check counts calls in a module-level dict it never resets, so one
+    dynamic defense would flag every later run in the process: the counts are zeroed first."""
+    log = logging.getLogger("auto-attack")
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            flags.update(name for phrase, name in AA_FLAGS.items() if phrase in msg)
+
+    for k in aa_checks.funcs:
+        aa_checks.funcs[k] = 0
+    handler, level, propagate = Catch(logging.WARNING), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    try:
+        yield flags
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def list_attacks() -> list[str]:

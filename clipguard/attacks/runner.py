@@ -106,6 +106,8 @@ def run_attack(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor
                       sharded=True) as advance:
         batch_size = run_batches(images, batch_size, compute, consume, device=device)
     stats.pop("correct")
+    if hasattr(attack, "flags"):  # AutoAttack: the names of its own warnings (attacks.integrity.aa_flag_checks)
+        stats["aa_flags"] = sorted(attack.flags)
     # Under torchrun: every rank's images, in dataset order, on every rank (a no-op in one process).
     stats = merge_stats(gather_objects(stats))
     preds = [gather_rows(_cat(p, torch.long)) for p in (clean, adv, s_clean, s_adv)]
@@ -140,6 +142,8 @@ def merge_stats(per_rank: list[dict]) -> dict:
         out["min"] = nan_min(out["min"], st["min"])
         for k in ("nan", "zero_grad", "attacked"):
             out[k] += st[k]
+    if "aa_flags" in out:  # a flag raised on any rank
+        out["aa_flags"] = sorted(set().union(*(st.get("aa_flags", ()) for st in per_rank)))
     return out
 
 

@@ -66,7 +66,7 @@ def _hub(spec: str, prepared) -> nn.Module:
     if rest.count(":") != 1 or rest.split(":")[0].count("/") != 1:
         raise ClipguardError(f"--surrogate {spec!r}: hub specs look like hub:OWNER/REPO:ENTRY")
     repo, entry = rest.split(":")
-    try:
+    try:  # trust_repo=True: the user opted in with --trust-remote-code (build_surrogate checks it)
         model = torch.hub.load(repo, entry, pretrained=True, trust_repo=True, verbose=False)
     except Exception as e:
         raise ClipguardError(
@@ -89,18 +89,26 @@ def _form(spec: str) -> str | None:
     return next((k for k in SURROGATES if spec == k or (k.endswith(":") and spec.startswith(k))), None)
 
 
-def check_surrogate_spec(spec: str) -> None:
-    """Fail fast (before any model loads) on a spec that names no known surrogate form."""
+REMOTE_CODE = ("hub:",)  # forms that run a repository's code (torch.hub's hubconf.py): only with --trust-remote-code
+
+
+def check_surrogate_spec(spec: str, *, trust_remote_code: bool = False) -> None:
+    """Fail fast (before any model loads) on a spec that names no known surrogate form, or one that would run a
+    repository's code (``hub:``) without ``--trust-remote-code``."""
     if _form(spec) is None and not Path(spec).is_file():
         raise ClipguardError(
             f"--surrogate {spec!r} is unknown: use toy-cnn, clip:ARCH:TAG, hub:OWNER/REPO:ENTRY "
             "or a TorchScript file path"
         )
+    if _form(spec) in REMOTE_CODE and not trust_remote_code:
+        raise ClipguardError(f"--surrogate {spec!r} runs the repository's own Python code (torch.hub's hubconf.py): "
+                             "add --trust-remote-code if you trust it")
 
 
-def build_surrogate(spec: str, prepared) -> nn.Module:
-    """A frozen, eval-mode [0, 1] -> logits surrogate whose classes match ``prepared``'s dataset."""
-    check_surrogate_spec(spec)
+def build_surrogate(spec: str, prepared, *, trust_remote_code: bool = False) -> nn.Module:
+    """A frozen, eval-mode [0, 1] -> logits surrogate whose classes match ``prepared``'s dataset; ``hub:`` specs
+    need ``trust_remote_code`` (``--trust-remote-code``)."""
+    check_surrogate_spec(spec, trust_remote_code=trust_remote_code)
     form = _form(spec)
     model = SURROGATES.get(form)(spec, prepared) if form else _torchscript(spec, prepared)
     model = model.eval().requires_grad_(False)

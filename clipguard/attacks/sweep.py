@@ -49,7 +49,9 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
                  correct: torch.Tensor | None = None,
                  precision_images: int = PRECISION_IMAGES) -> tuple[list[dict], list[dict], dict]:
     """Run ``base`` at every eps on the clean-correct images (``correct``: the record's clean pass); returns
-    (robust entries, integrity checks, {eps text: (N,) adversarial predictions}). An attack not run in fp32
+    (robust entries, integrity checks, {eps text: (N,) adversarial predictions, "robust@" + eps text: (N,) bool, the
+    runner's own per-image robust verdict (the one robust_acc counts; under a randomized defense it is not derivable
+    from one clean and one adversarial prediction)}). An attack not run in fp32
     (``precision`` bf16 / fp16) is checked against fp32 on the first ``precision_images`` images at every eps
     (:func:`precision_checks`)."""
     images, labels = p.data.images, p.data.labels
@@ -61,6 +63,7 @@ def robust_sweep(p, base: AttackConfig, eps_list, *, batch_size: int, resolution
         run = run_attack(p.classifier, images, labels, cfg, **kw)
         entries.append(robust_entry(run, labels, cfg))
         preds[eps.text] = run.adv_pred
+        preds[f"robust@{eps.text}"] = run.robust
         for c in ic.cheap_checks(run, eps.value, base.norm):
             checks.append({**c, "eps": eps.text})
     # eps = 0 through the same runner (attack path, masks, adversarial pass) must reproduce the clean predictions

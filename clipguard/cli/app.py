@@ -13,6 +13,7 @@ from clipguard.cli import cache as cache_cli
 from clipguard.cli import uap as uap_cli
 from clipguard.cli.attack import attack_command
 from clipguard.cli.certify import certify_command
+from clipguard.cli.compare import compare_command
 from clipguard.cli.datasets import datasets_command
 from clipguard.cli.eval import eval_command
 from clipguard.cli.finetune import finetune_command
@@ -32,6 +33,7 @@ app.add_typer(uap_cli.app, name="uap")
 app.add_typer(bench_app, name="bench")
 app.command("report", cls=Command)(report_command)
 app.command("gate", cls=Command)(gate_command)
+app.command("compare", cls=Command)(compare_command)
 app.add_typer(cache_cli.app, name="cache")
 app.command("datasets", cls=Command)(datasets_command)
 

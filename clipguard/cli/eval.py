@@ -17,9 +17,15 @@ def eval_command(cfg: EvalConfig, out: o.OutOpt = None, json_out: o.JsonOpt = Fa
 
 
 def with_ci(metrics: dict, name: str) -> str:
-    """``0.4800 [0.337, 0.626]``: a metric with its interval (records from before intervals: the value alone)."""
+    """``0.4800 [0.337, 0.626] ±0.144``: a metric, its interval and the interval's half-width (what more images
+    would shrink); records from before intervals: the value alone."""
     ci = metrics.get(f"{name}_ci")
-    return f"{metrics[name]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return f"{metrics[name]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}] ±{(ci[1] - ci[0]) / 2:.3f}" if ci else "")
+
+
+def level(rec: dict) -> str:
+    """The record's interval level as a column header says it: ``95% CI`` (records before --confidence: 95 %)."""
+    return f"{(rec.get('intervals') or {}).get('confidence', 0.95):.0%} CI"
 
 
 def eval_table(rec: dict):
@@ -27,7 +33,7 @@ def eval_table(rec: dict):
     from rich.table import Table
 
     t = Table(title=f"{model_label(rec)} on {rec['data']['spec']} ({rec['data']['split']}, n={rec['data']['n']})")
-    for col in ("acc1 [95% CI]", "acc5", "mean per-class recall", "img/s", "text emb."):
+    for col in (f"acc1 [{level(rec)}] ±half", "acc5", "mean per-class recall", "img/s", "text emb."):
         t.add_column(col, justify="right")
     m = rec["metrics"]
     t.add_row(with_ci(m, "acc1"), "—" if m["acc5"] is None else f"{m['acc5']:.4f}", f"{m['mean_per_class_recall']:.4f}",
@@ -36,7 +42,7 @@ def eval_table(rec: dict):
         r = Table(title=f"robust accuracy ({rec['attack']['name']}, {rec['attack']['resolution']} resolution"
                         + (f", transfer from {rec['attack']['surrogate']}" if rec["attack"].get("surrogate") else "")
                         + ")")
-        cols = ["eps", "robust acc [95% CI]", "attack success", "img/s"]
+        cols = ["eps", f"robust acc [{level(rec)}] ±half", "attack success", "img/s"]
         transfer = "surrogate_robust_acc" in m["robust"][0]
         cols += ["surrogate clean", "surrogate adv"] if transfer else []
         for col in cols:

@@ -10,7 +10,7 @@ from clipguard.tasks.configs import PrepareConfig
 @o.command(PrepareConfig)
 def prepare_command(cfg: PrepareConfig, out: o.OutOpt = None, json_out: o.JsonOpt = False,
                     strict: o.StrictOpt = False) -> None:
-    """Decode and preprocess DATASET once (open_clip's eval geometry at the model's input size) into a
+    """Decode and preprocess DATASET once (the model's own open_clip eval geometry at its input size) into a
     content-keyed, memory-mapped uint8 cache; later commands with the same dataset options read it at memory
     speed. A killed run resumes at its first missing shard."""
     from clipguard.tasks.prepare import run_prepare

@@ -65,7 +65,7 @@ def report_command(cfg: ReportConfig, json_out: o.JsonOpt = False, strict: o.Str
     from clipguard.report.build import build_report
 
     records, out, html, csv = cfg.records, cfg.out, cfg.html, cfg.csv
-    info = build_report(records, out, html_out=html, csv_out=csv, force=cfg.force)
+    info = build_report(records, out, html_out=html, csv_out=csv, force=cfg.force, baseline=cfg.baseline)
     if not info["records"]:
         raise ClipguardError(f"report: no clipguard.result/1 records under {str(records)!r}")
     if json_out:
@@ -84,6 +84,7 @@ def report_command(cfg: ReportConfig, json_out: o.JsonOpt = False, strict: o.Str
 @o.command(GateConfig)
 def gate_command(cfg: GateConfig, json_out: o.JsonOpt = False, strict: o.StrictOpt = False) -> None:
     """Exit 0 when every rule holds, 1 when any fails (one line each), 2 for a malformed rule."""
+    from clipguard.errors import ClipguardError
     from clipguard.fsutil import atomic_write_json, atomic_write_text
     from clipguard.records.rows import load_records, rows
     from clipguard.report.gate import evaluate_rule, junit_xml, load_rules, parse_rule
@@ -91,9 +92,12 @@ def gate_command(cfg: GateConfig, json_out: o.JsonOpt = False, strict: o.StrictO
     junit, out = cfg.junit, cfg.out
     parsed = load_rules(cfg.rules)
     rs = rows(load_records(cfg.records))
+    base = rows(load_records(cfg.baseline)) if cfg.baseline is not None else None  # `>= baseline` rules' bar
+    if cfg.baseline is not None and not base:
+        raise ClipguardError(f"--baseline {str(cfg.baseline)!r} holds no clipguard.result/1 records")
     if strict and any(r["metric"] == "checks_passed" for r in rs):  # --strict: every record's checks, one more rule
         parsed.append(parse_rule("checks_passed == 1"))
-    outcomes = [evaluate_rule(r, rs) for r in parsed]
+    outcomes = [evaluate_rule(r, rs, base) for r in parsed]
     if junit:
         atomic_write_text(junit, junit_xml(outcomes))
     failed = sum(not o.passed for o in outcomes)

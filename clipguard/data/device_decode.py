@@ -5,6 +5,8 @@ libjpeg-turbo on the CPU) and brought to the model's input size there, by the sa
 The decode workers then only read bytes; the GPU does the work PIL did on the CPU cores. It is not bit-identical
 to the PIL protocol (another JPEG decoder, and torch's float bicubic rounds where PIL's fixed-point one does), so
 it is opt-in, records name it (``dataset.preprocess``), and a prepared cache made one way is never read the other.
+It matches one geometry, OpenAI CLIP's (:data:`DEVICE_GEOMETRY`): a model whose own is another (SigLIP's squash,
+MobileCLIP's bilinear, a transformers processor's order) is refused in one line (:func:`unmatched_geometry`).
 How close it comes is measured against PIL itself (tests/test_device_decode.py, the README's tolerance:
 :data:`TOLERANCE`). Items that are not JPEG, or that the decoder refuses (CMYK on nvJPEG, say), go through the PIL
 protocol unchanged: every image is decoded one way or the other, and the counts are reported.
@@ -22,7 +24,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from clipguard.data.images import eval_geometry, protocol_suffix
+from clipguard.data.images import DEFAULT_GEOMETRY, Geometry, eval_geometry, protocol_suffix
 from clipguard.run_options import DECODES, check_decode  # --decode: PIL on the CPU workers, or torchvision on --device
 
 # What --decode device keeps to against the PIL protocol (tests check it on JPEGs of many sizes, qualities and
@@ -32,6 +34,19 @@ from clipguard.run_options import DECODES, check_decode  # --decode: PIL on the 
 TOLERANCE = {"mean_abs": 2.0, "top1_agreement": 0.99}
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+# The one model geometry :func:`geometry` reproduces: shorter side, bicubic, centre crop, open_clip's order (a JPEG
+# decodes to RGB or grey, so the order of the RGB conversion does not matter here).
+DEVICE_GEOMETRY = DEFAULT_GEOMETRY
+
+
+def unmatched_geometry(geometry: Geometry | None, protocol: str) -> str | None:
+    """Why ``--decode device`` cannot give a model its own pixels (``protocol``: what its geometry is called), or
+    None when it can (:data:`DEVICE_GEOMETRY`)."""
+    if geometry is None or geometry == DEVICE_GEOMETRY:
+        return None
+    return (f"it resizes only by open_clip's shorter side, bicubic, and this model's images are made by "
+            f"{protocol!r}")
 
 
 def is_jpeg(data) -> bool:
@@ -107,5 +122,5 @@ def pil_protocol(data: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
-__all__ = ["DECODES", "TOLERANCE", "check_decode", "decode_batch", "geometry", "is_jpeg", "output_size",
-           "protocol_suffix"]
+__all__ = ["DECODES", "DEVICE_GEOMETRY", "TOLERANCE", "check_decode", "decode_batch", "geometry", "is_jpeg",
+           "output_size", "protocol_suffix", "unmatched_geometry"]

@@ -41,9 +41,10 @@ class FileReader(Reader):
         return len(self.files)
 
     def open(self, i: int):
-        """Decoded and closed at once (a lazy ``Image.open`` would hold the file open)."""
+        """Decoded and closed at once (a lazy ``Image.open`` would hold the file open), in the file's own mode: the
+        geometry converts to RGB after resizing, as open_clip does (``data.images.eval_geometry``)."""
         with Image.open(self.files[i]) as im:
-            return im.convert("RGB")
+            return im.copy()
 
     def raw(self, i: int) -> bytes | None:
         if os.path.splitext(self.files[i])[1].lower() not in (".jpg", ".jpeg"):

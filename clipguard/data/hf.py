@@ -152,9 +152,10 @@ def open_hf(spec, split: str) -> tuple[HFReader, np.ndarray, list[str] | None, d
     return HFReader(ds, img_col, _refetch(spec)), labels, names, {"hf_path": spec.hf_path}
 
 
-def read_hf_stream(spec, split: str, limit: int | None, size):
-    """``--streaming``: the first ``limit`` rows of a hub dataset, read as a stream (nothing else is downloaded);
-    returns (uint8 images, labels, class names, info). Not stratified: the record says "first N rows"."""
+def read_hf_stream(spec, split: str, limit: int | None, size, geometry=None):
+    """``--streaming``: the first ``limit`` rows of a hub dataset, read as a stream (nothing else is downloaded),
+    brought to ``size`` by the model's ``geometry`` (``data.images.Geometry``; None: OpenAI CLIP's); returns (uint8
+    images, labels, class names, info). Not stratified: the record says "first N rows"."""
     if limit is None:
         raise ClipguardError("--streaming reads the first --limit rows of the stream: give --limit N")
     split = _hf_split(spec, split)
@@ -171,7 +172,7 @@ def read_hf_stream(spec, split: str, limit: int | None, size):
     except Exception as e:  # offline, unknown repo, no such split
         raise ClipguardError(f"cannot stream {spec.text!r} ({spec.hf_path}, split {split!r}): "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    images = to_uint8_chw((r[img_col] for r in rows), size, what=f"--dataset {spec.text!r}")
+    images = to_uint8_chw((r[img_col] for r in rows), size, what=f"--dataset {spec.text!r}", geometry=geometry)
     feat = (features or {}).get(lab_col)
     names = list(feat.names) if hasattr(feat, "names") else None
     labels = np.asarray([r[lab_col] for r in rows], dtype=np.int64)

@@ -1,10 +1,13 @@
 """PIL / numpy images to one uint8 (N, 3, H, W) tensor, through the one preprocessing protocol.
 
-The protocol (applied once, at load): with a ``size=(H, W)`` every image goes through open_clip's eval
-geometry for that input size (``open_clip.image_transform(size, is_train=False)`` minus ToTensor/Normalize:
-shorter side resized with PIL bicubic, then centre crop); with ``size=None`` images keep their own size.
-``--preprocess tecoa`` (:func:`tecoa_geometry`) is the one named alternative geometry, for TeCoA's own protocol;
-``protocol_name`` names whichever was used (records, prepared-cache keys).
+The protocol (applied once, at load): with a ``size=(H, W)`` every image goes through the model's own open_clip eval
+transform for that input size (``open_clip.image_transform(size, is_train=False, resize_mode=, interpolation=,
+fill_color=)`` minus ToTensor/Normalize), described by a :class:`Geometry`: shorter side resized then centre crop
+(OpenAI CLIP, the default), ``squash`` (SigLIP) or ``longest`` + pad, bicubic or bilinear (MobileCLIP), in open_clip's
+order (resize, crop, then RGB: a palette image is resized by nearest neighbour, RGBA premultiplied); with
+``size=None`` images keep their own size. ``--preprocess tecoa`` (:func:`tecoa_geometry`) is the one named
+alternative geometry, for TeCoA's own protocol; ``protocol_name`` names whichever was used (records, prepared-cache
+keys).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ NATIVE = "native"
 
 RESIZE_MODES = ("shortest", "squash", "longest")  # open_clip's ``resize_mode`` values
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # open_clip's ``interpolation`` values
+ORDERS = ("open_clip", "transformers")  # Geometry.order: whose order of operations (and crop rounding)
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,14 @@ class Geometry:
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"
     fill_color: int = 0
+    # whose order of operations: open_clip's (resize, crop, then RGB) or "transformers" (a transformers checkpoint's
+    # PIL image processor: RGB first, then resize, and a centre crop whose offset is floored, not rounded)
+    order: str = "open_clip"
 
     def __post_init__(self):
+        if self.order not in ORDERS or (self.order == "transformers" and self.resize_mode == "longest"):
+            raise ClipguardError(f"geometry order {self.order!r} with resize mode {self.resize_mode!r} is unknown: "
+                                 f"use one of {', '.join(ORDERS)} (transformers: shortest or squash)")
         if self.resize_mode not in RESIZE_MODES:
             raise ClipguardError(f"resize mode {self.resize_mode!r} is unknown: use one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
@@ -58,16 +68,21 @@ def as_size(size) -> tuple[int, int] | None:
     return (h, w)
 
 
-def protocol_name(size, decode_device=None, preprocess: str = "open_clip") -> str:
-    """What records store as ``dataset.preprocess``: ``native``, ``open_clip eval geometry HxW`` (plus the
-    decoder, for ``--decode device`` on ``decode_device``) or, for ``preprocess="tecoa"``, TeCoA's geometry with
-    its resize side. The prepared cache is keyed by it too, so each geometry has its own cache."""
+def protocol_name(size, decode_device=None, preprocess: str = "open_clip", geometry: Geometry | None = None) -> str:
+    """What records store as ``dataset.preprocess``: ``native``, ``open_clip eval geometry HxW (resize_mode=...,
+    interpolation=...)`` (the model's :class:`Geometry`; plus the decoder, for ``--decode device`` on
+    ``decode_device``) or, for ``preprocess="tecoa"``, TeCoA's geometry with its resize side. The prepared cache is
+    keyed by it too, so each geometry has its own cache."""
     size = as_size(size)
     if size is None:
         return NATIVE
     if preprocess == "tecoa":
         return f"{TECOA_NAME} {size[0]}x{size[1]}: torchvision Resize({tecoa_side(size)}) bilinear + CenterCrop"
-    name = f"open_clip eval geometry {size[0]}x{size[1]}"
+    g = geometry or DEFAULT_GEOMETRY
+    fill = f", fill_color={g.fill_color}" if g.resize_mode == "longest" else ""
+    library = "transformers image-processor" if g.order == "transformers" else "open_clip eval"
+    name = (f"{library} geometry {size[0]}x{size[1]} (resize_mode={g.resize_mode}, "
+            f"interpolation={effective_interpolation(g, size)}{fill})")
     if decode_device is not None:
         name += protocol_suffix(decode_device)
     return name
@@ -80,24 +95,83 @@ def protocol_suffix(device: torch.device | str) -> str:
     return f"; JPEG decoded on {kind} by torchvision.io.decode_jpeg, resized by torch antialiased bicubic"
 
 
-def eval_geometry(img, size):
-    """open_clip's eval geometry for an (H, W) input: what ``image_transform(size, is_train=False)`` does
-    before ToTensor/Normalize (``resize_mode='shortest'``, bicubic), on a PIL image; returns an RGB PIL image.
+_MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+          "nearest": InterpolationMode.NEAREST}
 
-    Square sizes use the same torchvision transforms open_clip composes (``Resize(H, BICUBIC)`` on the shorter
-    side, then ``CenterCrop``); non-square sizes use open_clip's ``ResizeKeepRatio`` rule (each side scaled by
-    the smaller ratio, rounded) through torchvision's resize, then ``CenterCrop``. The image is converted to RGB
-    first, as torchvision's ImageFolder loader does before open_clip's transform (identical for RGB and L).
-    """
+
+def effective_interpolation(geometry: Geometry, size) -> str:
+    """The interpolation :func:`eval_geometry` uses: the geometry's, except for ``shortest`` at a non-square size,
+    where open_clip's ``ResizeKeepRatio(image_size)`` is built without it and resizes bicubic (open_clip 3.3)."""
     h, w = as_size(size)
-    img = img.convert("RGB")
-    if h == w:
-        img = Resize(h, interpolation=InterpolationMode.BICUBIC)(img)
-    else:  # open_clip.transform.ResizeKeepRatio(size), longest=0
-        src_h, src_w = img.size[1], img.size[0]
-        ratio = min(src_h / h, src_w / w)
-        img = F.resize(img, [round(src_h / ratio), round(src_w / ratio)], InterpolationMode.BICUBIC)
-    return CenterCrop((h, w))(img)
+    keep_ratio = geometry.resize_mode == "shortest" and h != w and geometry.order == "open_clip"
+    return "bicubic" if keep_ratio else geometry.interpolation
+
+
+def _keep_ratio(img, size: tuple[int, int], longest: bool) -> list[int]:
+    """open_clip's ``ResizeKeepRatio`` rule: both sides divided by the smaller (shortest) or larger (longest) of the
+    two source/target ratios, rounded."""
+    src_h, src_w = img.size[1], img.size[0]
+    ratios = (src_h / size[0], src_w / size[1])
+    ratio = max(ratios) if longest else min(ratios)
+    return [round(src_h / ratio), round(src_w / ratio)]
+
+
+def _crop_or_pad(img, size: tuple[int, int], fill: int):
+    """open_clip's ``CenterCropOrPad``: pad a side shorter than ``size`` with ``fill`` (the extra pixel right and
+    bottom), then centre crop."""
+    h, w = size
+    if w > img.size[0] or h > img.size[1]:
+        dw, dh = max(w - img.size[0], 0), max(h - img.size[1], 0)
+        img = F.pad(img, [dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2], fill=fill)
+    return F.center_crop(img, [h, w])
+
+
+def eval_geometry(img, size, geometry: Geometry | None = None):
+    """A model's open_clip eval transform for an (H, W) input, before ToTensor/Normalize: what
+    ``image_transform(size, is_train=False, resize_mode=, interpolation=, fill_color=)`` does to a PIL image (any
+    mode); returns an RGB PIL image.
+
+    - ``shortest`` (the default): square sizes use torchvision's ``Resize(H)`` (shorter side to H) as open_clip does;
+      non-square sizes open_clip's ``ResizeKeepRatio`` rule, bicubic (see :func:`effective_interpolation`); then
+      ``CenterCrop``.
+    - ``squash``: ``Resize((H, W))``, the whole image with its aspect ratio changed (SigLIP).
+    - ``longest``: the longer side to fit, then centre pad with ``fill_color`` (and crop).
+
+    The image is converted to RGB last, as open_clip's ``MaybeConvertMode`` does after the resize and crop: PIL
+    resizes a palette ("P") image by nearest neighbour and an RGBA one premultiplied by its alpha. RGB and grey images
+    give the same pixels either way.
+    """
+    g = geometry or DEFAULT_GEOMETRY
+    h, w = as_size(size)
+    if g.order == "transformers":
+        return _transformers_geometry(img, (h, w), g)
+    mode = _MODES[effective_interpolation(g, (h, w))]
+    if g.resize_mode == "squash":
+        img = F.resize(img, [h, w], mode)
+    elif g.resize_mode == "longest":
+        img = _crop_or_pad(F.resize(img, _keep_ratio(img, (h, w), longest=True), mode), (h, w), g.fill_color)
+    else:
+        img = Resize(h, interpolation=mode)(img) if h == w else F.resize(img, _keep_ratio(img, (h, w), False), mode)
+        img = CenterCrop((h, w))(img)
+    return img.convert("RGB")
+
+
+def _transformers_geometry(img, size: tuple[int, int], g: Geometry):
+    """transformers' PIL image processors (``CLIPImageProcessorPil``, ``SiglipImageProcessorPil``; the slow
+    ``CLIPProcessor`` of transformers 4): convert to RGB first (transparency composited on white, as
+    ``transformers.image_transforms.convert_to_rgb`` does in transformers 5), then ``squash`` to (H, W) or resize the
+    shorter side to min(H, W) (the longer one truncated, as torchvision's ``Resize(int)``) and centre crop at the
+    floored offset ``(side - crop) // 2`` (torchvision's CenterCrop rounds it: one pixel apart when the difference is
+    odd)."""
+    h, w = size
+    if "A" in img.getbands() or img.info.get("transparency") is not None:  # transformers 5 composites it on white
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    img, mode = img.convert("RGB"), _MODES[g.interpolation]
+    if g.resize_mode == "squash":
+        return F.resize(img, [h, w], mode)
+    img = F.resize(img, min(h, w), mode)
+    top, left = (img.size[1] - h) // 2, (img.size[0] - w) // 2
+    return img.crop((left, top, left + w, top + h))
 
 
 TECOA_NAME = "TeCoA geometry"  # how protocol_name (records, prepared manifests) starts for --preprocess tecoa
@@ -117,8 +191,9 @@ def tecoa_side(size) -> int:
     return round(h * 256 / 224)
 
 
-def tecoa_geometry(img, size):
-    """TeCoA's test-time geometry for its non-CIFAR sets, on a PIL image; returns an RGB PIL image.
+def tecoa_geometry(img, size, geometry: Geometry | None = None):
+    """TeCoA's test-time geometry for its non-CIFAR sets, on a PIL image; returns an RGB PIL image. ``geometry`` (the
+    model's own) is ignored: TeCoA's protocol is the same for every model.
 
     TeCoA's ``finetuning.py`` (cvlab-columbia/ZSRobust4FoundationModel) builds ``preprocess224 = Compose([
     Resize(256), CenterCrop(224), ToTensor()])``: shorter side to 256 with torchvision's default interpolation
@@ -133,7 +208,8 @@ def tecoa_geometry(img, size):
     return CenterCrop(h)(Resize(side, interpolation=InterpolationMode.BILINEAR)(img))
 
 
-# --preprocess name -> geometry(PIL image, size) -> RGB PIL image at size (run_options.PREPROCESSES: the same names)
+# --preprocess name -> (PIL image, size, the model's Geometry) -> RGB PIL image at size (run_options.PREPROCESSES:
+# the same names)
 GEOMETRIES = {"open_clip": eval_geometry, "tecoa": tecoa_geometry}
 
 
@@ -141,8 +217,8 @@ def _fmt(hw: tuple[int, ...]) -> str:
     return f"{hw[1]}x{hw[0]}"  # W x H, as image sizes are usually written
 
 
-def to_uint8_chw(images: Iterable, size=None, *, what: str = "the dataset", preprocess: str = "open_clip"
-                 ) -> torch.Tensor:
+def to_uint8_chw(images: Iterable, size=None, *, what: str = "the dataset", preprocess: str = "open_clip",
+                 geometry: Geometry | None = None) -> torch.Tensor:
     """Stack PIL images (any mode) as uint8 (N, 3, H, W).
 
     Args:
@@ -152,14 +228,15 @@ def to_uint8_chw(images: Iterable, size=None, *, what: str = "the dataset", prep
             the same for all.
         what: names the data in the error (e.g. ``--dataset 'imagefolder:photos'``).
         preprocess: ``open_clip`` (the protocol) or ``tecoa`` (:func:`tecoa_geometry`).
+        geometry: the model's :class:`Geometry` for ``open_clip`` (None: :data:`DEFAULT_GEOMETRY`).
 
     Raises:
         ClipguardError: ``size`` is None and the images differ in size.
     """
-    size, geometry = as_size(size), GEOMETRIES[preprocess]
+    size, apply = as_size(size), GEOMETRIES[preprocess]
     arrays, shapes = [], {}
     for im in images:
-        im = geometry(im, size) if size is not None else im.convert("RGB")
+        im = apply(im, size, geometry) if size is not None else im.convert("RGB")
         a = np.asarray(im, dtype=np.uint8)
         shapes.setdefault(a.shape[:2], len(arrays))
         arrays.append(a)
@@ -176,16 +253,17 @@ def to_uint8_chw(images: Iterable, size=None, *, what: str = "the dataset", prep
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def tensor_geometry(images: torch.Tensor, size, preprocess: str = "open_clip") -> torch.Tensor:
+def tensor_geometry(images: torch.Tensor, size, preprocess: str = "open_clip", geometry: Geometry | None = None
+                    ) -> torch.Tensor:
     """uint8 (N, 3, h, w) tensors through the same protocol (via PIL); unchanged when ``size`` is None, or when
-    already at ``size`` under open_clip's geometry (its crop of a same-size image is the image; TeCoA's
-    resize-then-crop is not)."""
+    already at ``size`` under open_clip's geometry, whatever its :class:`Geometry` (a same-size resize, crop or pad is
+    the image; TeCoA's resize-then-crop is not)."""
     size = as_size(size)
     if size is None or (preprocess == "open_clip" and tuple(images.shape[-2:]) == size):
         return images
     return to_uint8_chw((Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images), size,
-                        preprocess=preprocess)
+                        preprocess=preprocess, geometry=geometry)
 
 
-__all__ = ["GEOMETRIES", "as_size", "eval_geometry", "protocol_name", "protocol_suffix", "tecoa_geometry",
-           "tensor_geometry", "to_uint8_chw"]
+__all__ = ["DEFAULT_GEOMETRY", "GEOMETRIES", "Geometry", "as_size", "effective_interpolation", "eval_geometry",
+           "protocol_name", "protocol_suffix", "tecoa_geometry", "tensor_geometry", "to_uint8_chw"]

@@ -3,11 +3,12 @@
 ``<cache>/prepared/<key>/`` holds ``shard-00000.npy`` ... (uint8 (S, 3, H, W), :data:`SHARD` images each, the last
 one shorter), ``labels.npy`` and ``manifest.json``. The key is content-based: the source's fingerprint (file paths,
 sizes and mtimes; an HF dataset's fingerprint; the shards'), the selection (``--limit``/``--seed``) and the
-preprocessing protocol (``--preprocess`` included), so a changed source, model size or geometry is a different
-cache. Each shard is written atomically and the manifest last: a killed ``clipguard prepare`` resumes at the first
-missing shard, and only a cache with a manifest is ever read. Reads are memory-mapped: every later command reads
-pixels at memory speed, with no decode. A file of a finished cache that is missing (checked when opened) or damaged
-(when first mapped) is a one-line error with the ``clipguard prepare`` command that writes it again.
+preprocessing protocol (``--preprocess`` and the model's own geometry included: ``data.images.protocol_name``), so a
+changed source, model size or geometry is a different cache. Each shard is written atomically and the manifest
+last: a killed ``clipguard prepare`` resumes at the first missing shard, and only a cache with a manifest is ever
+read. Reads are memory-mapped: every later command reads pixels at memory speed, with no decode. A file of a
+finished cache that is missing (checked when opened) or damaged (when first mapped) is a one-line error with the
+``clipguard prepare`` command that writes it again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipguard.data.images import TECOA_NAME
+from clipguard.data.images import TECOA_NAME, protocol_name
 from clipguard.data.stream import UNREADABLE, ImageStream, Reader, error_line
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write, atomic_write_json, cache_root
@@ -87,7 +88,9 @@ class PreparedReader(Reader):
         m = self.manifest
         opts = ["--dataset", str(m.get("spec")), "--split", str(m.get("split"))]
         opts += ["--limit", str(m["limit"]), "--seed", str(m.get("seed", 0))] if m.get("limit") else []
-        opts += ["--size", str(self.size[0])] if self.size[0] == self.size[1] else ["--model", "MODEL"]
+        bare = self.size[0] == self.size[1] and m.get("preprocess") in (None, protocol_name(self.size),
+                                                                        protocol_name(self.size, preprocess="tecoa"))
+        opts += ["--size", str(self.size[0])] if bare else ["--model", str(m.get("model") or "MODEL")]
         opts += ["--preprocess", "tecoa"] if str(m.get("preprocess") or "").startswith(TECOA_NAME) else []  # its key
         return f"{first}write it again with the options that made it: `clipguard prepare {shlex.join(opts)}`"
 

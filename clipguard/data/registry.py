@@ -21,7 +21,7 @@ SOURCES: Registry[Callable[..., Source | ImageSet]] = Registry("--dataset")
 
 @SOURCES.register("toy")
 def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=None,
-              preprocess: str = "open_clip") -> ImageSet:
+              preprocess: str = "open_clip", geometry=None) -> ImageSet:
     from clipguard.data import toy
     from clipguard.data.images import tensor_geometry
 
@@ -33,9 +33,9 @@ def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=
     t = torch.from_numpy(idx)
     # At 32x32 (the toy model's input) open_clip's geometry changes nothing; any other size (or TeCoA's geometry)
     # goes through PIL, as a decoded file would.
-    return ImageSet(images=tensor_geometry(images[t].contiguous(), size, preprocess), labels=labels[t].clone(),
-                    classnames=list(toy.TOY_CLASSNAMES), spec=spec.text, name="toy", split=split, limit=limit,
-                    seed=seed, indices=idx.tolist() if limit else None)
+    return ImageSet(images=tensor_geometry(images[t].contiguous(), size, preprocess, geometry),
+                    labels=labels[t].clone(), classnames=list(toy.TOY_CLASSNAMES), spec=spec.text, name="toy",
+                    split=split, limit=limit, seed=seed, indices=idx.tolist() if limit else None)
 
 
 @dataclass
@@ -94,7 +94,7 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
                  image_column: str | None = None, label_column: str | None = None,
                  size: int | tuple[int, int] | None = None, mode: str = "auto", workers: int | None = None,
                  use_prepared: bool = True, streaming: bool = False, decode: str = "pil",
-                 decode_device=None, preprocess: str = "open_clip") -> ImageSet:
+                 decode_device=None, preprocess: str = "open_clip", geometry=None) -> ImageSet:
     """Load a dataset as uint8 images, through the one preprocessing protocol.
 
     Args:
@@ -103,9 +103,9 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
             ``prepared:PATH``.
         split: dataset split (``test`` by default).
         limit: keep this many images, stratified by class and seeded by ``seed``; None keeps all.
-        size: (H, W) (a model's ``input_size``; an int means square): every image goes once through open_clip's
-            eval geometry for it (shorter side bicubic, centre crop), whatever the sizes in the set. None keeps
-            the images at their own size (they must then all have one size; held in memory).
+        size: (H, W) (a model's ``input_size``; an int means square): every image goes once through the model's
+            open_clip eval transform for it (``geometry``), whatever the sizes in the set. None keeps the images at
+            their own size (they must then all have one size; held in memory).
         mode: ``memory`` (decode once into one uint8 tensor), ``stream`` (decode batch by batch when read: memory
             bounded by a few batches) or ``auto`` (memory up to ``data.stream.MEMORY_BYTES``). Same pixels.
         workers: decode processes (None: the machine's cores; 0: this process).
@@ -117,6 +117,9 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
         preprocess: the geometry that brings images to ``size``: ``open_clip`` (the protocol) or ``tecoa`` (TeCoA's
             Resize(256) bilinear + CenterCrop(224): :func:`clipguard.data.images.tecoa_geometry`). Needs a square
             ``size``, PIL decoding and a source read from disk (not ``--streaming``).
+        geometry: the model's :class:`clipguard.data.images.Geometry` at ``size`` (``LoadedClip.geometry``,
+            ``models.loader.model_geometry``): resize mode, interpolation, fill; None: OpenAI CLIP's (shorter side
+            bicubic, centre crop). ``--decode device`` matches only that one.
 
     Returns:
         An ImageSet whose ``images`` is a uint8 (N, 3, H, W) tensor or an ``ImageStream`` of that shape, and whose
@@ -125,9 +128,10 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
     Raises:
         ClipguardError: unknown spec, missing path, bad limit, unreachable hub, mixed sizes with ``size=None``.
     """
-    from clipguard.data.device_decode import check_decode
-    from clipguard.data.images import as_size, protocol_name
+    from clipguard.data.device_decode import check_decode, unmatched_geometry
+    from clipguard.data.images import DEFAULT_GEOMETRY, as_size, protocol_name
 
+    geometry = geometry or DEFAULT_GEOMETRY
     check_positive("--limit", limit, "a positive number of images (or omitted for all)")
     size = as_size(size)
     _check_preprocess(preprocess, size, decode, streaming)
@@ -138,28 +142,29 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
         why = ("the toy images are generated, not decoded" if spec.kind == "toy" else
                "--streaming decodes the rows as they arrive" if streaming else
                "a prepared cache holds decoded pixels" if spec.kind == "prepared" else
-               "it resizes to the model's input (--resolution model)" if size is None else None)
+               "it resizes to the model's input (--resolution model)" if size is None else
+               unmatched_geometry(geometry, protocol_name(size, None, preprocess, geometry)))
         if why:
             raise ClipguardError(f"--decode device does not apply to --dataset {spec.text!r}: {why}; "
                                  "leave --decode at pil")
     else:
         decode_device = None
-    protocol = protocol_name(size, decode_device, preprocess)
+    protocol = protocol_name(size, decode_device, preprocess, geometry)
     if streaming and spec.kind != "hf":
         raise ClipguardError(f"--streaming reads Hugging Face hub datasets; {spec.text!r} is read from disk anyway")
     if spec.kind == "toy":
-        ds = _load_toy(spec, split, limit, seed, size, preprocess)
+        ds = _load_toy(spec, split, limit, seed, size, preprocess, geometry)
     elif streaming:
         from clipguard.data.hf import read_hf_stream
 
-        images, labels, names, info = read_hf_stream(spec, split, limit, size)
+        images, labels, names, info = read_hf_stream(spec, split, limit, size, geometry)
         ds = ImageSet(images=images, labels=torch.from_numpy(labels), classnames=names, spec=spec.text,
                       name=spec.name, split=split, limit=limit, seed=seed, info=info)
     else:
         src = SOURCES.get(spec.kind)(spec, split)
-        _check_prepared_geometry(src, spec, size, preprocess)
+        _check_prepared_geometry(src, spec, size, preprocess, protocol_name(size, None, preprocess, geometry))
         ds = from_source(src, spec, split, limit, seed, size, mode, workers, use_prepared, decode_device=decode_device,
-                         preprocess=preprocess)
+                         preprocess=preprocess, geometry=geometry)
     if len(ds) == 0:
         raise ClipguardError(f"--dataset {spec.text!r} split {split!r} holds no images")
     assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4, "datasets hold uint8 (N, 3, H, W)"
@@ -170,15 +175,19 @@ def load_dataset(spec: str | DatasetSpec, *, split: str = "test", limit: int | N
 
 def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, size, mode: str, workers,
                  use_prepared: bool, decode_device: torch.device | None = None,
-                 preprocess: str = "open_clip") -> ImageSet:
+                 preprocess: str = "open_clip", geometry=None) -> ImageSet:
     """The ``limit`` selection of ``src`` as an ImageSet: in memory, or streamed (by ``mode`` and size);
-    ``decode_device``: JPEGs decoded there (``--decode device``); ``preprocess``: the geometry to ``size``."""
-    from clipguard.data.images import protocol_name, to_uint8_chw
+    ``decode_device``: JPEGs decoded there (``--decode device``); ``preprocess`` and the model's ``geometry``: how
+    images reach ``size``."""
+    from clipguard.data.images import DEFAULT_GEOMETRY, protocol_name, to_uint8_chw
+
+    geometry = geometry or DEFAULT_GEOMETRY
 
     idx = stratified_indices(src.labels, limit, seed)
     labels, reader, info = src.labels[idx], src.reader, dict(src.info)
     if not reader.holds_pixels:
         reader.preprocess = preprocess  # a fresh Source's own reader: what its read() applies, in every worker
+        reader.geometry = geometry
     if size is None and reader.holds_pixels:
         size = tuple(reader.size)  # a prepared cache's own size is its only size
     if size is None:  # native: each image at its own size, decoded here (small sets: CIFAR-like)
@@ -189,7 +198,8 @@ def from_source(src: Source, spec: DatasetSpec, split: str, limit, seed: int, si
             from clipguard.data.prepared import cache_key, find_prepared, prepared_root
 
             if prepared_root().is_dir():  # fingerprinting a source costs a stat per file: only when caches exist
-                found = find_prepared(cache_key(reader, idx, labels, protocol_name(size, decode_device, preprocess)))
+                found = find_prepared(cache_key(reader, idx, labels,
+                                                protocol_name(size, decode_device, preprocess, geometry)))
                 if found is not None:
                     from clipguard.data.prepared import PreparedReader
 
@@ -218,17 +228,22 @@ def _check_preprocess(preprocess: str, size, decode: str, streaming: bool) -> No
     tecoa_side(size)  # a non-square input size is refused here, not in every worker
 
 
-def _check_prepared_geometry(src: Source, spec: DatasetSpec, size, preprocess: str) -> None:
+def _check_prepared_geometry(src: Source, spec: DatasetSpec, size, preprocess: str, protocol: str) -> None:
     """A prepared cache's pixels were made by one geometry (its manifest's ``preprocess``): refuse a run that
-    names the other, which would record a geometry its images never went through."""
+    names another (``--preprocess``, or a model whose own geometry ``protocol`` names is not the one), which would
+    record a geometry its images never went through."""
     from clipguard.data.images import TECOA_NAME
 
     made = str(getattr(src.reader, "manifest", {}).get("preprocess") or "")
-    if size is None or not src.reader.holds_pixels or made.startswith(TECOA_NAME) == (preprocess == "tecoa"):
+    if size is None or not src.reader.holds_pixels or made == protocol:
         return
-    other = "tecoa" if made.startswith(TECOA_NAME) else "open_clip"
-    raise ClipguardError(f"--dataset {spec.text!r} holds images made by {made!r}, not by --preprocess {preprocess}: "
-                         f"use --preprocess {other}, or prepare the set again with --preprocess {preprocess}")
+    if made.startswith(TECOA_NAME) != (preprocess == "tecoa"):
+        other = "tecoa" if made.startswith(TECOA_NAME) else "open_clip"
+        raise ClipguardError(f"--dataset {spec.text!r} holds images made by {made!r}, not by --preprocess "
+                             f"{preprocess}: use --preprocess {other}, or prepare the set again with --preprocess "
+                             f"{preprocess}")
+    raise ClipguardError(f"--dataset {spec.text!r} holds images made by {made!r}, but this model takes {protocol!r}: "
+                         "prepare the set again for this model (`clipguard prepare --model MODEL`)")
 
 
 def _open(reader: Reader, i: int):

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from clipguard.data.device_decode import decode_batch, is_jpeg
-from clipguard.data.images import GEOMETRIES
+from clipguard.data.images import DEFAULT_GEOMETRY, GEOMETRIES
 from clipguard.distributed import local_world_size
 from clipguard.errors import ClipguardError
 
@@ -66,11 +66,12 @@ class Reader:
         raise NotImplementedError
 
     def read(self, i: int, size: tuple[int, int]) -> np.ndarray:
-        """Item ``i`` as uint8 (H, W, 3) at ``size`` (open_clip's eval geometry, or ``preprocess``'s)."""
-        geometry = GEOMETRIES[self.preprocess]
-        return np.array(geometry(self.open(i), size), dtype=np.uint8)  # writable: torch wraps it as is
+        """Item ``i`` as uint8 (H, W, 3) at ``size`` (the model's open_clip ``geometry``, or ``preprocess``'s)."""
+        apply = GEOMETRIES[self.preprocess]
+        return np.array(apply(self.open(i), size, self.geometry), dtype=np.uint8)  # writable: torch wraps it as is
 
     preprocess = "open_clip"  # the geometry read() applies (--preprocess); load_dataset sets it before any read
+    geometry = DEFAULT_GEOMETRY  # the model's resize rule under open_clip (data.images.Geometry); set with preprocess
     holds_pixels = False  # True: the source holds preprocessed uint8 pixels (a prepared cache): no decode
 
     def raw(self, i: int) -> bytes | None:

@@ -59,8 +59,9 @@ class TarReader(Reader):
         return data
 
     def open(self, i: int):
+        """Decoded in the file's own mode: the geometry converts to RGB after resizing, as open_clip does."""
         with Image.open(io.BytesIO(self.raw(i))) as im:
-            return im.convert("RGB")
+            return im.copy()
 
     def fingerprint(self) -> str:
         return files_fingerprint(self.shards)

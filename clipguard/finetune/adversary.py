@@ -9,7 +9,8 @@ fixed surrogate's cross-entropy.
 PGD maximises a cross-entropy, so the objective is handed to it as logits: per image ``[0, loss_i]``
 against class 0, whose cross-entropy is ``softplus(loss_i)``. softplus is increasing, so every sign-gradient
 step (and so the whole attack) is the one that ascends the objective itself, whatever the objective (TeCoA's
-cross-entropy, FARE's feature distance).
+cross-entropy, FARE's feature distance). An objective may name another loss for its adversary
+(``Objective.attack_loss``): PMG-AFT and TGA-ZSR train on the cross-entropy's adversarial examples, as their papers do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ Adversary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Te
 
 class ObjectiveLogits(nn.Module):
     """Logits ``[0, loss_i]`` (N, 2) whose cross-entropy against class 0 is ``softplus(loss_i)``: the training
-    objective of one batch (labels ``y`` and reference features ``ref`` fixed) as a classifier to attack."""
+    objective's attack loss of one batch (labels ``y`` and ``ref`` fixed) as a classifier to attack."""
 
     def __init__(self, clf: nn.Module, objective, y: torch.Tensor, ref: torch.Tensor | None,
                  autocast: Callable[[], AbstractContextManager]):
@@ -38,7 +39,7 @@ class ObjectiveLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = self.objective.loss(self.clf, x, self.y, self.ref).float()
+            loss = self.objective.attack_loss(self.clf, x, self.y, self.ref).float()
         return torch.stack([torch.zeros_like(loss), loss], dim=1)
 
 

@@ -58,7 +58,8 @@ class FinetuneConfig(Config):
                                  help="Run directory: adapter + manifest, checkpoint, record.json (default: the "
                                       "--resume directory).")
     # --- what trains
-    method: str = option("lora", panel=TRAIN, metavar="NAME", help="What trains: lora, vpt or full.")
+    method: str = option("lora", panel=TRAIN, metavar="NAME",
+                         help="What trains: lora, vpt, full (the image tower) or prompt (APT's text context).")
     lora_r: int = option(8, panel=TRAIN, parse=_positive, help="LoRA rank.")
     lora_alpha: int = option(32, panel=TRAIN, help="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = option(0.0, panel=TRAIN, parse=in_range(0, 1, "in [0, 1)"),
@@ -69,11 +70,31 @@ class FinetuneConfig(Config):
                                             help="Comma list of module names/suffixes for LoRA (default: the visual "
                                                  "attention modules).")
     vpt_tokens: int = option(10, panel=TRAIN, parse=_positive, help="VPT prompt tokens.")
+    prompt_tokens: int = option(16, panel=TRAIN, parse=_positive, omit_at_default=True,
+                                help="--method prompt: learnable text context tokens M (APT: 16; its 'one word' is 1).")
+    prompt_class_specific: bool = option(False, panel=TRAIN, omit_at_default=True,
+                                         help="--method prompt: one context per class (APT's CSC) instead of one "
+                                              "unified context (UC) for all.")
+    prompt_init: str | None = option(None, panel=TRAIN, metavar="WORDS", omit_at_default=True,
+                                     help="--method prompt: words whose embeddings start the context (e.g. 'a photo of "
+                                          "a'; sets the token count); default random N(0, 0.02²), as APT's code.")
     # --- objective and training adversary
     objective: str = option("tecoa", panel=TRAIN, metavar="NAME",
                             help="tecoa (CE over scaled cosine to class text), ce (plain cosine logits), fare "
                                  "(unsupervised, to the frozen encoder) or noise (tecoa under Gaussian noise of std "
-                                 "--sigma, for `certify`).")
+                                 "--sigma, for `certify`), pmg (PMG-AFT) or tga (TGA-ZSR, ViT towers).")
+    pmg_general_weight: float = option(1.0, panel=TRAIN, parse=in_range(0, None, ">= 0"), omit_at_default=True,
+                                       help="--objective pmg: weight of KL(frozen pre-trained model || model) on the "
+                                            "adversarial images (PMG-AFT's code: 1).")
+    pmg_clean_weight: float = option(1.0, panel=TRAIN, parse=in_range(0, None, ">= 0"), omit_at_default=True,
+                                     help="--objective pmg: weight of KL(model on clean || model on adversarial) "
+                                          "(PMG-AFT's code: 1).")
+    tga_refine_weight: float = option(0.08, panel=TRAIN, parse=in_range(0, None, ">= 0"), omit_at_default=True,
+                                      help="--objective tga: weight of the attention-refinement term (TGA-ZSR's "
+                                           "alpha: 0.08).")
+    tga_constraint_weight: float = option(0.05, panel=TRAIN, parse=in_range(0, None, ">= 0"), omit_at_default=True,
+                                          help="--objective tga: weight of the attention-constraint term (TGA-ZSR's "
+                                               "beta: 0.05).")
     sigma: float | None = option(None, panel=TRAIN, omit_at_default=True,
                                  help="--objective noise: the noise std in [0, 1] pixel units (Cohen et al.: 0.12, "
                                       "0.25, 0.5, 1.0; certify with the same --sigma; add --eps 0 for their recipe, no "
@@ -197,20 +218,47 @@ def validate(cfg: FinetuneConfig) -> None:
         check_linf_eps(cfg.alpha, "--alpha")
     if cfg.run.adapter:
         raise ClipguardError("finetune trains a new adapter on the base model: --adapter is not an input here "
-                             "(evaluate an adapter with `clipguard eval --adapter DIR`)")
-    if cfg.method == "lora" and cfg.lora_dropout and not cfg.lora_targets:  # default targets: attention modules
+                             "(evaluate an adapter with `clipguard eval --adapter DIR`; tune a prompt on an adapter's "
+                             "image tower with --method prompt --base-adapter DIR)")
+    # a transformers: model's default LoRA targets are its q/k/v/out_proj nn.Linear layers (dropout applies, compiles)
+    mha_default = cfg.method == "lora" and not cfg.lora_targets and not cfg.run.model.startswith("transformers:")
+    if mha_default and cfg.lora_dropout:  # default targets: attention modules
         raise ClipguardError("LoRA on nn.MultiheadAttention merges its weights each forward, so dropout never "
                              "applies: use --lora-dropout 0 (or --lora-targets c_fc,c_proj, where it does)")
-    if cfg.method == "lora" and cfg.run.compile and not cfg.lora_targets:  # default targets: attention modules
+    if mha_default and cfg.run.compile:  # default targets: attention modules
         from clipguard.finetune.methods import LORA_MHA_NO_COMPILE  # torch: only when a config is built
 
         raise ClipguardError(LORA_MHA_NO_COMPILE)
+    if cfg.run.base_adapter and cfg.method != "prompt":
+        raise ClipguardError(f"--base-adapter is the frozen image tower under --method prompt; --method {cfg.method} "
+                             "trains the base model's own image tower: leave --base-adapter out")
+    if cfg.method == "prompt" and cfg.objective == "fare":
+        raise ClipguardError("--objective fare never reads the class text, so a prompt gets no gradient: use "
+                             "--objective tecoa (APT's cross-entropy) with --method prompt")
+    if cfg.method == "prompt" and cfg.objective == "tga":
+        raise ClipguardError("--objective tga aligns the image tower's attention maps, which --method prompt leaves "
+                             "frozen: use --method lora, vpt or full with tga")
+    if cfg.method == "prompt" and cfg.run.compile:
+        raise ClipguardError("--compile compiles the image tower, and under --method prompt nothing there trains: "
+                             "leave --compile out")
+    if cfg.method != "prompt" and (cfg.prompt_class_specific or cfg.prompt_init):
+        raise ClipguardError(f"--prompt-class-specific and --prompt-init are used only with --method prompt (not "
+                             f"{cfg.method})")
     if cfg.run.precision == "fp16":
         raise ClipguardError("--precision fp16 needs loss scaling, which finetune does not do: use bf16 or fp32")
     if cfg.train_attack == "transfer" and not cfg.surrogate:
         raise ClipguardError("--train-attack transfer needs --surrogate (e.g. clip:toy@seed1 or toy-cnn)")
     if cfg.train_attack != "transfer" and cfg.surrogate:
         raise ClipguardError(f"--surrogate is used only with --train-attack transfer (not {cfg.train_attack})")
+    if cfg.surrogate:
+        from clipguard.attacks.surrogates import check_surrogate_spec  # torch: only when a config is built
+
+        check_surrogate_spec(cfg.surrogate, trust_remote_code=cfg.run.trust_remote_code)
+    for name, owner, default in (("pmg_general_weight", "pmg", 1.0), ("pmg_clean_weight", "pmg", 1.0),
+                                 ("tga_refine_weight", "tga", 0.08), ("tga_constraint_weight", "tga", 0.05)):
+        if cfg.objective != owner and getattr(cfg, name) != default:
+            raise ClipguardError(f"--{name.replace('_', '-')} is used only with --objective {owner} (not "
+                                 f"{cfg.objective}): leave it out")
     if cfg.objective == "noise" and not (cfg.sigma or 0) > 0:
         raise ClipguardError("--objective noise needs --sigma S > 0: the noise std in [0, 1] pixel units (e.g. 0.25)")
     if cfg.objective != "noise" and cfg.sigma is not None:

@@ -29,7 +29,7 @@ from clipguard.finetune.adversary import Adversary, build_train_attack
 from clipguard.finetune.checkpoint import TrainState, capture_rng, restore_rng
 from clipguard.finetune.config import FinetuneConfig, config_hash, hashed_fields
 from clipguard.finetune.methods import METHODS, trainable_state
-from clipguard.finetune.objectives import OBJECTIVES, Objective
+from clipguard.finetune.objectives import OBJECTIVES, Guide, Objective
 from clipguard.models import adapters  # called as adapters.save_adapter: tests spy on it
 from clipguard.models.classifier import WARMUP_IMAGES, ZeroShotClassifier, compile_failed
 from clipguard.models.inference import attack_inputs, autocast_for
@@ -52,7 +52,7 @@ class Setup:
     """Everything the loop uses, built once by :func:`setup`."""
 
     model: nn.Module  # ZeroShotClassifier around the tower that trains
-    visual: nn.Module  # the tower that trains (LoRA / VPT / full), saved as the adapter
+    visual: nn.Module  # what trains (LoRA / VPT / full tower, or the prompt learner), saved as the adapter
     frozen: nn.Module  # the untouched base classifier: FARE's f0
     params: list[nn.Parameter]  # the trainable tensors
     objective: Objective  # bound to the config's options
@@ -71,12 +71,17 @@ def setup(cfg: FinetuneConfig, p) -> Setup:
     method, objective = METHODS.get(cfg.method), OBJECTIVES.get(cfg.objective).bind(cfg)
     clip = p.clip
     torch.manual_seed(cfg.run.seed)  # adapter init, random starts and dropout all follow the seed
+    if objective.check is not None:  # e.g. tga: a ViT tower, refused in one line before anything trains
+        objective.check(clip.model.visual)
     visual = method.build(clip.model.visual, cfg).to(clip.device)
     model = ZeroShotClassifier.from_clip(clip, p.text.embeddings, visual=visual)
+    if method.classifier is not None:  # --method prompt: the class text embeddings train, the tower stays frozen
+        model = method.classifier(p, cfg).to(clip.device)
+        visual = model.prompt_learner  # what trains: checkpointed and saved as the adapter
     params = [q for q in model.parameters() if q.requires_grad]
     surrogate = None
     if cfg.train_attack == "transfer":
-        surrogate = build_surrogate(cfg.surrogate, p)
+        surrogate = build_surrogate(cfg.surrogate, p, trust_remote_code=cfg.run.trust_remote_code)
 
     def autocast():  # bf16 autocast where the loader chose it (a capable GPU); a no-op context in fp32
         return autocast_for(clip.device, clip.precision)
@@ -105,6 +110,8 @@ def adversarial_loss(s: Setup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     if s.objective.reference:
         with torch.no_grad(), s.autocast():
             ref = s.frozen.visual(s.frozen.preprocess(x)).float()
+    if s.objective.guide:  # PMG-AFT / TGA-ZSR: the clean images and the frozen original classifier
+        ref = Guide(x, s.frozen)
     x_adv = s.adversary(x, y, ref)
     s.model.train()
     with s.autocast():
@@ -227,7 +234,10 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             "resumed_from_step": start_step if cfg.resume else None, "images": seen, "wall_s": round(wall, 3),
             "images_per_s": round(seen / wall, 2) if wall else None, "compile_s": compile_s, "lr": s.lr,
             "trainable_params": sum(q.numel() for q in s.params),
-            "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:])}
+            "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]),
+            "method_deviations": list(METHODS.get(cfg.method).deviations),  # where the method differs from its paper
+            "objective_options": {k: getattr(cfg, k) for k in s.objective.options},  # e.g. pmg's weights
+            "objective_deviations": list(s.objective.deviations)}  # where the objective differs from its paper
 
 
 def save_checkpoint(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator, step: int, epoch: int, position: int,

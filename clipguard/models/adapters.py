@@ -4,7 +4,8 @@ An adapter directory holds the weights in the method's format (peft's own ``adap
 ``adapter_model.safetensors`` for LoRA; safetensors for VPT / full) and ``manifest.json`` naming the
 base model (spec and fingerprint), method, objective and training config. The manifest is written
 last, so a directory with a manifest is complete. ``load_adapter(dir, clip)`` returns the visual tower
-to put into a ZeroShotClassifier; it refuses an adapter made for another base model.
+to put into a ZeroShotClassifier; it refuses an adapter made for another base model. A ``prompt`` adapter (APT's
+text context, :mod:`clipguard.models.prompt_tuning`) leaves the image tower as it is and gives the class embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write, atomic_write_json, writing_output
+from clipguard.models.prompt_tuning import load_prompt_visual, save_prompt
 from clipguard.models.vpt import PromptedVisual
 from clipguard.registry import Registry
 
@@ -101,7 +103,9 @@ def apply_lora(visual: nn.Module, r: int = 8, alpha: int = 32, dropout: float = 
     """
     from peft import LoraConfig, inject_adapter_in_model  # lazy: see the note on peft above
 
-    targets = list(targets) if targets else visual_attention_names(visual)
+    # default: the visual attention modules; a transformers tower (models.hf_transformers) names its q/k/v/out_proj
+    default = visual.lora_targets() if hasattr(visual, "lora_targets") else visual_attention_names(visual)
+    targets = list(targets) if targets else default
     _check_lora_targets(visual, targets, dropout)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     try:
@@ -172,6 +176,7 @@ FORMATS: Registry[tuple[Callable, Callable]] = Registry("adapter method")  # met
 FORMATS.register("lora", (_save_lora, _load_lora))
 FORMATS.register("vpt", (_save_vpt, _load_vpt))
 FORMATS.register("full", (_save_full, _load_full))
+FORMATS.register("prompt", (save_prompt, load_prompt_visual))  # text side: prompt_tuning.load_prompt_embeddings
 
 
 def save_adapter(adapter_dir: str | Path, visual: nn.Module, *, method: str, clip, info: dict | None = None) -> Path:

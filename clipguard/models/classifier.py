@@ -2,7 +2,8 @@
 
 [0, 1] pixels of any size go in; the module resizes them on the device to the model's input size
 (bicubic, then clamp to [0, 1]), normalises with the model's own mean/std (buffers), runs the image
-tower (with any adapter), L2-normalises and returns ``logit_scale * feats @ text_embeddings.T``.
+tower (with any adapter), L2-normalises and returns ``logit_scale * feats @ text_embeddings.T + logit_bias``
+(the model's own logits: SigLIP's bias as open_clip's ``CustomTextCLIP`` adds it, 0 for CLIP).
 No attack ever sees normalised tensors, so eps is always in pixel units.
 """
 
@@ -27,6 +28,11 @@ class ZeroShotClassifier(nn.Module):
         logit_scale: the temperature multiplier (``clip.model.logit_scale.exp()``, 100 for OpenAI CLIP).
         mean, std: per-channel normalisation the image tower expects.
         input_size: (H, W) of the image tower.
+        geometry: the model's own ``data.images.Geometry`` (``LoadedClip.geometry``): how the commands bring a
+            dataset's images to ``input_size`` at load (``clipguard.load_images(..., model=classifier)`` reads it).
+        logit_bias: added to every logit (``clip.model.logit_bias``: SigLIP's, e.g. -10; 0 for CLIP, whose
+            logits then stay bit-identical). A shift of all logits leaves softmax, cross-entropy, margins and
+            argmax unchanged; sigmoid probabilities and the logits' values (as a record or file shows them) move.
 
     Shape:
         - Input: (N, 3, H, W) float in [0, 1], any H, W.
@@ -38,11 +44,13 @@ class ZeroShotClassifier(nn.Module):
     """
 
     def __init__(self, visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float,
-                 mean, std, input_size: tuple[int, int]):
+                 mean, std, input_size: tuple[int, int], logit_bias: float = 0.0, geometry=None):
         super().__init__()
         self.visual = visual
         self.input_size = tuple(input_size)
         self.logit_scale = float(logit_scale)
+        self.logit_bias = float(logit_bias)  # a Python float like logit_scale: a constant to torch.compile
+        self.geometry = geometry  # how its images were brought to input_size at load (None: OpenAI CLIP's)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("text_embeddings", text_embeddings.detach().float().clone())
@@ -52,7 +60,8 @@ class ZeroShotClassifier(nn.Module):
         """Build from a :class:`~clipguard.models.loader.LoadedClip` (optionally another visual tower)."""
         return cls(visual if visual is not None else clip.model.visual,
                    text_embeddings.to(clip.device), clip.model.logit_scale.exp().item(),
-                   clip.mean, clip.std, clip.input_size).to(clip.device)
+                   clip.mean, clip.std, clip.input_size,
+                   logit_bias=model_logit_bias(clip.model) or 0.0, geometry=clip.geometry).to(clip.device)
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels at the input size: bicubic (antialiased when shrinking), clamped to [0, 1]."""
@@ -72,7 +81,21 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.features(x)
-        return self.logit_scale * feats @ self.text_embeddings.to(feats.dtype).T
+        logits = self.logit_scale * feats @ self.text_embeddings.to(feats.dtype).T
+        return logits + self.logit_bias if self.logit_bias else logits
+
+
+def model_logit_bias(model: nn.Module) -> float | None:
+    """The logit bias a model adds to ``logit_scale * cos`` (open_clip's SigLIP ``CustomTextCLIP.logit_bias``, an
+    nn.Parameter, or a backend's float); None when it has none (CLIP). The scale's exp is not applied to it."""
+    bias = getattr(model, "logit_bias", None)
+    if bias is None:
+        return None
+    bias = torch.as_tensor(bias).detach()
+    if bias.numel() != 1:
+        raise ClipguardError(f"the model's logit_bias has shape {tuple(bias.shape)}: clipguard adds one scalar to "
+                             "every logit; use a model with a scalar bias (open_clip's SigLIP configs)")
+    return float(bias.float().item())
 
 
 WARMUP_IMAGES = 4  # images in the dummy batch a compiled classifier is warmed up on (batch size stays dynamic)

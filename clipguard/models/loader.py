@@ -16,21 +16,24 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip import factory as open_clip_factory
+from open_clip.pretrained import download_pretrained_from_hf
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from clipguard.data.images import DEFAULT_GEOMETRY, Geometry
+from clipguard.data.images import DEFAULT_GEOMETRY, Geometry, as_size
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_json, cache_root
 from clipguard.hub import ensure_reachable_or_offline
 from clipguard.models import toy
 from clipguard.models.inference import DTYPES
+from clipguard.models.tokenizers import load_tokenizer
 from clipguard.registry import suggest
 from clipguard.specs import ModelSpec, parse_model_spec
 
@@ -55,7 +58,8 @@ class LoadedClip:
     info: dict = field(default_factory=dict)  # provenance for records
     # the model's own resize rule (open_clip preprocess config / a transformers image-processor config)
     geometry: Geometry = DEFAULT_GEOMETRY
-    # names the tokenizer and its context length; part of the text-embedding key ("" = open_clip's default)
+    # the tokenizer and its context length (models.tokenizers: "hf:timm/ViT-B-16-SigLIP@64",
+    # "open_clip:SimpleTokenizer@77"); in the text-embedding key unless it is open_clip's BPE ("" = not named)
     tokenizer_name: str = ""
 
     @property
@@ -243,6 +247,20 @@ def _check_arch(arch: str) -> None:
         raise ClipguardError(f"--model: unknown architecture {arch!r}{hint}")
 
 
+def _check_tag(spec: ModelSpec) -> None:
+    """An ``ARCH:TAG`` spec whose tag open_clip does not know: one line with close matches."""
+    tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+    if spec.tag not in tags:
+        close = suggest(spec.tag, tags)
+        known = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more (open_clip.list_pretrained())"
+                                       if len(tags) > 6 else "")
+        raise ClipguardError(
+            f"--model {spec.text!r}: unknown pretrained tag {spec.tag!r} for {spec.arch}"
+            + (f" (did you mean {close}?)" if close else "")
+            + f"; known: {known or 'none'} (or ARCH:/path/weights.safetensors, ARCH:none)"
+        )
+
+
 def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
     """Create the open_clip model for ``spec``; returns (model, fingerprint, info)."""
     if spec.kind == "toy":
@@ -283,16 +301,7 @@ def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
             first = str(e).splitlines()[0]
             raise ClipguardError(f"weights {spec.path!r} do not fit {spec.arch}: {first}") from None
         return model, file_digest(spec.path), {"arch": spec.arch, "pretrained": spec.path}
-    tags = open_clip.list_pretrained_tags_by_model(spec.arch)
-    if spec.tag not in tags:
-        close = suggest(spec.tag, tags)
-        known = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more (open_clip.list_pretrained())"
-                                       if len(tags) > 6 else "")
-        raise ClipguardError(
-            f"--model {spec.text!r}: unknown pretrained tag {spec.tag!r} for {spec.arch}"
-            + (f" (did you mean {close}?)" if close else "")
-            + f"; known: {known or 'none'} (or ARCH:/path/weights.safetensors, ARCH:none)"
-        )
+    _check_tag(spec)
     ensure_reachable_or_offline()
     try:
         model, weights = create_model_noting_weights(spec.arch, pretrained=spec.tag, require_pretrained=True)
@@ -305,20 +314,24 @@ def _build(spec: ModelSpec) -> tuple[torch.nn.Module, str, dict]:
     return model, fingerprint, {"arch": spec.arch, "pretrained": spec.tag, "weights_file": weights}
 
 
-def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "auto") -> LoadedClip:
+def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "auto",
+              trust_remote_code: bool = False) -> LoadedClip:
     """Load a CLIP model from a spec string.
 
     Args:
         spec: ``ViT-B-32:openai``, ``ViT-B-32:/path/w.safetensors``, ``ViT-B-32:none`` (random init),
-            ``hf-hub:ORG/NAME`` or ``toy`` / ``toy@seed1``.
+            ``hf-hub:ORG/NAME``, ``transformers:ORG/NAME[@REV]`` / ``transformers:DIR`` (a transformers CLIPModel
+            or SiglipModel: :mod:`clipguard.models.hf_transformers`) or ``toy`` / ``toy@seed1``.
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         precision: ``auto`` (bf16 on a capable GPU, else fp32), ``fp32``, ``bf16`` or ``fp16``.
+        trust_remote_code: let a transformers checkpoint run its own Python code (``--trust-remote-code``).
 
     Returns:
         A :class:`LoadedClip`; the model is in eval mode with frozen parameters, weights in fp32.
 
     Raises:
-        ClipguardError: unknown architecture (with close matches), bad tag, broken weights file.
+        ClipguardError: unknown architecture (with close matches), bad tag, broken weights file, a tokenizer that
+            cannot be found (offline: which files to place where; raised before the weights load, but for hf-hub).
 
     Example:
         >>> clip = load_clip("toy", device="cpu")
@@ -328,28 +341,160 @@ def load_clip(spec: str | ModelSpec, *, device: str = "auto", precision: str = "
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if spec.kind == "transformers":
+        return _load_transformers(spec, dev, prec, trust_remote_code)
+    if spec.kind != "hf-hub":  # before the weights: a tokenizer that cannot be found fails in a second
+        tokenizer, tokenizer_name = _tokenizer_for(spec)
     model, fingerprint, info = _build(spec)
+    if spec.kind == "hf-hub":  # its config (naming the tokenizer) comes from the hub with the weights
+        tokenizer, tokenizer_name = _tokenizer_for(spec)
     model = model.to(dev).eval().requires_grad_(False)
-    name = info["arch"] if spec.kind != "hf-hub" else f"hf-hub:{spec.repo}"
-    tokenizer = open_clip.get_tokenizer(name)
     size = model.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     mean = tuple(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    geometry = geometry_from_cfg(getattr(model.visual, "preprocess_cfg", None))  # open_clip's merge, as it set it
     info.update({"spec": spec.text, "fingerprint": fingerprint})
     return LoadedClip(model=model, tokenizer=tokenizer, mean=mean, std=std, input_size=size, device=dev,
-                      precision=prec, fingerprint=fingerprint, spec=spec, info=info)
+                      precision=prec, fingerprint=fingerprint, spec=spec, info=info, tokenizer_name=tokenizer_name,
+                      geometry=geometry)
+
+
+def _tokenizer_for(spec: ModelSpec) -> tuple[Callable, str]:
+    """The model's own tokenizer (its config's Hugging Face tokenizer and context length, else open_clip's) and its
+    name (``models.tokenizers``)."""
+    if spec.kind == "hf-hub":
+        return load_tokenizer(f"hf-hub:{spec.repo}", spec.text)
+    arch = toy.TOY_MODEL_NAME if spec.kind == "toy" else spec.arch
+    _check_arch(arch)  # an unknown architecture is named first (and the toy config is registered)
+    return load_tokenizer(arch, spec.text)
+
+
+def _load_transformers(spec: ModelSpec, dev: torch.device, prec: str, trust_remote_code: bool) -> LoadedClip:
+    """A transformers checkpoint: its small files checked first (one line, nothing heavy loaded), then the weights."""
+    # Lazy: the backend imports transformers (~2 s), which only a transformers: spec needs.
+    from clipguard.models import hf_transformers as hf
+
+    ck = hf.inspect(spec, trust_remote_code=trust_remote_code)
+    geometry, size, mean, std = hf.preprocessing(ck)
+    fingerprint = hf.fingerprint(ck, cached_file_digest)
+    model, tokenizer, tokenizer_name = hf.build(ck, trust_remote_code=trust_remote_code)
+    model = model.to(dev).eval().requires_grad_(False)
+    info = {**hf.info(ck), "spec": spec.text, "fingerprint": fingerprint}
+    return LoadedClip(model=model, tokenizer=tokenizer, mean=mean, std=std, input_size=size, device=dev,
+                      precision=prec, fingerprint=fingerprint, spec=spec, info=info, geometry=geometry,
+                      tokenizer_name=tokenizer_name)
 
 
 def model_input_size(spec: str | ModelSpec) -> tuple[int, int]:
-    """(H, W) a model's image tower takes, from its open_clip config (no weights loaded; an hf-hub model is
-    loaded on the CPU, its config lives with its weights)."""
+    """(H, W) a model's image tower takes, from its config (no weights loaded): :func:`model_preprocess`'s."""
+    return model_preprocess(spec).input_size
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A model's own preprocessing: what ``--resolution model`` brings its images to, and how it normalises them."""
+
+    input_size: tuple[int, int]  # (H, W) the image tower takes
+    mean: tuple[float, ...]  # normalisation, applied inside the classifier
+    std: tuple[float, ...]
+    geometry: Geometry = DEFAULT_GEOMETRY  # resize mode, interpolation, fill (data.images.eval_geometry)
+
+
+def geometry_from_cfg(cfg: dict | None) -> Geometry:
+    """open_clip's preprocess config (``model.visual.preprocess_cfg``, or a merged dict) as a Geometry. Its
+    ``interpolation="random"`` (a training option) is bicubic at eval, as in ``open_clip.image_transform``."""
+    cfg = cfg or {}
+    interpolation = cfg.get("interpolation") or "bicubic"
+    return Geometry(resize_mode=cfg.get("resize_mode") or "shortest",
+                    interpolation="bicubic" if interpolation == "random" else interpolation,
+                    fill_color=int(cfg.get("fill_color") or 0))
+
+
+def _from_open_clip_cfg(model_cfg: dict, overlay: dict | None = None) -> Preprocess:
+    """What ``open_clip.create_model`` sets as ``visual.preprocess_cfg``: its defaults (``PreprocessCfg``), the
+    pretrained tag's or hub config's values over them (``merge_preprocess_dict``), the size from the vision config."""
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), overlay or {})
+    size = model_cfg.get("vision_cfg", {}).get("image_size", PreprocessCfg().size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    mean, std = ((tuple(v) if isinstance(v, list | tuple) else (float(v),) * 3) for v in (cfg["mean"], cfg["std"]))
+    return Preprocess(size, mean, std, geometry_from_cfg(cfg))  # a single mean/std: per channel, as image_transform
+
+
+def _arch_preprocess(spec: ModelSpec) -> Preprocess:
+    """``ARCH:none`` and ``ARCH:/path/weights``: open_clip's defaults at the architecture's size (as
+    ``create_model(arch, pretrained=None or a file)``); ``ARCH:TAG`` adds the tag's config."""
+    _check_arch(spec.arch)
+    overlay = None
+    if spec.kind == "pretrained":
+        _check_tag(spec)
+        overlay = open_clip.get_pretrained_cfg(spec.arch, spec.tag)
+    return _from_open_clip_cfg(open_clip.get_model_config(spec.arch), overlay)
+
+
+def _toy_preprocess(spec: ModelSpec) -> Preprocess:
+    _check_arch(toy.TOY_MODEL_NAME)  # registers the toy config
+    size = open_clip.get_model_config(toy.TOY_MODEL_NAME)["vision_cfg"]["image_size"]
+    return Preprocess(as_size(size), tuple(toy.TOY_MEAN), tuple(toy.TOY_STD), DEFAULT_GEOMETRY)
+
+
+def _hub_preprocess(spec: ModelSpec) -> Preprocess:
+    """The hub repo's ``open_clip_config.json`` (model and preprocess config), from the cache when offline."""
+    ensure_reachable_or_offline()  # offline: the cache answers at once instead of 30 s of retries
+    try:
+        path = download_pretrained_from_hf(spec.repo, filename="open_clip_config.json")
+        config = json.loads(Path(path).read_text())
+        model_cfg = config.get("model_cfg", config)
+    except Exception as e:
+        raise ClipguardError(
+            f"--model {spec.text!r}: cannot load from the Hugging Face hub ({type(e).__name__}); "
+            "offline? download the weights and use ARCH:/path/weights.safetensors"
+        ) from None
+    return _from_open_clip_cfg(model_cfg, config.get("preprocess_cfg"))
+
+
+# spec kind -> the model's Preprocess from its config alone (no weights, no tokenizer); a kind without one here is
+# loaded on the CPU and read off its LoadedClip
+CONFIG_PREPROCESS: dict[str, Callable[[ModelSpec], Preprocess]] = {
+    "toy": _toy_preprocess, "random": _arch_preprocess, "file": _arch_preprocess, "pretrained": _arch_preprocess,
+    "hf-hub": _hub_preprocess}
+
+
+def _transformers_preprocess(spec: ModelSpec) -> Preprocess:
+    """A transformers checkpoint's image-processor config (reading it runs none of the checkpoint's code)."""
+    # Lazy: the backend imports transformers (~2 s), which only a transformers: spec needs.
+    from clipguard.models import hf_transformers as hf
+
+    geometry, size, mean, std = hf.preprocessing(hf.inspect(spec, trust_remote_code=True))
+    return Preprocess(size, mean, std, geometry)
+
+
+CONFIG_PREPROCESS["transformers"] = _transformers_preprocess
+
+
+def model_preprocess(spec: str | ModelSpec) -> Preprocess:
+    """A model's own input size, mean/std and :class:`Geometry`, read from its config: no weights, no tokenizer.
+
+    The same values :func:`load_clip` puts in its :class:`LoadedClip` (open_clip merges them the same way):
+    ``ARCH:TAG`` the pretrained tag's config (``open_clip.get_pretrained_cfg``: SigLIP squash, MobileCLIP bilinear
+    with mean 0 / std 1 ...), ``ARCH:none`` / ``ARCH:/path`` open_clip's defaults (OpenAI mean/std, shorter side
+    bicubic), ``hf-hub:ORG/NAME`` the repo's ``open_clip_config.json``, ``toy`` the toy's own.
+
+    Raises:
+        ClipguardError: unknown architecture or tag; a hub config that is not cached while offline.
+
+    Example:
+        >>> model_preprocess("ViT-B-16-SigLIP:webli").geometry.resize_mode
+        'squash'
+    """
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
-    if spec.kind == "hf-hub":
-        return load_clip(spec, device="cpu", precision="fp32").input_size
-    arch = spec.arch
-    if spec.kind == "toy":
-        arch = toy.TOY_MODEL_NAME
-    _check_arch(arch)
-    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
-    return (size, size) if isinstance(size, int) else tuple(size)
+    read = CONFIG_PREPROCESS.get(spec.kind)
+    if read is not None:
+        return read(spec)
+    clip = load_clip(spec, device="cpu", precision="fp32")
+    return Preprocess(clip.input_size, tuple(clip.mean), tuple(clip.std), clip.geometry)
+
+
+def model_geometry(spec: str | ModelSpec) -> Geometry:
+    """The :class:`Geometry` of :func:`model_preprocess` (no weights, no tokenizer)."""
+    return model_preprocess(spec).geometry

@@ -1,6 +1,7 @@
 """The cached text-embedding store shared by every command.
 
-Key = sha256 of (model fingerprint, open_clip version, class names, templates, precision). Each entry is
+Key = sha256 of (model fingerprint, open_clip version, class names, templates, precision, and the tokenizer when it
+is not open_clip's own: see :func:`text_key`). Each entry is
 one file, ``<cache>/text/<key>.safetensors``, holding the embeddings and its manifest (JSON in the safetensors
 metadata), written atomically: a crash leaves no entry or a whole one, and two processes building the same
 key both succeed and leave one valid entry. The model fingerprint names the weights themselves (a file digest,
@@ -32,13 +33,23 @@ def text_dir() -> Path:
     return cache_root() / "text"
 
 
-def text_key(fingerprint: str, classnames: list[str], templates: list[str]) -> str:
+# open_clip's own BPE tokenizer adds nothing the key lacks: its vocabulary ships with open_clip (whose version is in
+# the key) and its context length is the model's positional-embedding length, fixed by the weights the fingerprint
+# names. Leaving it out keeps every key made before tokenizers were named (caches, records) valid.
+KEYLESS_TOKENIZER = "open_clip:SimpleTokenizer@"
+
+
+def text_key(fingerprint: str, classnames: list[str], templates: list[str], tokenizer: str = "") -> str:
+    """The store's key. ``tokenizer`` is ``LoadedClip.tokenizer_name`` (``hf:timm/ViT-B-16-SigLIP@64``): a Hugging
+    Face tokenizer and its context length are part of the key; "" or open_clip's SimpleTokenizer add nothing."""
     # Lazy: `clipguard cache ls|rm` import this module and load no model; open_clip would add ~2 s to them.
     import open_clip
 
-    payload = json.dumps({"model": fingerprint, "open_clip": open_clip.__version__, "classnames": classnames,
-                          "templates": templates, "precision": TEXT_PRECISION}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    payload = {"model": fingerprint, "open_clip": open_clip.__version__, "classnames": classnames,
+               "templates": templates, "precision": TEXT_PRECISION}
+    if tokenizer and not tokenizer.startswith(KEYLESS_TOKENIZER):
+        payload["tokenizer"] = tokenizer
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -74,7 +85,7 @@ def _read_entry(path: Path, *, tensor: bool = True) -> tuple[dict, torch.Tensor 
 
 def get_text_embeddings(clip, classnames: list[str], templates: list[str]) -> TextEmbeddings:
     """Class embeddings for ``clip`` from the store, computing and storing them on a miss."""
-    key = text_key(clip.fingerprint, classnames, templates)
+    key = text_key(clip.fingerprint, classnames, templates, getattr(clip, "tokenizer_name", ""))
     path = text_dir() / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -84,7 +95,8 @@ def get_text_embeddings(clip, classnames: list[str], templates: list[str]) -> Te
         except Exception:  # a damaged entry, or one of the old two-file layout, is rebuilt, never trusted
             pass
     emb = compute_text_embeddings(clip, classnames, templates)
-    manifest = {"key": key, "model": clip.spec.text, "fingerprint": clip.fingerprint, "n_classes": len(classnames),
+    manifest = {"key": key, "model": clip.spec.text, "fingerprint": clip.fingerprint,
+                "tokenizer": getattr(clip, "tokenizer_name", ""), "n_classes": len(classnames),
                 "classnames": classnames, "templates": templates, "precision": TEXT_PRECISION,
                 "dim": emb.shape[1], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     # One file holds tensor and manifest, moved into place in one step: no reader ever sees one without the other.

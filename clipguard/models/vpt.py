@@ -33,19 +33,24 @@ class PromptedVisual(nn.Module):
 
     def __init__(self, visual: nn.Module, n_tokens: int):
         super().__init__()
-        if not hasattr(visual, "class_embedding") or not hasattr(visual, "_embeds"):
+        if hasattr(visual, "forward_prompted"):  # a transformers tower (models.hf_transformers) inserts them itself
+            width, patch, device = visual.prompt_geometry()
+        elif not hasattr(visual, "class_embedding") or not hasattr(visual, "_embeds"):
             raise TypeError(f"VPT needs an open_clip VisionTransformer, not {type(visual).__name__}")
+        else:
+            width, patch = visual.class_embedding.shape[-1], visual.conv1.kernel_size
+            device = visual.class_embedding.device
         self.visual = visual.requires_grad_(False)
         self.n_tokens = int(n_tokens)
-        width = visual.class_embedding.shape[-1]
-        patch = visual.conv1.kernel_size
         # VPT's init: uniform with the Xavier bound of a patch-embedding fan-in.
         bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + width))
-        prompts = torch.empty(self.n_tokens, width, device=visual.class_embedding.device)
+        prompts = torch.empty(self.n_tokens, width, device=device)
         self.prompts = nn.Parameter(prompts.uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = self.visual
+        if hasattr(v, "forward_prompted"):
+            return v.forward_prompted(x, self.prompts)
         # _embeds = patchify, class token, positions, patch dropout, then ln_pre. LayerNorm acts per token,
         # so ln_pre(prompts) inserted after it equals inserting the prompts before the pre-norm.
         x = v._embeds(x)

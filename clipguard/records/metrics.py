@@ -11,7 +11,16 @@ from __future__ import annotations
 from fractions import Fraction
 
 import torch
-from scipy.stats import binomtest
+
+# the interval of every counted metric, and its level (--confidence): in records.intervals, which loads no torch
+from clipguard.records.intervals import (  # noqa: F401 (re-exported: metrics.interval, metrics.CONFIDENCE)
+    CONFIDENCE,
+    INTERVAL_METHOD,
+    at_confidence,
+    at_run_confidence,
+    confidence,
+    interval,
+)
 
 
 def ratio(k: int, n: int) -> float:
@@ -19,20 +28,9 @@ def ratio(k: int, n: int) -> float:
     return int(k) / int(n) if n else 0.0
 
 
-CONFIDENCE = 0.95  # the level of every interval a record carries (Clopper-Pearson, exact)
-
-
-def interval(k: int, n: int, confidence: float = CONFIDENCE) -> list[float]:
-    """The exact (Clopper-Pearson) interval of a proportion k of n, as scipy computes it; [0, 1] when n is 0."""
-    if not n:
-        return [0.0, 1.0]
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
-    return [float(ci.low), float(ci.high)]
-
-
 def put(metrics: dict, name: str, k: int, n: int) -> dict:
-    """``metrics[name] = k / n``, its 95 % interval ``metrics[name + "_ci"] = [lo, hi]`` and
-    ``metrics["counts"][name] = {"k": k, "n": n}``; returns ``metrics``."""
+    """``metrics[name] = k / n``, its interval at the current level (95 % unless ``--confidence`` says otherwise)
+    ``metrics[name + "_ci"] = [lo, hi]`` and ``metrics["counts"][name] = {"k": k, "n": n}``; returns ``metrics``."""
     k, n = int(k), int(n)
     metrics[name] = ratio(k, n)
     metrics[f"{name}_ci"] = interval(k, n)

@@ -2,7 +2,9 @@
 (McNemar) and other tools compared exactly. CSV, or Parquet when the file name ends in ``.parquet``.
 
 Columns: ``index`` (position in the evaluated set), ``digest`` (sha256 of the image's uint8 bytes as loaded,
-16 hex digits), ``label``, ``clean_pred``, then ``adv_pred@<eps>`` per eps of the sweep.
+16 hex digits), ``label``, ``clean_pred``, then ``adv_pred@<eps>`` per eps of the sweep and ``robust@<eps>`` (1 when
+the image counts as robust in the record's robust_acc: clean-correct and still correct under the attack, as the runner
+judged it; with a randomized defense the clean pass it judged by is another draw than ``clean_pred``'s).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def prediction_table(digests: list[str], labels: torch.Tensor, clean_pred: torch
     ``classnames`` each class column gets a ``_name`` twin, so the file reads without the prompts file."""
     cols = {"index": list(range(len(labels))), "digest": digests, "label": labels.tolist(),
             "clean_pred": clean_pred.tolist()}
-    cols.update({f"adv_pred@{eps}": pred.tolist() for eps, pred in adv_preds.items()})
+    verdicts = [k for k in adv_preds if k.startswith("robust@")]  # the runner's own robust flags: 0 / 1 columns
+    cols.update({f"adv_pred@{eps}": pred.tolist() for eps, pred in adv_preds.items() if eps not in verdicts})
+    cols.update({k: [int(v) for v in adv_preds[k].tolist()] for k in verdicts})
     if classnames:
         cols.update({f"{k}_name" if "@" not in k else k.replace("@", "_name@"): [classnames[c] for c in v]
                      for k, v in list(cols.items()) if k == "label" or "pred" in k})

@@ -1,7 +1,9 @@
 """Read result records from a folder and flatten them into rows that reports and gates aggregate.
 
 A row is one number with its context: ``{"metric", "value", "model", "adapter", "label", "dataset",
-"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path", "check"}``. Nothing is recomputed here:
+"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path", "check"}``, and for a metric the record
+holds an interval of, ``"ci"`` (``[lo, hi]``, None in records from before intervals) and clean and robust rows
+their ``"counts"`` (``{"k", "n"}``). Nothing is recomputed here:
 every value is copied from a record. Integrity checks are rows too (metric ``checks_passed``, value 1.0 or 0.0): one
 per record with checks (``check`` None: all of them passed) and one per check (``check`` = its name), so a gate can
 fail a build on them.
@@ -22,9 +24,10 @@ UAP_METRICS = ("fooling_rate", "perturbed_acc", "attack_success_rate")
 
 
 def load_records(folder: str | Path) -> list[dict]:
-    """All ``clipguard.result/1`` records under ``folder`` (recursively), each with ``_path`` set, sorted."""
+    """All ``clipguard.result/1`` records under ``folder`` (recursively; a record file: that one), each with
+    ``_path`` set, sorted."""
     out = []
-    for path in sorted(Path(folder).rglob("*.json")):
+    for path in [Path(folder)] if Path(folder).is_file() else sorted(Path(folder).rglob("*.json")):
         try:
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -40,8 +43,9 @@ def label(rec: dict) -> str:
     bench = rec.get("bench") or {}
     if bench.get("label"):
         return bench["label"]
-    adapter = rec.get("adapter")
-    return rec.get("model_spec", "?") + (f" + {Path(adapter).name}" if adapter else "")
+    adapter, defense = rec.get("adapter"), (rec.get("defense") or {}).get("name")
+    return (rec.get("model_spec", "?") + (f" + {Path(adapter).name}" if adapter else "")
+            + (f" + {defense}" if defense else ""))  # a defended run is another model: never merged with the bare one
 
 
 def _context(rec: dict) -> dict:
@@ -49,7 +53,9 @@ def _context(rec: dict) -> dict:
     attack = rec.get("attack") or {}
     return {"model": rec.get("model_spec"), "adapter": rec.get("adapter"), "label": label(rec),
             "dataset": rec.get("dataset"), "task": rec.get("task"), "cell": bench.get("cell"),
-            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "path": rec.get("_path"), "check": None}
+            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "path": rec.get("_path"), "check": None,
+            "defense": (rec.get("defense") or {}).get("name"),
+            "defense_evaluation": (rec.get("defense") or {}).get("evaluation")}
 
 
 def _eps_value(text) -> float | None:
@@ -86,19 +92,21 @@ def rows(records: list[dict]) -> list[dict]:
             for k in UAP_METRICS:
                 if k in m:
                     out.append({**ctx, "metric": k, "value": m[k], "attack": "uap", "eps": eps.get("text"),
-                                "eps_value": eps.get("value")})
+                                "eps_value": eps.get("value"), "ci": m.get(f"{k}_ci")})
             if "acc1" in m:
                 out.append({**ctx, "metric": "acc1", "value": m["acc1"], "attack": None, "eps": None,
-                            "eps_value": None})
+                            "eps_value": None, "ci": m.get("acc1_ci")})
             continue
         for k in CLEAN_METRICS:
             if m.get(k) is not None:  # acc5 is null below 5 classes
-                out.append({**ctx, "metric": k, "value": m[k], "attack": None, "eps": None, "eps_value": None})
+                out.append({**ctx, "metric": k, "value": m[k], "attack": None, "eps": None, "eps_value": None,
+                            "ci": m.get(f"{k}_ci"), "counts": (m.get("counts") or {}).get(k)})
         for e in m.get("robust", []):
             for k in ROBUST_METRICS:
                 if k in e:
                     out.append({**ctx, "metric": k, "value": e[k], "attack": e.get("attack"), "eps": e.get("eps"),
-                                "eps_value": e.get("eps_value")})
+                                "eps_value": e.get("eps_value"), "ci": e.get(f"{k}_ci"),
+                                "counts": (e.get("counts") or {}).get(k)})
     return out
 
 
@@ -109,16 +117,18 @@ def threat_name(r: dict) -> str:
     """A robust row's threat as the papers head a table: ``Linf 2/255 (autoattack)``, ``... from SURROGATE``."""
     norm = NORM_NAMES.get(r.get("norm"), r.get("norm") or "")
     src = f" from {r['surrogate']}" if r.get("surrogate") else ""
-    return f"{norm} {r['eps']} ({r['attack']}{src})".strip()
+    weak = ", non-adaptive" if r.get("defense_evaluation") == "non-adaptive" else ""  # never the defense's own number
+    return f"{norm} {r['eps']} ({r['attack']}{src}{weak})".strip()
 
 
-def zero_shot_readings(rs: list[dict]) -> dict[str, dict[tuple[str, str], float]]:
+def zero_shot_readings(rs: list[dict], value=lambda r: r["value"]) -> dict[str, dict[tuple[str, str], float]]:
     """The numbers of the zero-shot tables: ``{"clean": {(label, dataset): acc1}, threat_name: {...}, ...}``.
 
     Clean accuracy comes from an attack-free evaluation of the (model, dataset) when there is one (FARE's clean
     numbers are over the whole test split), else from the clean pass of the first attacked record. Robust
     readings are the robust accuracies at eps > 0, one reading per threat (first record wins). UAP records are
-    not zero-shot readings; rows without a dataset are left out.
+    not zero-shot readings; rows without a dataset are left out. ``value(row)`` is what a reading holds (default:
+    the row's value; a report keeps the row's interval with it).
     """
     clean, fallback, robust = {}, {}, {}
     for r in rs:
@@ -126,9 +136,9 @@ def zero_shot_readings(rs: list[dict]) -> dict[str, dict[tuple[str, str], float]
             continue
         key = (r["label"], r["dataset"])
         if r["metric"] == "acc1":
-            (clean if r.get("task") == "zeroshot_classification" else fallback).setdefault(key, r["value"])
+            (clean if r.get("task") == "zeroshot_classification" else fallback).setdefault(key, value(r))
         elif r["metric"] == "robust_acc" and (r["eps_value"] or 0) > 0:
-            robust.setdefault(threat_name(r), {}).setdefault(key, r["value"])
+            robust.setdefault(threat_name(r), {}).setdefault(key, value(r))
     return {"clean": {**fallback, **clean}, **robust}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from clipguard.distributed import describe
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_json, save_fallback, take_held_failures
+from clipguard.records.intervals import INTERVAL_METHOD, confidence
 from clipguard.version import __version__
 
 SCHEMA = "clipguard.result/1"
@@ -72,14 +73,24 @@ def make_record(task: str, *, clip, dataset, prompts, metrics: dict, timings: di
         "pretrained": clip.info["pretrained"],
         "model_spec": clip.spec.text,
         "weights_digest": clip.fingerprint,
+        "tokenizer": getattr(clip, "tokenizer_name", "") or None,  # hf:timm/ViT-B-16-SigLIP@64: its context length too
+        "logit_bias": _logit_bias(clip.model),  # added to every logit (SigLIP); None: the model has none (CLIP)
         "data": dataset.to_record(),
         "prompts": prompts.to_record(),
         "metrics": metrics,
         "timings": timings,
     }
     rec.update(extra)
+    rec.setdefault("intervals", {"method": INTERVAL_METHOD, "confidence": confidence()})  # the level of every _ci
     rec["environment"] = environment(clip.device, clip.precision)
     return rec
+
+
+def _logit_bias(model) -> float | None:
+    """The model's logit bias as the classifier adds it (``models.classifier.model_logit_bias``; records sit below
+    models, so the attribute is read here too)."""
+    bias = getattr(model, "logit_bias", None)
+    return None if bias is None else float(bias)
 
 
 def write_record(path: str | Path, record: dict) -> Path:

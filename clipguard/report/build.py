@@ -8,15 +8,19 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from clipguard.catalogue import catalogue
+from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_text
 from clipguard.records.rows import checks_summary, load_records, rows, zero_shot_readings
 from clipguard.report import certify as certify_report
 from clipguard.report import html as html_report
 from clipguard.report import plots
 from clipguard.report.files import link, refuse_foreign, resolve_picture
+from clipguard.report.significance import AVERAGE_RESAMPLES, NOT_TESTED, average, mark_against, reading
 
 ZS_NOTE = ("One row per model, one column per dataset, as the FARE and TeCoA papers report; the average is over "
-           "the row's datasets and is printed only when the row has all of them (else —).")
+           "the row's datasets and is printed only when the row has all of them (else —). ±: half the width of the "
+           "number's interval (exact Clopper-Pearson at the record's level; for an average, a bootstrap over images "
+           f"resampled within each dataset, scipy, {AVERAGE_RESAMPLES} resamples, seed 0, 95 %).")
 # CLIP_benchmark's leading columns, then ours; columns added later go last, so older readers keep their places
 CSV_COLUMNS = ["dataset", "model", "pretrained", "task", "acc1", "acc5", "mean_per_class_recall", "attack", "eps",
                "robust_acc", "attack_success_rate", "adapter", "cell", "fooling_rate", "perturbed_acc"]
@@ -25,7 +29,8 @@ UAP_HEADER = ["model", "dataset", "task", "eps", "fooling rate", "clean acc1", "
 
 def _col(r: dict) -> str:
     src = f" from {r['surrogate']}" if r.get("surrogate") else ""
-    return f"{r['attack']} {r['eps']}{src}"
+    weak = " (non-adaptive)" if r.get("defense_evaluation") == "non-adaptive" else ""  # NON_ADAPTIVE_NOTE
+    return f"{r['attack']} {r['eps']}{src}{weak}"
 
 
 def _key(r: dict) -> tuple:
@@ -43,10 +48,10 @@ def reference_table(rs: list[dict]) -> tuple[list[str], list[list]]:
     clean, robust, cols = {}, defaultdict(dict), []
     for r in rs:
         if r["metric"] == "acc1":
-            clean.setdefault(_key(r), r["value"])
+            clean.setdefault(_key(r), reading(r))
         elif _is_robust(r):
             c = _col(r)
-            robust[_key(r)][c] = r["value"]
+            robust[_key(r)][c] = reading(r)
             if c not in cols:
                 cols.append(c)
     keys = list(dict.fromkeys(_key(r) for r in rs if r["metric"] in ("acc1", "robust_acc")))
@@ -68,7 +73,7 @@ def zero_shot_tables(rs: list[dict]) -> list[dict]:
     The average is printed only for a complete row: a missing cell shows as "—" and makes the row's average
     "—" too, so no model is averaged over fewer datasets than another. Values are copied from the rows.
     """
-    readings = {k: v for k, v in zero_shot_readings(rs).items() if v}
+    readings = {k: v for k, v in zero_shot_readings(rs, value=reading).items() if v}
     datasets = _dataset_order(ds for cells in readings.values() for _, ds in cells)
     if len(datasets) < 2:
         return []
@@ -79,7 +84,7 @@ def zero_shot_tables(rs: list[dict]) -> list[dict]:
         body = []
         for lab in (lab for lab in labels if any(k[0] == lab for k in cells)):
             vals = [cells.get((lab, d)) for d in cols]
-            body.append([lab, *vals, None if None in vals else sum(vals) / len(vals)])
+            body.append([lab, *vals, None if None in vals else average(vals)])
         tables.append({"title": title, "header": ["model", *cols, "average"], "body": body})
     return tables
 
@@ -96,7 +101,7 @@ def uap_table(rs: list[dict]) -> tuple[list[str], list[list]]:
     for r in rs:
         if str(r.get("task") or "").startswith("uap") and r["metric"] in ("fooling_rate", "acc1", "perturbed_acc"):
             row = by_record.setdefault(r["path"], {"label": r["label"], "dataset": r["dataset"], "task": r["task"]})
-            row[r["metric"]] = r["value"]
+            row[r["metric"]] = reading(r)
             row["eps"] = row.get("eps") or r["eps"]  # the acc1 row carries no eps
     body = [[v["label"], v["dataset"], v["task"], v.get("eps"), v.get("fooling_rate"), v.get("acc1"),
              v.get("perturbed_acc")] for v in by_record.values()]
@@ -151,12 +156,15 @@ def csv_text(records: list[dict]) -> str:
     return buf.getvalue()
 
 
-def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: bool = False) -> dict:
+def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: bool = False,
+                 baseline: str | None = None) -> dict:
     """Write the report; returns what it contains (table, plots, checks) for the CLI and tests.
 
     ``out_md`` defaults to ``folder/report.md``. An existing output file that clipguard report did not write is
     refused (one line, before anything is written) unless ``force``. Links and embedded pictures resolve against
-    the records and the report file, not the current folder."""
+    the records and the report file, not the current folder. With ``baseline`` (a model label), each number of
+    the main table that differs significantly from that model's on the same dataset is marked (paired, from the
+    records' predictions: :func:`report.significance.mark_against`)."""
     out_md = Path(folder) / "report.md" if out_md is None else Path(out_md)
     refuse_foreign({"--out": out_md, "--html": html_out, "--csv": csv_out}, force)
     records = load_records(folder)
@@ -164,6 +172,10 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     assets = out_md.parent / (out_md.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
     header, body = reference_table(rs)
+    if baseline is not None and baseline not in {row[0] for row in body}:
+        raise ClipguardError(f"--baseline {baseline!r} is not a model of these records; they are "
+                             f"{', '.join(dict.fromkeys(str(row[0]) for row in body))}")
+    marks = mark_against(baseline, body) if baseline is not None else []
     col, pts = _scatter_points(rs)
     pngs = [p for p in (plots.eps_curves(rs, assets / "robust_vs_eps.png"),
                         plots.clean_vs_robust(pts, col, assets / "clean_vs_robust.png")) if p]
@@ -172,7 +184,11 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     uap = uap_table(rs)
     zs = zero_shot_tables(rs)
     md = [f"# clipguard report\n\n{len(records)} records from `{folder}`.\n", "## Clean and robust accuracy\n",
-          _md_table(header, body), ""]
+          _md_table(header, body), "", INTERVAL_NOTE, ""]
+    if any(r.get("defense_evaluation") == "non-adaptive" for r in rs):
+        md += [NON_ADAPTIVE_NOTE, ""]
+    if baseline is not None:
+        md += [significance_note(baseline, marks), ""]
     if zs:
         md += ["## Zero-shot robustness\n", ZS_NOTE, ""]
         md += [x for t in zs for x in (f"### {t['title']}\n", _md_table(t["header"], t["body"]), "")]
@@ -190,9 +206,30 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     atomic_write_text(out_md, "\n".join(md) + "\n")
     if html_out:
         atomic_write_text(html_out, html_report.page(n=len(records), main=(header, body), zs=zs, zs_note=ZS_NOTE,
-                                                     uap=uap, plots=pngs, uap_pictures=uap_pngs, checks=checks))
+                                                     uap=uap, plots=pngs, uap_pictures=uap_pngs, checks=checks,
+                                                     notes=(INTERVAL_NOTE, *([significance_note(baseline, marks)]
+                                                                             if baseline is not None else []),
+                                                            *([NON_ADAPTIVE_NOTE] if any(
+                                                                r.get("defense_evaluation") == "non-adaptive"
+                                                                for r in rs) else []))))
     if csv_out:
         atomic_write_text(csv_out, csv_text(records))
     return {"records": len(records), "out": out_md, "header": header, "body": body, "plots": [str(p) for p in pngs],
             "uap_pictures": [str(p) for p in uap_pngs], "checks": checks, "uap_table": uap, "zero_shot": zs,
-            "uap": [r for r in rs if r["metric"] == "fooling_rate"]}
+            "uap": [r for r in rs if r["metric"] == "fooling_rate"], "significance": marks}
+
+
+NON_ADAPTIVE_NOTE = ("(non-adaptive): crafted on the undefended classifier and classified by the defended one (the "
+                     "defense paper's protocol), not attacked through the defense: an upper bound on its robust "
+                     "accuracy (Tramer et al. 2020). The adaptive number is the defense's.")
+INTERVAL_NOTE = "±: half the width of the number's exact (Clopper-Pearson) interval, at the level its record names."
+
+
+def significance_note(baseline: str, marks: list[dict]) -> str:
+    """The legend of the marks against ``baseline``: what was tested, how, and what was not."""
+    tested = [m for m in marks if "p" in m]
+    untested = len(marks) - len(tested)
+    return (f"Against `{baseline}` (same dataset, same column): `*` marks a significant difference (exact McNemar "
+            f"on the per-image predictions, Holm-adjusted over {len(tested)} tests, alpha 0.05); "
+            f"{sum(m['significant'] for m in tested)} of {len(tested)} significant."
+            + (f" `?`: {NOT_TESTED} ({untested} numbers: run eval with --predictions)." if untested else ""))

@@ -13,7 +13,14 @@ STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{paddi
 
 
 def fmt(v) -> str:
-    return "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    """A cell: ``—`` for none, a number to 4 places, with ``±half-width`` of its interval and its significance mark
+    when it carries them (``report.significance.Reading``)."""
+    if v is None:
+        return "—"
+    if not isinstance(v, float):
+        return str(v)
+    ci = getattr(v, "ci", None)
+    return f"{v:.4f}" + (f" ±{(ci[1] - ci[0]) / 2:.3f}" if ci else "") + getattr(v, "mark", "")
 
 
 def table(header, body) -> str:
@@ -33,11 +40,12 @@ def _check_item(c: dict) -> str:
 
 
 def page(*, n: int, main: tuple, zs: list[dict], zs_note: str, uap: tuple, plots: list[Path],
-         uap_pictures: list[Path], checks: list[dict]) -> str:
+         uap_pictures: list[Path], checks: list[dict], notes: tuple[str, ...] = ()) -> str:
     """The whole page: clean and robust accuracy, zero-shot tables, universal perturbations (table and pictures),
-    plots, integrity checks. ``main`` and ``uap`` are (header, body); pictures that no longer exist are left out."""
+    plots, integrity checks. ``main`` and ``uap`` are (header, body), ``notes`` paragraphs under the main table (the
+    intervals, the significance marks); pictures that no longer exist are left out."""
     cell = "".join
-    body = f"<h2>Clean and robust accuracy</h2>{table(*main)}"
+    body = f"<h2>Clean and robust accuracy</h2>{table(*main)}" + cell(f"<p>{html.escape(n)}</p>" for n in notes)
     if zs:
         body += f"<h2>Zero-shot robustness</h2><p>{html.escape(zs_note)}</p>" + cell(
             f"<h3>{html.escape(t['title'])}</h3>" + table(t["header"], t["body"]) for t in zs)

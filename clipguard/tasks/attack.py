@@ -12,9 +12,10 @@ from clipguard.attacks.advset import quantize as quantize_fn
 from clipguard.attacks.surrogates import build_surrogate
 from clipguard.attacks.sweep import robust_entry
 from clipguard.config import flat
+from clipguard.defenses.adaptive import adjust_entries, defense_cost, defense_record, plan_attack
 from clipguard.distributed import is_main
 from clipguard.models.inference import attack_inputs
-from clipguard.records.metrics import put
+from clipguard.records.metrics import at_run_confidence, put
 from clipguard.records.schema import make_record
 from clipguard.report.pictures import adversarial_grid
 from clipguard.tasks.configs import AttackSetConfig
@@ -22,6 +23,7 @@ from clipguard.tasks.eval import load_resolution
 from clipguard.tasks.setup import prepare
 
 
+@at_run_confidence  # every _ci at --confidence
 def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) -> dict:
     """Attack every image of ``cfg``'s split once (at ``cfg.eps``) and save the set to ``cfg.adv_set``.
 
@@ -31,10 +33,14 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
     started = time.perf_counter()
     base, out, quantize, png_dir = cfg.attack_settings(), cfg.adv_set, cfg.quantize, cfg.png
     resolution = load_resolution(cfg)
-    p = prepare(cfg.run, resolution=resolution, attack_precision=cfg.attack_precision)  # --compile: warmed up
-    surrogate = None
+    p = prepare(cfg.run, resolution=resolution, attack_precision=cfg.attack_precision,  # --compile: warmed up
+                defense=cfg.defended)
+    surrogate, plan = None, None
     if cfg.surrogate:  # crafted on the dataset's own images
-        surrogate = build_surrogate(cfg.surrogate, p)
+        surrogate = build_surrogate(cfg.surrogate, p, trust_remote_code=cfg.run.trust_remote_code)
+    if p.undefended is not None:  # --defense: through the whole defense (adaptive) or not (defenses.adaptive)
+        plan = plan_attack(p, cfg.defended, base, aa_version_given=cfg.aa_version is not None)
+        base, surrogate = plan.attack, plan.craft_on
     run = runner.run_attack(p.classifier, p.data.images, p.data.labels, base, batch_size=cfg.run.batch_size,
                             resolution=resolution, precision=cfg.attack_precision, keep_adv=True,
                             progress=progress, craft_on=surrogate)
@@ -51,19 +57,27 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
               "precision": cfg.attack_precision, "surrogate": cfg.surrogate}
     source = {"model": p.clip.spec.text, "fingerprint": p.clip.fingerprint, "surrogate": cfg.surrogate,
               "adapter": cfg.run.adapter}
+    defense = None
+    if plan is not None:  # the set was crafted against (or around) a defense: the manifest and the record say how
+        defense = defense_record(p, plan=plan, cost=defense_cost(p, precision=p.clip.precision,
+                                                                 batch_size=cfg.run.batch_size))
+        source["defense"] = {"name": defense["name"], "evaluation": plan.mode}
     if is_main():  # under torchrun every rank holds the whole set, in dataset order: one writes it
         manifest = {"data": p.data.to_record(), "images_digest": image_digest(p.data.images), "source": source,
                     "attack": attack, "quantized": quantize}
         save_adv_set(out, adv, p.data.labels, manifest)
     entry = robust_entry(run, p.data.labels, base)
+    if plan is not None:
+        adjust_entries([entry], plan)
     pngs = []
     if png_dir and is_main():
         pngs = adversarial_grid(p, run, png_dir, n=n_png)
     counts = entry["counts"]  # each metric k / n of integers, its counts beside it (clean_acc is acc1 here)
     metrics = put({}, "acc1", **counts["clean_acc"])
-    for name in ("robust_acc", "attack_success_rate", "surrogate_clean_acc", "surrogate_robust_acc"):
+    for name in ("robust_acc", "attack_success_rate", "surrogate_clean_acc", "surrogate_robust_acc",
+                 "undefended_clean_acc", "undefended_adv_acc"):
         if name in counts:
             put(metrics, name, **counts[name])
     return make_record("attack", started=started, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=p.timings(run.timings), attack=attack, adv_set={"path": str(out), "quantized": quantize},
-                       stats=run.stats, pngs=pngs, config=flat(cfg))
+                       stats=run.stats, pngs=pngs, config=flat(cfg), **({"defense": defense} if defense else {}))

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from clipguard.config import flat
+from clipguard.defenses.adaptive import defense_cost, defense_record
 from clipguard.models.inference import autocast_for, to_pixels
 from clipguard.progress import progress_bar
-from clipguard.records.metrics import put
+from clipguard.records.metrics import at_run_confidence, put
 from clipguard.records.schema import make_record
 from clipguard.smoothing.core import (
     ABSTAIN,
@@ -46,6 +47,7 @@ CERTIFY_STREAM, CHECK_STREAM = 0, 1  # independent noise streams of one seed: ce
 __all__ = ["CertifyConfig", "certify_config", "run_certify"]
 
 
+@at_run_confidence  # every _ci at --confidence (not --failure-prob: that is each certificate's)
 def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
     """Certify every image of the run; returns a ``clipguard.result/1`` record (task ``certified_robustness``).
 
@@ -54,7 +56,7 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
         >>> rec["metrics"]["certified"]  # [{"radius": 0.0, "certified_acc": ...}, ...]
     """
     started = time.perf_counter()
-    p = prepare(cfg.run, resolution="model")  # the noise lives at the model's input size
+    p = prepare(cfg.run, resolution="model", defense=cfg.defended)  # the noise lives at the model's input size
     smoothed = Smoothed(p.classifier, cfg.sigma, len(p.prompts.classnames), cfg.noise_batch, p.clip.precision)
     certs, base_pred, timings = _certify_all(p, cfg, smoothed, progress)
     labels, radii = p.data.labels.tolist(), list(cfg.radii)
@@ -70,7 +72,18 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
                        timings=p.timings({**timings, **check_timings}), text_embeddings=p.text.to_record(),
                        adapter=cfg.run.adapter, config=flat(cfg),
                        smoothing=_protocol(cfg, p), empirical_l2=empirical, checks=checks,
-                       checks_passed=all_passed(checks), per_image=_per_image(p, certs, base_pred))
+                       checks_passed=all_passed(checks), per_image=_per_image(p, certs, base_pred),
+                       **_defense(p, cfg))
+
+
+def _defense(p, cfg: CertifyConfig) -> dict:
+    """--defense: the record's ``defense`` section (the smoothed classifier is the defended one; the SmoothAdv check
+    attacks it through the defense, averaging --check-samples noise draws per step)."""
+    if p.undefended is None:
+        return {}
+    cost = defense_cost(p, precision=p.clip.precision, batch_size=cfg.noise_batch)
+    return {"defense": defense_record(p, plan=None, cost=cost, evaluation="adaptive: certified, and the SmoothAdv "
+                                      "check attacks the smoothed defended classifier through the defense")}
 
 
 def all_passed(checks: list[dict]) -> bool | None:

@@ -57,6 +57,62 @@ def same(cls, name: str, **changes):
     return field(default=changes.get("default", f.default), metadata={"opt": opt})
 
 
+DEFENSE_ATTACKS = ("adaptive", "non-adaptive")  # how a defended classifier is attacked: defenses.adaptive
+
+
+@dataclass(frozen=True)
+class DefenseOptions(Config):
+    """A test-time defense in front of the classifier (eval, attack, certify; bench cells too). Every field is
+    omitted from records and hashes at its default, so runs made before defenses keep their hashes."""
+
+    defense: str | None = option(None, panel=ATTACK, metavar="NAME", parse=lambda v, n: str(v).strip().lower(),
+                                 omit_at_default=True,
+                                 help="Test-time defense wrapping the classifier: ttc (Xing et al. 2025's test-time "
+                                      "counterattacks). Clean and robust accuracy are the defended classifier's.")
+    defense_attack: str = option("adaptive", panel=ATTACK, parse=choice(*DEFENSE_ATTACKS), omit_at_default=True,
+                                 help="adaptive (attacks go through the whole defense: gradients through its steps, "
+                                      "EOT over its randomness) or non-adaptive (crafted on the undefended classifier, "
+                                      "the papers' weaker protocol; the record and report say so).")
+    defense_eot: int | None = option(None, panel=ATTACK, parse=positive, omit_at_default=True, metavar="N",
+                                     help="Adaptive attacks: draws of a randomized defense averaged per gradient (EOT; "
+                                          "default 4 for PGD/FGSM/APGD; AutoAttack runs its version rand, 20 draws).")
+    ttc_eps: Eps = option("4/255", panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
+                          omit_at_default=True, help="TTC counterattack radius, L-inf, [0, 1] pixel units (paper: "
+                                                     "4/255).")
+    ttc_steps: int = option(2, panel=ATTACK, parse=non_negative, omit_at_default=True,
+                            help="TTC counterattack steps (paper: 2; 0: the random start alone).")
+    ttc_alpha: Eps = option("1/255", panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
+                            omit_at_default=True, help="TTC step size in [0, 1] pixel units (paper: 1/255).")
+    ttc_tau: float = option(0.2, panel=ATTACK, parse=in_range(0, None, "a number >= 0 (the paper's tau threshold: "
+                                                                       "0.2)"),
+                            omit_at_default=True, metavar="TAU",
+                            help="TTC tau threshold: images whose embedding moves less than this share under the "
+                                 "random start are counterattacked (paper: 0.2).")
+    ttc_beta: float = option(2.0, panel=ATTACK, parse=in_range(0, None, "a number >= 0 (the paper's beta: 2)"),
+                             omit_at_default=True, metavar="BETA",
+                             help="TTC weight of later steps: softmax(beta * step) (paper: 2).")
+
+    OPTIONS: ClassVar[tuple[str, ...]] = ("defense_attack", "defense_eot", "ttc_eps", "ttc_steps", "ttc_alpha",
+                                          "ttc_tau", "ttc_beta")
+
+    def check(self) -> None:
+        if not self.defense:
+            unused = changed_from_default(self, self.OPTIONS)
+            if unused:
+                one = len(unused) == 1
+                raise ClipguardError(f"{', '.join(unused)} {'is' if one else 'are'} used only with --defense (e.g. "
+                                     f"--defense ttc): add --defense, or leave {'it' if one else 'them'} out")
+            return
+        from clipguard.defenses.registry import DEFENSES  # torch: only when a config is built
+
+        DEFENSES.check(self.defense)
+        check_linf_eps(self.ttc_eps, "--ttc-eps")
+        check_linf_eps(self.ttc_alpha, "--ttc-alpha")
+        if self.defense_eot is not None and self.defense_attack == "non-adaptive":
+            raise ClipguardError(f"--defense-eot {self.defense_eot} averages the defense's randomness in an adaptive "
+                                 "attack; --defense-attack non-adaptive never attacks the defense: drop one")
+
+
 @dataclass(frozen=True)
 class AttackOptions(Config):
     """The attack block of ``eval`` and ``attack``: an attack, its threat model and its settings."""
@@ -120,7 +176,12 @@ class AttackOptions(Config):
         if self.surrogate:
             from clipguard.attacks.surrogates import check_surrogate_spec  # torch: only when a config is built
 
-            check_surrogate_spec(self.surrogate)
+            check_surrogate_spec(self.surrogate, trust_remote_code=self.run.trust_remote_code)
+        guard = getattr(self, "defended", None)
+        if self.surrogate and guard is not None and guard.defense:
+            raise ClipguardError(f"--surrogate with --defense {guard.defense}: a transfer attack never sees the "
+                                 "defense; attack it adaptively (drop --surrogate) or with --defense-attack "
+                                 "non-adaptive")
 
     def attack_settings(self):
         """The attack as :class:`clipguard.attacks.registry.AttackConfig`, at the first eps (a sweep replaces it)."""
@@ -137,6 +198,7 @@ class EvalConfig(AttackOptions):
     """``clipguard eval``: clean zero-shot accuracy; robust accuracy too with ``attack``."""
 
     run: RunOptions = field(default_factory=RunOptions)
+    defended: DefenseOptions = field(default_factory=DefenseOptions)  # --defense and its options, inlined
     sanity: bool = option(False, panel=ATTACK,
                           help="Also run the costly sanity checks (eps sweep monotone, PGD vs FGSM, doubled steps, 5 "
                                "restarts).")
@@ -167,6 +229,7 @@ class AttackSetConfig(AttackOptions):
     eps: tuple[Eps, ...] = same(AttackOptions, "eps", help="Radius in [0, 1] pixel units (8/255 or 0.0314); one "
                                                            "value.")
     run: RunOptions = field(default_factory=_attack_run)
+    defended: DefenseOptions = field(default_factory=DefenseOptions)  # --defense and its options, inlined
     adv_set: Path = option(None, panel=OUTPUT, parse=output_file, metavar="FILE",
                            help="Adversarial set to write (.safetensors), for `eval --adv-set`.")
     quantize: bool = option(False, panel=OUTPUT, help="Store uint8 pixels (k/255), clipped to stay within eps.")
@@ -213,6 +276,7 @@ class CertifyConfig(Config):
     EXCLUDE = ("batch_size",)
 
     run: RunOptions = field(default_factory=RunOptions)
+    defended: DefenseOptions = field(default_factory=DefenseOptions)  # --defense: the smoothed classifier is defended
     sigma: float = option(0.25, panel=SMOOTHING, parse=pixel_float(allow_zero=False),
                           metavar="STD",
                           help="Noise std in [0, 1] pixel units at the model's input size (Cohen et al.: 0.12, 0.25, "
@@ -237,6 +301,13 @@ class CertifyConfig(Config):
     check_samples: int = option(16, panel=CHECK, parse=positive, help="Noise samples per PGD step.")
     check_n: int = option(1000, panel=CHECK, parse=positive,
                           help="Noise samples re-estimating the smoothed classifier at an attacked image.")
+
+    def check(self) -> None:
+        guard = self.defended
+        if guard.defense and (guard.defense_attack != "adaptive" or guard.defense_eot is not None):
+            raise ClipguardError("certify smooths the defended classifier and its SmoothAdv check attacks it through "
+                                 "the defense, averaging --check-samples draws: --defense-attack and --defense-eot "
+                                 "apply to eval and attack only")
 
 
 def _fit_run() -> RunOptions:
@@ -317,8 +388,9 @@ class PrepareConfig(Config):
     """``clipguard prepare``: a dataset decoded once into the prepared cache at the model's input size."""
 
     EXCLUDE = ("prompts", "templates", "adapter", "device", "precision", "data_mode", "streaming", "compile",
-               "compile_mode")
-    HELP = {"model": "Model whose input size the images are brought to (only its config is read)."}
+               "compile_mode", "confidence")
+    HELP = {"model": "Model whose input size and geometry (resize mode, interpolation) the images are brought to "
+                     "(only its config is read)."}
 
     run: RunOptions = field(default_factory=RunOptions)
     size: int | None = option(None, panel=MODEL_DATA, parse=positive, metavar="PIXELS",
@@ -426,6 +498,10 @@ class ReportConfig(Config):
     csv: Path | None = option(None, panel=OUTPUT, parse=output_file, metavar="FILE",
                               help="Also write a CSV (CLIP_benchmark's columns first).")
     force: bool = option(False, panel=OUTPUT, help="Replace existing report files that clipguard did not write.")
+    baseline: str | None = option(None, panel=MODEL_DATA, metavar="NAME",
+                                  help="Mark the numbers that differ significantly from this model's on the same "
+                                       "dataset (exact McNemar on --predictions, Holm-adjusted; ? where a run has no "
+                                       "predictions).")
 
     def check(self) -> None:
         if self.records is None:
@@ -448,11 +524,44 @@ class GateConfig(Config):
                                 help="Write JUnit XML for CI systems.")
     out: Path | None = option(None, panel=OUTPUT, short="-o", parse=output_file, metavar="FILE",
                               help="Write the outcomes as JSON to this file.")
+    baseline: Path | None = option(None, panel=MODEL_DATA, parse=input_path, metavar="RECORDS",
+                                   help="Records (a folder or one record) that `METRIC(...) >= baseline` rules compare "
+                                        "with; `significant = true` pairs their --predictions with RECORDS'.")
 
     def check(self) -> None:
         if self.records is None or self.rules is None:
             raise ClipguardError("gate needs RECORDS and --rules FILE (e.g. clipguard gate runs/bench-toy --rules "
                                  "benchmarks/gate-toy.toml)")
+
+
+STATS = "Statistics"  # compare's test and interval settings (a panel after the others)
+
+
+@dataclass(frozen=True)
+class CompareConfig(Config):
+    """``clipguard compare``: runs on the same images, paired image by image (exact McNemar, Holm, differences)."""
+
+    sources: list[str] | None = option(None, panel=MODEL_DATA, argument=True, metavar="RUNS",
+                                       help="Two records, run folders or predictions files (.csv, .parquet) of the "
+                                            "same images; a suite's folder with --baseline.")
+    baseline: str | None = option(None, panel=MODEL_DATA, metavar="NAME",
+                                  help="Compare every other run against the run of this model label, per dataset.")
+    level: float = option(0.05, panel=STATS, parse=in_range(0, 1, "in (0, 1): the significance level alpha "
+                                                                       "(e.g. 0.05)", lo_open=True),
+                          metavar="ALPHA", help="Significance level of the Holm-adjusted McNemar tests; differences "
+                                                "get (1 - ALPHA) intervals.")
+    n_resamples: int = option(9999, panel=STATS, parse=positive,
+                              help="Bootstrap resamples of each paired difference's interval (scipy's default).")
+    seed: int = option(0, panel=STATS, help="Seed of the bootstrap resampling.")
+
+    def check(self) -> None:
+        if not self.sources:
+            raise ClipguardError("compare needs RUNS: two records, run folders or predictions files (e.g. clipguard "
+                                 "compare base.json tuned.json), or a suite's folder with --baseline NAME")
+
+
+def compare_config(**opts) -> CompareConfig:
+    return from_options(CompareConfig, opts)
 
 
 @dataclass(frozen=True)

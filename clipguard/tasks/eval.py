@@ -8,10 +8,18 @@ from clipguard.attacks.advset import image_digest, load_adv_set
 from clipguard.attacks.surrogates import build_surrogate
 from clipguard.attacks.sweep import robust_sweep
 from clipguard.config import flat
+from clipguard.defenses.adaptive import (
+    adjust_entries,
+    defense_checks,
+    defense_cost,
+    defense_record,
+    plan_attack,
+    undefended_accuracy,
+)
 from clipguard.distributed import gather_objects, is_main
 from clipguard.errors import ClipguardError
 from clipguard.models.inference import predict_logits
-from clipguard.records.metrics import attack_success_counts, classification_metrics, count, put
+from clipguard.records.metrics import at_run_confidence, attack_success_counts, classification_metrics, count, put
 from clipguard.records.predictions import image_digests, prediction_table, write_predictions
 from clipguard.records.schema import make_record
 from clipguard.tasks.configs import EvalConfig, eval_config
@@ -20,6 +28,7 @@ from clipguard.tasks.setup import prepare
 __all__ = ["EvalConfig", "eval_config", "run_eval"]
 
 
+@at_run_confidence  # every _ci at --confidence
 def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Clean zero-shot evaluation (robust too with ``attack``); returns a ``clipguard.result/1`` record."""
     started = time.perf_counter()
@@ -27,7 +36,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
     if cfg.adv_set:  # the images the set was made from: loaded at the resolution it was crafted at
         adv = load_adv_set(cfg.adv_set)
     p = prepare(cfg.run, resolution=load_resolution(cfg, adv),  # --compile: warmed up for the attack's passes too
-                attack_precision=cfg.attack_precision if cfg.attack else None)
+                attack_precision=cfg.attack_precision if cfg.attack else None, defense=cfg.defended)
     if adv is not None:
         _check_matching_adv_set(p, cfg, adv)
     digests = [] if cfg.predictions else None  # taken in the clean pass: a streamed set is read once
@@ -49,6 +58,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         extra = _adv_set_section(p, cfg, adv, logits)
         for name, counts in extra.pop("metrics")["counts"].items():  # k / n and counts, beside the clean ones
             put(metrics, name, **counts)
+    plan = extra.pop("_plan", None)
+    if p.undefended is not None:  # --defense: what it is, how it was attacked, its cost, the undefended clean acc1
+        bs, prec = cfg.run.batch_size, p.clip.precision
+        extra["defense"] = defense_record(p, plan=plan, cost=defense_cost(p, precision=prec, batch_size=bs),
+                                          undefended=undefended_accuracy(p, precision=prec, batch_size=bs),
+                                          evaluation="saved adversarial set, as crafted" if cfg.adv_set else None)
     adv_preds = extra.pop("_preds", {})
     if cfg.predictions:
         digests = [d for part in gather_objects(digests) for d in part]  # under torchrun: every rank's, in order
@@ -71,10 +86,17 @@ def _attack_section(p, cfg: EvalConfig, progress: bool, correct) -> dict:
     base, eps_list = cfg.attack_settings(), list(cfg.eps)
     surrogate, resolution = None, load_resolution(cfg)
     if cfg.surrogate:  # crafted on the dataset's own images (native), which the target resizes itself
-        surrogate = build_surrogate(cfg.surrogate, p)
+        surrogate = build_surrogate(cfg.surrogate, p, trust_remote_code=cfg.run.trust_remote_code)
+    plan = None
+    if p.undefended is not None:  # --defense: through the whole defense (adaptive) or not (defenses.adaptive)
+        plan = plan_attack(p, cfg.defended, base, aa_version_given=cfg.aa_version is not None)
+        base, surrogate = plan.attack, plan.craft_on
     entries, checks, preds = robust_sweep(p, base, eps_list, batch_size=cfg.run.batch_size, resolution=resolution,
                                    precision=cfg.attack_precision, surrogate=surrogate, sanity=cfg.sanity,
                                    progress=progress, correct=correct)
+    if plan is not None:
+        adjust_entries(entries, plan)
+        checks = defense_checks(p, plan, checks, resolution=resolution, batch_size=cfg.run.batch_size)
     warnings = []
     if cfg.attack_precision != "fp32":
         warnings.append(f"attack ran in {cfg.attack_precision}: rounding weakens small-eps gradients, "
@@ -84,7 +106,7 @@ def _attack_section(p, cfg: EvalConfig, progress: bool, correct) -> dict:
               "resolution": resolution,
               "precision": cfg.attack_precision, "surrogate": cfg.surrogate}
     return {"robust": entries, "attack": attack, "checks": checks, "warnings": warnings, "_preds": preds,
-            "checks_passed": all(c["passed"] for c in checks)}
+            "checks_passed": all(c["passed"] for c in checks), "_plan": plan}
 
 
 def load_resolution(cfg: EvalConfig, adv=None) -> str:

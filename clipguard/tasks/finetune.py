@@ -17,11 +17,13 @@ from clipguard.errors import ClipguardError
 from clipguard.finetune.checkpoint import SUMMARY, check_resume
 from clipguard.finetune.config import FinetuneConfig, config_hash
 from clipguard.finetune.loop import train
+from clipguard.records.metrics import at_run_confidence
 from clipguard.records.predictions import image_digests
 from clipguard.tasks.eval import EvalConfig, run_eval
 from clipguard.tasks.setup import prepare
 
 
+@at_run_confidence  # every _ci of the final evaluation at --confidence
 def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     """Robustly fine-tune ``cfg.run.model`` on ``cfg.run.dataset``; returns a ``clipguard.result/1`` record.
 
@@ -59,7 +61,7 @@ def check_held_out(cfg: FinetuneConfig, p) -> None:
         held = load_dataset(run.dataset, split=cfg.eval_split, limit=cfg.eval_limit, seed=run.seed,
                             image_column=run.image_column, label_column=run.label_column,
                             size=tuple(p.data.images.shape[-2:]), mode="stream", workers=run.workers,
-                            streaming=run.streaming)
+                            streaming=run.streaming, preprocess=run.preprocess, geometry=p.clip.geometry)  # same pixels
     except ClipguardError as e:
         raise ClipguardError(f"--eval-split {cfg.eval_split!r}: {e}") from None
     if held.split != p.data.split:

@@ -21,7 +21,7 @@ from clipguard.distributed import barrier, is_main, world_size
 from clipguard.errors import ClipguardError
 from clipguard.models.inference import attack_inputs
 from clipguard.progress import progress_bar
-from clipguard.records.metrics import count, put
+from clipguard.records.metrics import at_run_confidence, count, put
 from clipguard.records.predictions import image_digests
 from clipguard.records.schema import make_record
 from clipguard.registry import suggest
@@ -88,6 +88,7 @@ def _fit_overlap(manifest: dict, data) -> int:
     return sum(d in fitted for _, x in chunks(data.images, 1024) for d in image_digests(x))
 
 
+@at_run_confidence  # every _ci at --confidence
 def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
     """Fit a UAP on ``cfg``'s split, save it to ``cfg.uap``; returns a ``clipguard.result/1`` record."""
     started = time.perf_counter()
@@ -131,6 +132,7 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
                        text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg))
 
 
+@at_run_confidence  # every _ci at --confidence
 def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
     """Fooling rate, accuracy with and without the UAP and attack success rate of ``cfg.uap`` on any model.
 
