@@ -54,11 +54,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# The session's shared models, by fixture name: (the module whose layout must not change, its parameter names).
+_SHARED: dict[str, tuple] = {}
+
+
+def _layout(module) -> tuple[str, ...]:
+    return tuple(name for name, _ in module.named_parameters())
+
+
 @pytest.fixture(scope="session")
 def toy_clip():
     from clipguard.models.loader import load_clip
 
-    return load_clip("toy", device="cpu", precision="fp32")
+    clip = load_clip("toy", device="cpu", precision="fp32")
+    _SHARED["toy_clip"] = (clip.model, _layout(clip.model))
+    return clip
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +77,19 @@ def toy_prepared():
     from clipguard.run_options import RunOptions
     from clipguard.tasks.setup import prepare
 
-    return prepare(RunOptions(model="toy", dataset="toy", split="test", limit=300, device="cpu", precision="fp32"))
+    prepared = prepare(RunOptions(model="toy", dataset="toy", split="test", limit=300, device="cpu", precision="fp32"))
+    _SHARED["toy_prepared"] = (prepared.classifier, _layout(prepared.classifier))
+    return prepared
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_keep_their_layout():
+    """A test that wraps a shared model in place (a shallow ``copy.copy`` of a module shares its ``_modules``, so
+    setting ``.visual`` on the copy sets it on the original) fails here, not in whichever test the same worker
+    happens to run next."""
+    yield
+    for name, (module, layout) in _SHARED.items():
+        assert _layout(module) == layout, f"this test changed the layout of the session fixture {name!r}"
 
 
 @pytest.fixture

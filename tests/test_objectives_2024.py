@@ -126,11 +126,14 @@ def test_tga_defaults_are_the_papers():
 def test_tga_attention_under_vpt_reads_the_patch_tokens(models):
     """VPT inserts prompt tokens; the map still reads the last grid tokens, and equals the unprompted map when
     the prompts are dropped (they are: VPT removes them before pooling), so at any prompt values it is a map."""
+    from clipguard.models.classifier import ZeroShotClassifier
     from clipguard.models.vpt import PromptedVisual
 
     trained, frozen, clean, adv, y = models
-    vpt = copy.copy(frozen)
-    vpt.visual = PromptedVisual(frozen.visual, 3)
+    # a new classifier: copy.copy of a module shares its _modules dict, so setting .visual on a shallow copy would
+    # put the prompts into the session's toy_prepared classifier too (what broke test_prompt_tuning in CI)
+    vpt = ZeroShotClassifier(PromptedVisual(frozen.visual, 3), frozen.text_embeddings, frozen.logit_scale,
+                             frozen.mean.flatten().tolist(), frozen.std.flatten().tolist(), frozen.input_size)
     loss = _bound("tga").loss(vpt, adv, y, Guide(clean, frozen))
     assert loss.shape == (6,) and torch.isfinite(loss).all()
     assert loss.requires_grad  # the prompts receive gradients through the attention terms too
