@@ -184,7 +184,8 @@ class DatasetSpec:
         return self.text
 
 
-SPEC_FORMS = "toy, a catalogue name (clipguard datasets), hf:ORG/NAME, imagefolder:PATH, wds:PATH or prepared:PATH"
+SPEC_FORMS = ("toy, toy-shift, a catalogue name (clipguard datasets), hf:ORG/NAME, imagefolder:PATH, wds:PATH or "
+              "prepared:PATH")
 
 
 def _wds_name(path: str) -> str:
@@ -214,12 +215,13 @@ def _catalogue_spec(t: str, image_column: str | None, label_column: str | None) 
 def parse_dataset_spec(
     text: str, *, image_column: str | None = None, label_column: str | None = None
 ) -> DatasetSpec:
-    """Parse ``toy``, a catalogue name (``cifar10``, ``imagenet1k``...), ``hf:ORG/NAME`` or ``hf:PATH`` (saved with
-    ``save_to_disk``), ``imagefolder:PATH``, ``wds:PATH`` (a CLIP_benchmark folder or a shard pattern with braces)
-    or ``prepared:PATH`` (a cache made by ``clipguard prepare``). Paths are checked here, the content at load."""
+    """Parse ``toy`` (``toy-shift``: its distribution-shift set), a catalogue name (``cifar10``, ``imagenet1k``...),
+    ``hf:ORG/NAME`` or ``hf:PATH`` (saved with ``save_to_disk``), ``imagefolder:PATH``, ``wds:PATH`` (a CLIP_benchmark
+    folder or a shard pattern with braces) or ``prepared:PATH`` (a cache made by ``clipguard prepare``). Paths are
+    checked here, the content at load."""
     t = str(text).strip()
-    if t == "toy":
-        return DatasetSpec(kind="toy", name="toy", text=t)
+    if t in ("toy", "toy-shift"):  # the toy world's test/train splits, and its distribution-shift set
+        return DatasetSpec(kind="toy", name=t, text=t)
     found = _catalogue_spec(t, image_column, label_column)
     if found is not None:
         return found
@@ -241,6 +243,6 @@ def parse_dataset_spec(
             raise ClipguardError(f"--dataset {t!r}: no such folder or shard {rest!r} (CLIP_benchmark's layout: "
                                  "DIR/test/0.tar ... with DIR/classnames.txt)")
         return DatasetSpec(kind="wds", name=_wds_name(rest), path=rest, text=t)
-    close = suggest(t, ["toy", *catalogue()])
+    close = suggest(t, ["toy", "toy-shift", *catalogue()])
     hint = f" (did you mean {close}?)" if close else ""
     raise ClipguardError(f"--dataset {t!r} is unknown{hint}: use {SPEC_FORMS}")

@@ -89,6 +89,15 @@ def test_only_a_known_cell_runs_just_that_one(tmp_path, ran, cli):
     assert ran == ["second"]
 
 
+def test_only_takes_a_comma_list_and_repeats(tmp_path, ran, cli):
+    suite = write_suite(tmp_path / "s.toml", FIRST, {"id": "second", "attack": "pgd"}, {"id": "third"})
+    code, out, err = cli("bench", "run", suite, "--out", tmp_path / "out", "--only", "first,third", "--json")
+    assert code == 0, err
+    assert ran == ["first", "third"]
+    code, out, err = cli("bench", "run", suite, "--out", tmp_path / "out", "--only", "first, nosuch", "--only", "x")
+    assert code == 2 and "--only nosuch, x: no such cell" in err
+
+
 @pytest.fixture
 def bars(monkeypatch) -> list[dict]:
     """run_suite's progress bars, recorded: total, whether drawn, per_item, and how far they were advanced."""

@@ -44,7 +44,7 @@ SURROGATES: Registry[Callable[[str, object], nn.Module]] = Registry("--surrogate
 
 @SURROGATES.register("toy-cnn")
 def _toy_cnn(spec: str, prepared) -> nn.Module:
-    if prepared.data.name != "toy":
+    if prepared.data.name not in ("toy", "toy-shift"):
         raise ClipguardError(f"--surrogate toy-cnn classifies the toy classes only, not {prepared.data.spec!r}")
     return load_toy_cnn(device=str(prepared.clip.device))
 

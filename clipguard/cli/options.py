@@ -56,7 +56,8 @@ def _cli_type(f: Field):
     range), else text (the config's parser turns it into an Eps, a Norm, a tuple ...)."""
     args = typing.get_args(f.type) if typing.get_origin(f.type) in (typing.Union, types.UnionType) else (f.type,)
     base = next((t for t in args if t is not type(None)), str)
-    repeatable = typing.get_origin(base) is list and f.opt.parse is None  # --only a --only b
+    repeatable = typing.get_origin(base) is list and (f.opt.parse is None or getattr(f.opt.parse, "repeatable",
+                                                                                     False))  # --only a --only b
     text = getattr(f.opt.parse, "takes_text", False)  # pixel units: "64/255" is a float to the config, not to Typer
     base = base if (base in (int, float, bool, str) and not text) or repeatable else str
     return base | None if type(None) in args or f.default is None else base

@@ -25,16 +25,19 @@ def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=
     from clipguard.data import toy
     from clipguard.data.images import tensor_geometry
 
-    try:
-        images, labels = toy.toy_split(split)
-    except ValueError as e:
-        raise ClipguardError(f"--split: {e}") from None
+    if spec.name == toy.SHIFT_NAME and split != "test":
+        raise ClipguardError(f"--dataset {toy.SHIFT_NAME} has only a test split (got --split {split!r})")
+    if spec.name == "toy" and split not in ("test", "train"):
+        raise ClipguardError(f"--split: unknown toy split {split!r}; valid splits: test, train (the shift set is "
+                             f"--dataset {toy.SHIFT_NAME})")
+    images, labels = toy.toy_split("shift" if spec.name == toy.SHIFT_NAME else split)
     idx = stratified_indices(labels.numpy(), limit, seed)
     t = torch.from_numpy(idx)
     # At 32x32 (the toy model's input) open_clip's geometry changes nothing; any other size (or TeCoA's geometry)
     # goes through PIL, as a decoded file would.
     return ImageSet(images=tensor_geometry(images[t].contiguous(), size, preprocess, geometry),
-                    labels=labels[t].clone(), classnames=list(toy.TOY_CLASSNAMES), spec=spec.text, name="toy",
+                    labels=labels[t].clone(), classnames=list(toy.TOY_CLASSNAMES), spec=spec.text,
+                    name=spec.name,
                     split=split, limit=limit, seed=seed, indices=idx.tolist() if limit else None)
 
 

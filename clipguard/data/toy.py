@@ -32,7 +32,12 @@ TOY_CLASSNAMES = [
 TOY_TEMPLATES = ["a photo of a {c}.", "a picture of a {c}.", "an image of a {c}."]
 
 # Fixed seeds: the test and train splits must never share a random stream.
-_SPLITS = {"test": (100, 1_000), "train": (200, 2_000)}  # name -> (images per class, seed)
+_SPLITS = {"test": (100, 1_000), "train": (200, 2_000), "shift": (100, 3_000)}  # name -> (images per class, seed)
+# How a split's images look: the shift split is the toy world's distribution-shift set (as ImageNet-R is to
+# ImageNet): the same classes on darker backgrounds, with stronger shade jitter and noise. It is the dataset
+# `toy-shift` (test split only; records and reports name it so); prompts/toy-shift.json holds the toy's class names.
+STYLES = {"test": {}, "train": {}, "shift": {"background": (25.0, 95.0), "jitter": 40.0, "noise": 28.0}}
+SHIFT_NAME = "toy-shift"
 
 
 def _class_attributes() -> list[tuple[int, int]]:
@@ -66,8 +71,10 @@ def _shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     raise ValueError(f"shape index {shape} out of range 0..{len(SHAPES) - 1}")
 
 
-def render(shape: int, colour: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """Draw one image of SHAPES[shape] in COLOURS[colour].
+def render(shape: int, colour: int, rng: np.random.Generator, size: int = 32, *,
+           background: tuple[float, float] = (70.0, 180.0), jitter: float = 15.0, noise: float = 10.0) -> np.ndarray:
+    """Draw one image of SHAPES[shape] in COLOURS[colour] (``background``: the grey level's range; ``jitter``: the
+    shade's per-channel jitter; ``noise``: the pixel noise's std, all in 0..255 units).
 
     Shape:
         returns uint8 (3, size, size).
@@ -77,11 +84,11 @@ def render(shape: int, colour: int, rng: np.random.Generator, size: int = 32) ->
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     mask = _shape_mask(shape, xx - cx, yy - cy, r)
 
-    grey = rng.uniform(70.0, 180.0)
-    background = grey + rng.uniform(-20.0, 20.0, size=3)  # per-channel tint, still clearly greyish
-    fill = COLOUR_RGB[colour] + rng.uniform(-15.0, 15.0, size=3)  # small jitter in the shade
-    img = np.where(mask[None], fill[:, None, None], background[:, None, None].astype(np.float32))
-    img = img + rng.normal(0.0, 10.0, size=img.shape)
+    grey = rng.uniform(*background)
+    tint = grey + rng.uniform(-20.0, 20.0, size=3)  # per-channel tint, still clearly greyish
+    fill = COLOUR_RGB[colour] + rng.uniform(-jitter, jitter, size=3)  # jitter in the shade
+    img = np.where(mask[None], fill[:, None, None], tint[:, None, None].astype(np.float32))
+    img = img + rng.normal(0.0, noise, size=img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -105,8 +112,8 @@ def caption_set(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images), captions
 
 
-def class_set(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly per_class images of each TOY_CLASSNAMES class, shuffled.
+def class_set(per_class: int, seed: int, **style) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly per_class images of each TOY_CLASSNAMES class, shuffled (``style``: :func:`render`'s look).
 
     Shape:
         returns uint8 (10 * per_class, 3, 32, 32) images and int64 (10 * per_class,) labels.
@@ -117,18 +124,19 @@ def class_set(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     labels = rng.permutation(np.repeat(np.arange(len(TOY_CLASSNAMES)), per_class))
     images = np.empty((len(labels), 3, 32, 32), dtype=np.uint8)
     for i, label in enumerate(labels):
-        images[i] = render(*attrs[label], rng)
+        images[i] = render(*attrs[label], rng, **style)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 @functools.cache
 def _cached_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     per_class, seed = _SPLITS[split]
-    return class_set(per_class, seed)
+    return class_set(per_class, seed, **STYLES[split])
 
 
 def toy_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed labelled toy split: "test" (1,000 images, 100 per class) or "train" (2,000, 200 per class).
+    """The fixed labelled toy split: "test" (1,000 images, 100 per class), "train" (2,000, 200 per class) or "shift"
+    (1,000, 100 per class: the distribution-shift set, see STYLES).
 
     Labels index TOY_CLASSNAMES. Generated once per process; callers get fresh copies they may mutate.
 

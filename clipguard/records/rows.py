@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipguard.catalogue import catalogue
 from clipguard.errors import ClipguardError
 from clipguard.records.schema import SCHEMA
 from clipguard.specs import parse_eps
@@ -53,7 +54,8 @@ def _context(rec: dict) -> dict:
     attack = rec.get("attack") or {}
     return {"model": rec.get("model_spec"), "adapter": rec.get("adapter"), "label": label(rec),
             "dataset": rec.get("dataset"), "task": rec.get("task"), "cell": bench.get("cell"),
-            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "path": rec.get("_path"), "check": None,
+            "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "steps": attack.get("steps"),
+            "path": rec.get("_path"), "check": None,
             "defense": (rec.get("defense") or {}).get("name"),
             "defense_evaluation": (rec.get("defense") or {}).get("evaluation")}
 
@@ -114,11 +116,23 @@ NORM_NAMES = {"linf": "Linf", "l2": "L2"}
 
 
 def threat_name(r: dict) -> str:
-    """A robust row's threat as the papers head a table: ``Linf 2/255 (autoattack)``, ``... from SURROGATE``."""
+    """A robust row's threat as the papers head a table: ``Linf 2/255 (autoattack)``, ``Linf 1/255 (pgd-100)`` (an
+    iterative attack's steps: PGD-10 and PGD-100 are different threats), ``... from SURROGATE``."""
     norm = NORM_NAMES.get(r.get("norm"), r.get("norm") or "")
+    steps = f"-{r['steps']}" if r.get("steps") and r["attack"] in ITERATIVE else ""
     src = f" from {r['surrogate']}" if r.get("surrogate") else ""
     weak = ", non-adaptive" if r.get("defense_evaluation") == "non-adaptive" else ""  # never the defense's own number
-    return f"{norm} {r['eps']} ({r['attack']}{src}{weak})".strip()
+    return f"{norm} {r['eps']} ({r['attack']}{steps}{src}{weak})".strip()
+
+
+ITERATIVE = ("pgd", "apgd")  # attacks whose step count the threat name states
+
+
+def dataset_order(names) -> list[str]:
+    """Catalogue order (the papers' order, ImageNet first) for catalogue names, then the rest alphabetically (records
+    are read in file-name order, so first-seen would put ``toy-shift`` before ``toy``)."""
+    known = list(catalogue())
+    return sorted(dict.fromkeys(names), key=lambda d: (0, known.index(d), "") if d in known else (1, 0, d))
 
 
 def zero_shot_readings(rs: list[dict], value=lambda r: r["value"]) -> dict[str, dict[tuple[str, str], float]]:

@@ -7,14 +7,14 @@ import io
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from clipguard.catalogue import catalogue
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_text
-from clipguard.records.rows import checks_summary, load_records, rows, zero_shot_readings
+from clipguard.records.rows import checks_summary, dataset_order, load_records, rows, zero_shot_readings
 from clipguard.report import certify as certify_report
 from clipguard.report import html as html_report
 from clipguard.report import plots
 from clipguard.report.files import link, refuse_foreign, resolve_picture
+from clipguard.report.leaderboard import LEADERBOARD_NOTE, leaderboard_tables
 from clipguard.report.significance import AVERAGE_RESAMPLES, NOT_TESTED, average, mark_against, reading
 
 ZS_NOTE = ("One row per model, one column per dataset, as the FARE and TeCoA papers report; the average is over "
@@ -60,12 +60,6 @@ def reference_table(rs: list[dict]) -> tuple[list[str], list[list]]:
     return header, body
 
 
-def _dataset_order(names) -> list[str]:
-    """Catalogue order (the papers' order, ImageNet first) for catalogue names, then the rest as first seen."""
-    names, known = list(dict.fromkeys(names)), list(catalogue())
-    return sorted(names, key=lambda d: known.index(d) if d in known else len(known) + names.index(d))
-
-
 def zero_shot_tables(rs: list[dict]) -> list[dict]:
     """FARE's and TeCoA's layout, when the rows span two or more datasets: one table per reading (clean, then each
     threat), one row per model label, one column per dataset with a value in that table, and the row's average.
@@ -74,7 +68,7 @@ def zero_shot_tables(rs: list[dict]) -> list[dict]:
     "—" too, so no model is averaged over fewer datasets than another. Values are copied from the rows.
     """
     readings = {k: v for k, v in zero_shot_readings(rs, value=reading).items() if v}
-    datasets = _dataset_order(ds for cells in readings.values() for _, ds in cells)
+    datasets = dataset_order(ds for cells in readings.values() for _, ds in cells)
     if len(datasets) < 2:
         return []
     labels = list(dict.fromkeys(r["label"] for r in rs))
@@ -183,6 +177,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     checks = checks_summary(records)
     uap = uap_table(rs)
     zs = zero_shot_tables(rs)
+    board = leaderboard_tables(records, rs)
     md = [f"# clipguard report\n\n{len(records)} records from `{folder}`.\n", "## Clean and robust accuracy\n",
           _md_table(header, body), "", INTERVAL_NOTE, ""]
     if any(r.get("defense_evaluation") == "non-adaptive" for r in rs):
@@ -192,6 +187,9 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     if zs:
         md += ["## Zero-shot robustness\n", ZS_NOTE, ""]
         md += [x for t in zs for x in (f"### {t['title']}\n", _md_table(t["header"], t["body"]), "")]
+    if board:
+        md += ["## Leaderboard\n", LEADERBOARD_NOTE, ""]
+        md += [x for t in board for x in (f"### {t['title']}\n", _md_table(t["header"], t["body"]), "")]
     if uap[1]:
         md += ["## Universal perturbations\n", _md_table(*uap), ""]
         md += [f"![{p.stem}]({link(p, out_md)})" for p in uap_pngs] + ([""] if uap_pngs else [])
@@ -206,6 +204,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     atomic_write_text(out_md, "\n".join(md) + "\n")
     if html_out:
         atomic_write_text(html_out, html_report.page(n=len(records), main=(header, body), zs=zs, zs_note=ZS_NOTE,
+                                                     board=board, board_note=LEADERBOARD_NOTE,
                                                      uap=uap, plots=pngs, uap_pictures=uap_pngs, checks=checks,
                                                      notes=(INTERVAL_NOTE, *([significance_note(baseline, marks)]
                                                                              if baseline is not None else []),
@@ -216,6 +215,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
         atomic_write_text(csv_out, csv_text(records))
     return {"records": len(records), "out": out_md, "header": header, "body": body, "plots": [str(p) for p in pngs],
             "uap_pictures": [str(p) for p in uap_pngs], "checks": checks, "uap_table": uap, "zero_shot": zs,
+            "leaderboard": board,
             "uap": [r for r in rs if r["metric"] == "fooling_rate"], "significance": marks}
 
 

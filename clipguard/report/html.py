@@ -40,15 +40,19 @@ def _check_item(c: dict) -> str:
 
 
 def page(*, n: int, main: tuple, zs: list[dict], zs_note: str, uap: tuple, plots: list[Path],
-         uap_pictures: list[Path], checks: list[dict], notes: tuple[str, ...] = ()) -> str:
-    """The whole page: clean and robust accuracy, zero-shot tables, universal perturbations (table and pictures),
-    plots, integrity checks. ``main`` and ``uap`` are (header, body), ``notes`` paragraphs under the main table (the
-    intervals, the significance marks); pictures that no longer exist are left out."""
+         uap_pictures: list[Path], checks: list[dict], notes: tuple[str, ...] = (), board: list[dict] = (),
+         board_note: str = "") -> str:
+    """The whole page: clean and robust accuracy, zero-shot tables, the leaderboard, universal perturbations (table
+    and pictures), plots, integrity checks. ``main`` and ``uap`` are (header, body), ``notes`` paragraphs under the
+    main table (the intervals, the significance marks); pictures that no longer exist are left out."""
     cell = "".join
     body = f"<h2>Clean and robust accuracy</h2>{table(*main)}" + cell(f"<p>{html.escape(n)}</p>" for n in notes)
     if zs:
         body += f"<h2>Zero-shot robustness</h2><p>{html.escape(zs_note)}</p>" + cell(
             f"<h3>{html.escape(t['title'])}</h3>" + table(t["header"], t["body"]) for t in zs)
+    if board:
+        body += f"<h2>Leaderboard</h2><p>{html.escape(board_note)}</p>" + cell(
+            f"<h3>{html.escape(t['title'])}</h3>" + table(t["header"], t["body"]) for t in board)
     if uap[1]:
         body += "<h2>Universal perturbations</h2>" + table(*uap) + cell(_img(p) for p in uap_pictures if p.exists())
     body += "<h2>Plots</h2>" + cell(_img(p) for p in plots if p.exists())

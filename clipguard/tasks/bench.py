@@ -17,8 +17,10 @@ A suite file::
 Cell kinds (the registry ``CELL_KINDS``): ``eval`` (one `clipguard eval`), ``uap`` (fit on the cell's split,
 default train, then evaluate on ``eval_split``, default test: the evaluation keeps every model and data option
 of the cell, ``eval_*`` keys override it) and ``finetune`` (train an adapter into OUT/adapters/<cell>, whose
-record holds the final clean + robust numbers). ``adapter = "@cellid"`` points an eval at the adapter a
-finetune cell wrote. A cell whose record exists with
+record holds the final clean + robust numbers). ``adapter = "@cellid"`` (and ``base_adapter = "@cellid"``, the
+image-tower adapter under a prompt adapter) points a cell at the adapter a finetune cell wrote. ``dataset = [...]``
+makes one cell per dataset (id ``<id>-<dataset>``), and ``[dataset_options.<dataset>]`` tables add options to every
+cell of that dataset (a cell's own keys win). A cell whose record exists with
 the same config hash (its options plus the hashes of the cells it depends on) is skipped, so an
 interrupted run resumes where it stopped. Every cell's configs are built (its options checked) before any cell runs.
 
@@ -47,7 +49,15 @@ from clipguard.progress import progress_bar
 from clipguard.records.schema import write_record
 from clipguard.registry import Registry, suggest
 from clipguard.run_options import RunOptions
-from clipguard.tasks.cells import CellsFailed, CellTask, dependency_waves, done, record_path, summary_row
+from clipguard.tasks.cells import (
+    CellsFailed,
+    CellTask,
+    cell_references,
+    dependency_waves,
+    done,
+    record_path,
+    summary_row,
+)
 from clipguard.tasks.configs import CertifyConfig, EvalConfig, UAPEvalConfig, UAPFitConfig
 from clipguard.tasks.executors import EXECUTORS
 
@@ -170,15 +180,18 @@ def load_suite(path) -> tuple[dict, list[dict]]:
     p = Path(path)
     data = read_toml(p, "suite", " (see benchmarks/*.toml)")
     defaults, cells, seen = data.get("defaults", {}), [], set()
-    for raw in data.get("cell", []):
-        cell = {**defaults, **raw}
+    per_dataset = data.get("dataset_options", {})
+    if not isinstance(per_dataset, dict) or not all(isinstance(v, dict) for v in per_dataset.values()):
+        raise ClipguardError(f"suite {p.name}: [dataset_options.<dataset>] must be tables of options")
+    for cell in (c for raw in data.get("cell", []) for c in _expand(raw, defaults, per_dataset, p.name)):
         cid, kind = cell.get("id"), cell.get("kind", "eval")
         if not cid or cid in seen:
             raise ClipguardError(f"suite {p.name}: every cell needs a unique id (got {cid!r})")
         CELL_KINDS.check(kind, f"suite {p.name}: cell {cid!r} kind")
-        ref = str(cell.get("adapter") or "")
-        if ref.startswith("@") and ref[1:] not in seen:
-            raise ClipguardError(f"suite {p.name}: cell {cid!r} uses {ref} before that cell is defined")
+        for key, ref in cell_references(cell).items():
+            if ref not in seen:
+                raise ClipguardError(f"suite {p.name}: cell {cid!r} uses {key} = \"@{ref}\" before that cell is "
+                                     "defined")
         seen.add(cid)
         cells.append({**cell, "kind": kind})
     if not cells:
@@ -186,20 +199,32 @@ def load_suite(path) -> tuple[dict, list[dict]]:
     return {"name": p.stem, **data.get("suite", {}), "path": str(p)}, cells
 
 
+def _expand(raw: dict, defaults: dict, per_dataset: dict, suite: str) -> list[dict]:
+    """One ``[[cell]]`` table as cells: ``dataset = ["a", "b"]`` (a list) makes one cell per dataset, with id
+    ``<id>-<dataset>``; each cell gets ``[dataset_options.<its dataset>]`` between the defaults and its own keys."""
+    datasets = raw.get("dataset", defaults.get("dataset"))
+    if not isinstance(datasets, list):
+        return [{**defaults, **per_dataset.get(datasets, {}), **raw}]
+    if not datasets or not all(isinstance(d, str) for d in datasets):
+        raise ClipguardError(f"suite {suite}: cell {raw.get('id')!r}: dataset = [...] must list dataset names")
+    return [{**defaults, **per_dataset.get(d, {}), **raw, "dataset": d, "id": f"{raw.get('id')}-{d}"}
+            for d in datasets]
+
+
 def config_hash(cell: dict, dep_hashes: dict[str, str]) -> str:
     opts = {k: v for k, v in cell.items() if k != "label"}
-    ref = str(cell.get("adapter") or "")
-    if ref.startswith("@"):
-        opts["adapter_hash"] = dep_hashes[ref[1:]]
+    for key, ref in cell_references(cell).items():  # "adapter_hash" for adapter, as before; base_adapter_hash
+        opts[f"{key}_hash"] = dep_hashes[ref]
     return hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cell_options(task: CellTask) -> dict:
-    """What a cell's kind receives: the cell's options less id, kind and label, ``adapter = "@cell"`` resolved to the
-    folder that finetune cell writes (OUT/adapters/<cell>: it need not exist yet), and ``_cell`` (the id)."""
+    """What a cell's kind receives: the cell's options less id, kind and label, each ``"@cell"`` reference
+    (``adapter``, ``base_adapter``) resolved to the folder that finetune cell writes (OUT/adapters/<cell>: it need
+    not exist yet), and ``_cell`` (the id)."""
     opts = {k: v for k, v in task.cell.items() if k not in META_KEYS}
-    if task.dependency:
-        opts["adapter"] = str(Path(task.out_dir) / "adapters" / task.dependency)
+    for key, ref in task.references.items():
+        opts[key] = str(Path(task.out_dir) / "adapters" / ref)
     return {**opts, "_cell": task.id}
 
 
@@ -292,10 +317,12 @@ def run_suite(path, out_dir, *, only: list[str] | None = None, progress: bool = 
             with make(options, run=run_cell, out_dir=out_dir, suite=suite["name"], quiet=not progress) as ex:
                 waves = [todo] if ex.in_order else dependency_waves(todo)
                 for wave in waves:
-                    blocked = [t for t in wave if rows.get(t.dependency, {}).get("status") in ("failed", "blocked")]
-                    for t in blocked:
-                        finished(summary_row(t, "blocked", error=f"needs @{t.dependency}, which did not finish"))
-                    ex.run_wave([replace(t, threads=ex.threads) for t in wave if t not in blocked], finished)
+                    blocked = {t.id: bad for t in wave if (bad := [d for d in t.dependencies if rows.get(d, {}).get(
+                        "status") in ("failed", "blocked")])}
+                    for t in (t for t in wave if t.id in blocked):
+                        finished(summary_row(t, "blocked", error=f"needs @{', @'.join(blocked[t.id])}, which did "
+                                                                 "not finish"))
+                    ex.run_wave([replace(t, threads=ex.threads) for t in wave if t.id not in blocked], finished)
     summary = [rows[c["id"]] for c in cells]
     if any(s["status"] == "failed" for s in summary):
         raise CellsFailed(summary)

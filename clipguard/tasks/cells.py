@@ -31,10 +31,23 @@ class CellTask:
         return self.cell["id"]
 
     @property
-    def dependency(self) -> str | None:
-        """The finetune cell whose adapter this cell needs (``adapter = "@cellid"``), else None."""
-        ref = str(self.cell.get("adapter") or "")
-        return ref[1:] if ref.startswith("@") else None
+    def references(self) -> dict[str, str]:
+        """{option: finetune cell id} for each adapter option naming a cell (``adapter = "@cellid"``,
+        ``base_adapter = "@cellid"``): the cells whose adapters this one needs."""
+        return cell_references(self.cell)
+
+    @property
+    def dependencies(self) -> list[str]:
+        return list(dict.fromkeys(self.references.values()))
+
+
+REFERENCE_KEYS = ("adapter", "base_adapter")  # the options that may name a finetune cell's adapter as "@cellid"
+
+
+def cell_references(cell: dict) -> dict[str, str]:
+    """{option: cell id} for the cell's ``@`` references (see :data:`REFERENCE_KEYS`)."""
+    refs = {k: str(cell.get(k) or "") for k in REFERENCE_KEYS}
+    return {k: v[1:] for k, v in refs.items() if v.startswith("@")}
 
 
 def record_path(out_dir: Path, cell_id: str) -> Path:
@@ -60,7 +73,7 @@ def dependency_waves(tasks: list[CellTask]) -> list[list[CellTask]]:
     wave 0 = every cell whose dependency is done or absent, then the cells that need wave 0's adapters, ..."""
     depth: dict[str, int] = {}
     for t in tasks:  # load_suite refuses forward references, so a dependency's depth is known already
-        depth[t.id] = depth[t.dependency] + 1 if t.dependency in depth else 0
+        depth[t.id] = max((depth[d] + 1 for d in t.dependencies if d in depth), default=0)
     waves: list[list[CellTask]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
     for t in tasks:
         waves[depth[t.id]].append(t)

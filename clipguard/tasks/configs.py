@@ -436,6 +436,14 @@ def _existing_dir(what: str):
     return parse
 
 
+def _cell_ids(value, name: str) -> list[str]:
+    """``--only a --only b,c`` -> [a, b, c]."""
+    return list(comma_list(value, name))
+
+
+_cell_ids.repeatable = True  # the CLI takes the option more than once (cli.options._cli_type)
+
+
 @dataclass(frozen=True)
 class BenchRunConfig(Config):
     """``clipguard bench run``: every cell of a suite whose record is missing or stale."""
@@ -444,8 +452,9 @@ class BenchRunConfig(Config):
                                 help="Suite TOML, e.g. benchmarks/toy.toml.")
     out: Path | None = option(None, panel=OUTPUT, short="-o", parse=output_dir, metavar="DIR",
                               help="Folder for records/ and adapters/.")
-    only: list[str] | None = option(None, panel=MODEL_DATA, metavar="CELL",
-                                    help="Run only these cell ids (repeatable; an id not in SUITE is refused).")
+    only: list[str] | None = option(None, panel=MODEL_DATA, metavar="CELL", parse=_cell_ids,
+                                    help="Run only these cell ids (repeatable or comma-separated; an id not in SUITE "
+                                         "is refused).")
     executor: str = option("local", panel=PERF, parse=choice(*EXECUTOR_NAMES),
                            help="Who runs the cells: local (this process, in file order), ray (one Ray task per cell) "
                                 "or slurm (a submitit job array per wave of independent cells).")
