@@ -40,9 +40,9 @@ bench-toy: install
 	$(BIN)/clipguard report runs/bench-toy --out runs/bench-toy/report.md --html runs/bench-toy/report.html \
 		--csv runs/bench-toy/results.csv
 
-# The leaderboard's shape on the toy world (CPU, about 40 min on 2 cores): 7 methods x 2 sets x PGD-100 and
-# AutoAttack at 1/255 and 4/255, then the report whose "Leaderboard" section ranks them (benchmarks/zs-leaderboard.toml
-# is the real one).
+# The leaderboard's shape on the toy world (CPU; 83 min measured on a shared 2-core machine): 7 methods x 2 sets x
+# PGD-100 and AutoAttack at 1/255 and 4/255, then the report whose "Leaderboard" section ranks them
+# (benchmarks/zs-leaderboard.toml is the real one).
 bench-leaderboard-toy: install
 	$(BIN)/clipguard bench run benchmarks/leaderboard-toy.toml --out runs/leaderboard-toy
 	$(BIN)/clipguard report runs/leaderboard-toy --out runs/leaderboard-toy/report.md \

@@ -134,7 +134,8 @@ def test_help_metavars_read_as_the_ecosystem_writes_them():
     assert ATTACK in eval_help
 
 
-@pytest.mark.parametrize("suite, records", [("toy.toml", "bench-toy-cpu"), ("certify-toy.toml", "certify-toy-cpu")])
+@pytest.mark.parametrize("suite, records", [("toy.toml", "bench-toy-cpu"), ("certify-toy.toml", "certify-toy-cpu"),
+                                            ("leaderboard-toy.toml", "leaderboard-toy-cpu")])
 def test_committed_suite_records_still_count_as_done(suite, records):
     """The records committed under benchmarks/results were made before the configs moved onto field metadata: their
     config hashes must still match, so `bench run` skips those cells instead of recomputing them."""

@@ -85,7 +85,7 @@ def test_eval_cost_is_the_defended_forward_when_there_is_one(board):
     by = {row[1]: row for row in board[0]["body"]}
     assert by["TTC"][7].value == pytest.approx(4.0) and by["CLIP"][7].value == pytest.approx(1.0)
     assert eval_ms([_eval("a", "toy", 1, 0, ips=500.0), _eval("a", "toy", 1, 0, ips=250.0),
-                    _eval("a", "toy", 1, 0, ips=100.0)])["ms"] == pytest.approx(4.0)  # the median
+                    _eval("a", "toy", 1, 0, ips=100.0)])["ms"] == pytest.approx(2.0)  # the fastest
 
 
 def test_one_model_is_no_leaderboard():
@@ -217,3 +217,36 @@ def test_toy_shift_is_a_harder_set_of_the_same_classes(toy_prepared):
 def test_a_wrong_toy_split_is_one_line(cli, args, needle):
     code, out, err = cli("eval", "--model", "toy", *args, "--device", "cpu")
     assert code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_clean_average_comes_from_the_same_records_as_the_threat():
+    """TTC's AutoAttack cells attack 50 images, its PGD cells 200: each table's clean average is over its own."""
+    recs = []
+    for ds in ("toy", "toy-shift"):
+        pgd = _eval("TTC", ds, 0.90, 0.3)
+        aa = _eval("TTC", ds, 0.80, 0.4, n=50)
+        aa["attack"] = {"norm": "linf"}
+        aa["metrics"]["robust"][0]["attack"] = "autoattack"
+        pgd["_path"], aa["_path"] = f"{ds}-pgd.json", f"{ds}-aa.json"
+        recs += [aa, pgd, _eval("CLIP", ds, 0.99, 0.2), {**_eval("CLIP", ds, 0.99, 0.1), "attack": {"norm": "linf"}}]
+        recs[-1]["metrics"]["robust"][0]["attack"] = "autoattack"
+    tables = {t["title"]: {row[1]: row for row in t["body"]} for t in leaderboard_tables(recs, rows(recs))}
+    assert tables["Linf 4/255 (pgd-10)"]["TTC"][5] == pytest.approx(0.90)
+    assert tables["Linf 4/255 (autoattack)"]["TTC"][5] == pytest.approx(0.80)
+
+
+def test_the_committed_toy_leaderboard_reports_every_method(tmp_path):
+    """The records `make bench-leaderboard-toy` wrote (benchmarks/results/leaderboard-toy-cpu): four threats, every
+    method ranked with an average, a clean average and an eval cost; a training cost for the fine-tuned ones."""
+    from clipguard.report.build import build_report
+
+    out = build_report(REPO / "benchmarks" / "results" / "leaderboard-toy-cpu", tmp_path / "report.md")
+    tables = {t["title"]: t for t in out["leaderboard"]}
+    assert set(tables) == {f"Linf {e} ({a})" for e in ("1/255", "4/255") for a in ("autoattack", "pgd-100")}
+    for t in tables.values():
+        by = {row[1]: row for row in t["body"]}
+        assert sorted(by) == sorted(METHODS)
+        assert all(row[0] is not None and row[4] is not None and row[5] is not None and row[7] for row in t["body"])
+        assert [row[0] for row in t["body"]] == sorted(row[0] for row in t["body"])
+        assert all(by[m][6] is not None for m in ("TeCoA", "FARE", "PMG-AFT", "TGA-ZSR", "APT on TeCoA"))
+    assert "## Leaderboard" in (tmp_path / "report.md").read_text()
