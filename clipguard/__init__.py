@@ -32,7 +32,7 @@ from clipguard.version import __version__
 
 def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, templates: list[str] | None = None,
                     dataset: str | None = None, template_set: str = "seed", prompts: str | None = None,
-                    adapter: str | None = None, device: str = "auto"):
+                    adapter: str | None = None, base_adapter: str | None = None, device: str = "auto"):
     """A CLIP zero-shot classifier as an ``nn.Module`` (eval mode, frozen, fp32 weights).
 
     Args:
@@ -41,6 +41,8 @@ def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, 
         templates: prompt templates with ``{c}`` (default ``["a photo of a {c}."]``) when ``classnames`` is given.
         dataset: a dataset spec whose class names and template set ``template_set`` (or ``prompts`` file) to use.
         adapter: an adapter directory made by ``clipguard finetune``.
+        base_adapter: the image-tower adapter a prompt ``adapter`` was trained on (``--base-adapter``; the prompt
+            adapter checks it is that one).
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
 
     Returns:
@@ -65,8 +67,11 @@ def load_classifier(model: str = "toy", *, classnames: list[str] | None = None, 
         classnames, templates = p.classnames, p.templates
     clip = load_clip(model, device=device, precision="fp32")
     visual, text = (None, None)
-    if adapter:  # an image-tower adapter, or a prompt adapter (its class embeddings replace the templates')
-        visual, text = adapted(RunOptions(adapter=str(adapter)), clip, list(classnames))
+    if adapter or base_adapter:  # an image-tower adapter, or a prompt adapter (its class embeddings replace the
+        # templates'), possibly on the image-tower adapter it was trained on
+        visual, text = adapted(RunOptions(adapter=str(adapter) if adapter else None,
+                                          base_adapter=str(base_adapter) if base_adapter else None),
+                               clip, list(classnames))
     if text is None:
         text = get_text_embeddings(clip, list(classnames), list(templates or ["a photo of a {c}."]))
     return ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()

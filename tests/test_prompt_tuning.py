@@ -199,6 +199,33 @@ def test_base_adapter_stacks_and_a_mismatch_is_refused(toy_clip, tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_public_load_classifier_stacks_a_prompt_adapter_on_its_base(toy_clip, tmp_path):
+    """``load_classifier(adapter=PROMPT, base_adapter=TOWER)`` is the classifier the commands build from
+    ``--adapter PROMPT --base-adapter TOWER``; without the base it is refused in one line, as on the command line."""
+    from clipguard import load_classifier
+    from clipguard.models.adapters import save_adapter
+    from clipguard.models.prompt_tuning import file_digest
+    from clipguard.models.vpt import PromptedVisual
+    from clipguard.run_options import RunOptions
+    from clipguard.tasks.setup import prepare
+
+    torch.manual_seed(0)
+    tower = tmp_path / "tower"
+    save_adapter(tower, PromptedVisual(toy_clip.model.visual, 2), method="vpt", clip=toy_clip)
+    prompt = _save_prompt_adapter(tmp_path / "apt", toy_clip, TOY_CLASSES,
+                                  base_adapter={"path": str(tower), "digest": file_digest(tower)})
+    clf = load_classifier("toy", dataset="toy", adapter=str(prompt), base_adapter=str(tower), device="cpu")
+    p = prepare(RunOptions(model="toy", dataset="toy", limit=20, adapter=str(prompt), base_adapter=str(tower),
+                           device="cpu", precision="fp32"))
+    x = p.data.images.float() / 255
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), p.classifier(x))
+        bare = load_classifier("toy", dataset="toy", device="cpu")  # twin: the stack changes the logits
+        assert (bare(x) - clf(x)).abs().max() > 1e-3
+    with pytest.raises(ClipguardError, match="pass --base-adapter"):
+        load_classifier("toy", dataset="toy", adapter=str(prompt), device="cpu")
+
+
 def test_prompt_options_are_checked(toy_clip, tmp_path):
     from clipguard.finetune.config import finetune_config
     from clipguard.models.prompt_tuning import PromptLearner
