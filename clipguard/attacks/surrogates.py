@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipguard.data.toy import DATASETS as TOY_DATASETS
 from clipguard.errors import ClipguardError
 from clipguard.models.classifier import ZeroShotClassifier
 from clipguard.models.text_embeddings import get_text_embeddings
@@ -44,7 +45,7 @@ SURROGATES: Registry[Callable[[str, object], nn.Module]] = Registry("--surrogate
 
 @SURROGATES.register("toy-cnn")
 def _toy_cnn(spec: str, prepared) -> nn.Module:
-    if prepared.data.name not in ("toy", "toy-shift"):
+    if prepared.data.name not in TOY_DATASETS:
         raise ClipguardError(f"--surrogate toy-cnn classifies the toy classes only, not {prepared.data.spec!r}")
     return load_toy_cnn(device=str(prepared.clip.device))
 

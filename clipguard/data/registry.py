@@ -25,12 +25,13 @@ def _load_toy(spec: DatasetSpec, split: str, limit: int | None, seed: int, size=
     from clipguard.data import toy
     from clipguard.data.images import tensor_geometry
 
-    if spec.name == toy.SHIFT_NAME and split != "test":
-        raise ClipguardError(f"--dataset {toy.SHIFT_NAME} has only a test split (got --split {split!r})")
-    if spec.name == "toy" and split not in ("test", "train"):
-        raise ClipguardError(f"--split: unknown toy split {split!r}; valid splits: test, train (the shift set is "
-                             f"--dataset {toy.SHIFT_NAME})")
-    images, labels = toy.toy_split("shift" if spec.name == toy.SHIFT_NAME else split)
+    splits = toy.DATASETS[spec.name]
+    if split not in splits:
+        if len(splits) == 1:
+            raise ClipguardError(f"--dataset {spec.name} has only a {next(iter(splits))} split (got --split {split!r})")
+        raise ClipguardError(f"--split: unknown toy split {split!r}; valid splits: {', '.join(splits)} (the shift set "
+                             f"is --dataset {toy.SHIFT_NAME})")
+    images, labels = toy.toy_split(splits[split])
     idx = stratified_indices(labels.numpy(), limit, seed)
     t = torch.from_numpy(idx)
     # At 32x32 (the toy model's input) open_clip's geometry changes nothing; any other size (or TeCoA's geometry)

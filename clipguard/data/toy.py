@@ -38,6 +38,7 @@ _SPLITS = {"test": (100, 1_000), "train": (200, 2_000), "shift": (100, 3_000)}  
 # `toy-shift` (test split only; records and reports name it so); prompts/toy-shift.json holds the toy's class names.
 STYLES = {"test": {}, "train": {}, "shift": {"background": (25.0, 95.0), "jitter": 40.0, "noise": 28.0}}
 SHIFT_NAME = "toy-shift"
+DATASETS = {"toy": {"test": "test", "train": "train"}, SHIFT_NAME: {"test": "shift"}}  # name -> {split: _SPLITS key}
 
 
 def _class_attributes() -> list[tuple[int, int]]:

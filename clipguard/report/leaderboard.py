@@ -123,7 +123,7 @@ def _eval_cell(cost: dict | None) -> Cost | None:
     return None if cost is None else Cost(f"{cost['ms']:.3g} ({cost['device']})", cost["ms"])
 
 
-def leaderboard_tables(records: list[dict], rs: list[dict], labels: list[str] | None = None) -> list[dict]:
+def leaderboard_tables(records: list[dict], rs: list[dict]) -> list[dict]:
     """One table per robust threat: ``{"title", "header", "body"}``, rows ``[rank, model, per-dataset Reading...,
     average Reading, clean average Reading, training Cost, eval ms/img Cost]`` sorted by rank (unranked last), for each
     threat that two or more models were evaluated under (fine-tune records' own evaluations left out). Empty when
@@ -132,10 +132,10 @@ def leaderboard_tables(records: list[dict], rs: list[dict], labels: list[str] | 
     readings = {k: v for k, v in zero_shot_readings(rs, value=reading).items() if v}
     clean = readings.pop("clean", {})
     readings = {k: v for k, v in readings.items() if len({lab for lab, _ in v}) >= 2}  # something to rank
-    # each robust number's clean accuracy from its own record (its images); the zero-shot clean reading otherwise
-    same_record = {r["path"]: reading(r) for r in rs if r["metric"] == "acc1" and r.get("path")}
     if not readings:
         return []
+    # each robust number's clean accuracy from its own record (its images); the zero-shot clean reading otherwise
+    same_record = {r["path"]: reading(r) for r in rs if r["metric"] == "acc1" and r.get("path")}
     by_label: dict[str, list[dict]] = {}
     for rec in records:
         if rec.get("task") != "finetune" and not str(rec.get("task") or "").startswith("uap"):
@@ -143,7 +143,7 @@ def leaderboard_tables(records: list[dict], rs: list[dict], labels: list[str] | 
     trainings = _trainings(records)
     costs = {lab: (_train_cell(training_cost([a for r in recs for a in (r.get("adapter"), _config(r).get(
         "base_adapter"))], trainings)), _eval_cell(eval_ms(recs))) for lab, recs in by_label.items()}
-    order = labels or list(dict.fromkeys(r["label"] for r in rs))
+    order = list(dict.fromkeys(r["label"] for r in rs))
     tables = []
     for title, cells in readings.items():
         datasets = dataset_order(d for _, d in cells)
