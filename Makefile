@@ -67,7 +67,7 @@ clean:
 # Wheels the GPU machine's image lacks (it has no network), at the versions installed here, for Python 3.12 there:
 # carried to it as .devcarry by benchmarks/gpu_session.sh's lease (see that script).
 GPU_WHEELS := open_clip_torch ftfy wcwidth torchattacks pyautoattack webdataset braceexpand datasets dill \
-	multiprocess huggingface_hub clip-benchmark
+	multiprocess clip-benchmark
 gpu-carry: install
 	rm -rf .devcarry/wheels && mkdir -p .devcarry/wheels
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \

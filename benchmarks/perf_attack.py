@@ -11,6 +11,10 @@ zero-gradient check); FLOPs per image = that total / images. On random-init weig
 (ViT-B-32 on the toy: about 1 in 5), so img/s there is not PGD-10 img/s (``attacked`` says how many were):
 ``--attack-all`` labels every image with the model's own clean prediction, so every image is attacked.
 
+``--batch-size auto`` searches each case's batch upward from its default (``tuning.search_batch_size``: doubled
+while img/s improves by 5 %, each trial a warm-up batch then two timed batches); ``--n`` sets the images per case;
+``--profile`` runs one batch's attack once more under ``torch.profiler`` (``tuning.profile_top``).
+
     python benchmarks/perf_attack.py --out benchmarks/results/perf_attack-cpu.json
 """
 
@@ -20,6 +24,7 @@ import argparse
 
 import roofline as rf
 import torch
+import tuning
 
 CASES = {  # name -> (model spec, images, batch size) per device type
     "toy": ("toy", {"cpu": 500, "cuda": 1000}, {"cpu": 250, "cuda": 1000}),
@@ -36,6 +41,9 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
     ap.add_argument("--attack-all", action="store_true",
                     help="label images with the model's clean predictions: every image is attacked (throughput)")
+    ap.add_argument("--n", type=int, default=None, help="images per case (default: the case's own)")
+    ap.add_argument("--batch-size", default=None, help="images per batch, or auto (default: the case's own)")
+    ap.add_argument("--profile", action="store_true", help="profile one batch's attack (kernels, copies)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -59,18 +67,37 @@ def main() -> None:
     results = {}
     for name in args.cases.split(","):
         spec, n, bs = CASES[name]
+        n, bs = args.n or n[kind], bs[kind]
         clip = load_clip(spec, device=str(dev), precision="fp32")
-        data = load_dataset("toy", split="test", limit=n[kind])
+        data = load_dataset("toy", split="test")
+        if n > len(data):  # the toy test split tiled: throughput needs more images than it has
+            reps = -(-n // len(data))
+            data.images, data.labels = data.images.repeat(reps, 1, 1, 1), data.labels.repeat(reps)
+        data.images, data.labels = data.images[:n], data.labels[:n]
         prompts = load_prompts("toy")
         clf = ZeroShotClassifier.from_clip(clip, get_text_embeddings(clip, prompts.classnames,
                                                                      prompts.templates).embeddings).eval()
         if args.attack_all:  # clean-correct by construction: RobustBench's accounting then attacks them all
-            data.labels = predict_logits(clf, data.images, batch_size=bs[kind], progress=False)[0].argmax(1)
+            data.labels = predict_logits(clf, data.images, batch_size=bs, progress=False)[0].argmax(1)
         shape = (3, *clip.input_size)  # the attack perturbs (and the classifier sees) the model's input size
         compile_s = compile_classifier(clf, shape, precision="fp32", attack_precision="fp32",
                                        mode=args.compile_mode) if args.compile else None
-        run_attack(clf, data.images[: bs[kind]], data.labels[: bs[kind]], cfg, batch_size=bs[kind], progress=False)
-        run = run_attack(clf, data.images, data.labels, cfg, batch_size=bs[kind], progress=False)
+
+        def attack(k, size, clf=clf, data=data):
+            return run_attack(clf, data.images[:k], data.labels[:k], cfg, batch_size=size, progress=False)
+
+        search = None
+        if args.batch_size == "auto":
+            def measure(size, n=n, attack=attack):
+                attack(size, size)  # warm-up at this size
+                return attack(min(2 * size, n), size).timings["images_per_s"]
+
+            search = tuning.search_batch_size(measure, min(bs, n), limit=n)
+            print(f"{name}: batch size searched: {search['trials']} -> {search['batch_size']} ({search['stopped']})")
+        bs = search["batch_size"] if search else int(args.batch_size or bs)
+        attack(bs, bs)
+        run = attack(n, bs)
+        profile = tuning.profile_top(lambda bs=bs, attack=attack: attack(bs, bs), dev) if args.profile else None
         n, attacked = len(data), int(run.attacked.sum())
         fwd, step = rf.image_flops(clf, shape), rf.image_flops(clf, shape, grad="input")
         flops = (n * 2 * fwd + attacked * (args.steps + 1) * step) / n
@@ -78,13 +105,15 @@ def main() -> None:
                 f"({attacked}/{n} attacked); forward {fwd / 1e9:.3f} GFLOP, attack step {step / 1e9:.3f} GFLOP")
         line = rf.roofline(f"pgd-{args.steps} ({name})", flops, run.timings["images_per_s"],
                            precision=rf.matmul_precision("fp32", dev), device=dev, flops_model=what)
-        results[name] = {"model_spec": spec, "n": n, "batch_size": bs[kind],
+        results[name] = {"model_spec": spec, "n": n, "batch_size": bs, "batch_search": search, "profile": profile,
                          "input_size": list(clip.input_size), "attacked": attacked, "compile_s": compile_s,
                          "compile_mode": args.compile_mode if args.compile else None,
                          "images_per_s": run.timings["images_per_s"], "wall_s": run.timings["wall_s"],
                          "robust_acc": (run.adv_pred == data.labels).float().mean().item(), "roofline": line}
         print(f"{name}: PGD-{args.steps} {run.timings['images_per_s']:,.1f} img/s ({n} images, {dev})")
         print(f"  {rf.describe(line)}")
+        if profile:
+            print(f"  {tuning.describe_profile(profile)}")
     rec = {"schema": "clipguard.perf/1", "benchmark": "perf_attack", "attack": cfg.to_record(),
            "attack_all": args.attack_all,
            "precision": "fp32" + ("+tf32" if dev.type == "cuda" else ""), "results": results,

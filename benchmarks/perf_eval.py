@@ -6,6 +6,11 @@ runs the model's PIL preprocess (resize, crop, normalise) in a DataLoader, as it
 image pass is timed after one warm-up batch; text embeddings are timed separately. ``--compile`` compiles
 clipguard's classifier first (as ``clipguard eval --compile``; compile_s apart from the timed pass).
 
+``--batch-size auto`` searches clipguard's batch upward from 256 (``tuning.search_batch_size``: doubled while
+img/s improves by 5 %, up to the whole set or an out-of-memory error; each trial on four batches, after a warm-up
+batch) and both sides then run at the batch it found; the trials are in the record. ``--profile`` runs clipguard's
+pass once more under ``torch.profiler`` and records which kernels and copies took the time (``tuning.profile_top``).
+
 The record's ``roofline`` has one line per side: FLOPs of one forward at the model's input size (counted,
 benchmarks/roofline.py) x images/s, against the device's peak in the matmul precision.
 
@@ -19,6 +24,7 @@ import time
 
 import roofline as rf
 import torch
+import tuning
 
 
 def _clip_benchmark_loader(images, labels, preprocess, batch_size, workers):
@@ -31,7 +37,9 @@ def _clip_benchmark_loader(images, labels, preprocess, batch_size, workers):
             return len(labels)
 
         def __getitem__(self, i):
-            return preprocess(Image.fromarray(images[i].permute(1, 2, 0).numpy())), int(labels[i])
+            img = images[i]  # (3, H, W); an ImageStream gives (1, 3, H, W)
+            img = img[0] if img.dim() == 4 else img
+            return preprocess(Image.fromarray(img.permute(1, 2, 0).numpy())), int(labels[i])
 
     return torch.utils.data.DataLoader(DS(), batch_size=batch_size, num_workers=workers)
 
@@ -45,13 +53,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32:none")
     ap.add_argument("--dataset", default="toy")
-    ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--n", type=int, default=512, help="images (0: the whole split)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--data-mode", default="auto", help="load_dataset mode: auto, memory or stream (read as used)")
+    ap.add_argument("--batch-size", default="128", help="images per batch, or auto (searched upward from 256)")
     ap.add_argument("--workers", type=int, default=2, help="CLIP_benchmark DataLoader workers")
     ap.add_argument("--repeat", type=int, default=1, help="tile the images R times (longer timed runs on a GPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile clipguard's classifier first")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    ap.add_argument("--profile", action="store_true", help="profile clipguard's pass once more (kernels, copies)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -68,7 +79,8 @@ def main() -> None:
     from clipguard.records.schema import environment, write_record
 
     clip = load_clip(args.model, device=args.device)
-    data = load_dataset(args.dataset, split="test", limit=args.n)
+    size = None if args.dataset == "toy" else clip.input_size  # other sets: brought to the model's input size
+    data = load_dataset(args.dataset, split=args.split, limit=args.n or None, mode=args.data_mode, size=size)
     if args.repeat > 1:
         data.images, data.labels = data.images.repeat(args.repeat, 1, 1, 1), data.labels.repeat(args.repeat)
     prompts = load_prompts(data.name, fallback_classnames=data.classnames)
@@ -81,10 +93,23 @@ def main() -> None:
     clf = ZeroShotClassifier.from_clip(clip, emb).eval()
     compile_s = compile_classifier(clf, tuple(data.images.shape[1:]), precision=clip.precision,
                                    mode=args.compile_mode) if args.compile else None
-    predict_logits(clf, data.images[: args.batch_size], batch_size=args.batch_size, precision=clip.precision,
-                   progress=False)  # warm-up
-    ours, timing = predict_logits(clf, data.images, batch_size=args.batch_size, precision=clip.precision,
-                                  progress=False)
+
+    def clean_pass(images, bs):
+        return predict_logits(clf, images, batch_size=bs, precision=clip.precision, progress=False)
+
+    search = None
+    if args.batch_size == "auto":
+        def measure(bs):
+            clean_pass(data.images[:bs], bs)  # warm-up at this size
+            return clean_pass(data.images[: min(4 * bs, len(data))], bs)[1]["images_per_s"]
+
+        search = tuning.search_batch_size(measure, min(256, len(data)), limit=len(data))
+        args.batch_size = search["batch_size"]
+        print(f"batch size searched: {search['trials']} -> {args.batch_size} ({search['stopped']})")
+    args.batch_size = int(args.batch_size)
+    clean_pass(data.images[: args.batch_size], args.batch_size)  # warm-up
+    ours, timing = clean_pass(data.images, args.batch_size)
+    profile = tuning.profile_top(lambda: clean_pass(data.images, args.batch_size), dev) if args.profile else None
 
     # CLIP_benchmark: its own classifier weights and its run_classification over a preprocessed loader.
     preprocess = open_clip.image_transform(clip.input_size, is_train=False, mean=clip.mean, std=clip.std)
@@ -106,7 +131,9 @@ def main() -> None:
     prec, what = rf.matmul_precision(clip.precision, dev), "one forward at the model's input size"
     rec = {
         "schema": "clipguard.perf/1", "benchmark": "perf_eval", "model_spec": args.model,
-        "dataset": data.name, "n": len(data), "repeat": args.repeat, "batch_size": args.batch_size,
+        "dataset": data.name, "split": data.split, "data_info": {k: str(v) for k, v in data.info.items()},
+        "streamed": data.streamed, "n": len(data), "repeat": args.repeat, "batch_size": args.batch_size,
+        "batch_search": search, "profile": profile,
         "resolution_in": list(data.images.shape[-2:]),
         "model_input": list(clip.input_size), "precision": clip.precision,
         "clipguard": {"images_per_s": ours_ips, "wall_s": timing["wall_s"], "text_embeddings_s": round(text_s, 3),
@@ -125,6 +152,8 @@ def main() -> None:
           f"(top-1 agreement {agree:.3f}) -> {args.out}")
     for line in rec["roofline"]:
         print(rf.describe(line))
+    if profile:
+        print(tuning.describe_profile(profile))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ Each method carries a roofline line (benchmarks/roofline.py), FLOPs per training
 own model: ``--attack-steps`` x (forward + input gradient) for the adversary + one forward + backward to the
 trainable parameters (+ the frozen reference forward for objectives that need one, e.g. FARE).
 
+``--profile`` runs each method once more for 3 steps under ``torch.profiler`` (``tuning.profile_top``): its kernel
+table is the training's (a whole run: the model load and the 4-image final check are in its wall time, so its
+busy share is low by construction; the kernels' shares are what it is for).
+
     python benchmarks/perf_finetune.py --out benchmarks/results/perf_finetune-toy-cpu.json
     python benchmarks/perf_finetune.py --model ViT-B-32:none --batch-size 8 --steps 2 --out perf_ft-vitb32-cpu.json
 """
@@ -21,6 +25,7 @@ import tempfile
 
 import roofline as rf
 import torch
+import tuning
 
 
 def _config(args, method: str, steps: int, out: str):
@@ -78,6 +83,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="finetune --compile (compile_s apart from the timing; "
                     "LoRA needs --lora-targets off the attention modules)")
     ap.add_argument("--lora-targets", default=None, help="LoRA targets, comma list (default: the attention modules)")
+    ap.add_argument("--profile", action="store_true", help="profile a 3-step run of each method (kernels, copies)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.threads:
@@ -93,6 +99,8 @@ def main() -> None:
             t = rec["finetune"]["train"]
             flops, what = _train_flops(args, method, rec["prompts"]["n_classes"])
             dev = torch.device(rec["environment"]["device"])
+            profile = tuning.profile_top(lambda m=method: _run(args, m, 3, f"{tmp}/{m}-profile"), dev) \
+                if args.profile else None
             line = rf.roofline(f"{method}-{args.objective} ({args.attack_steps}-step PGD)", flops, t["images_per_s"],
                                precision=rf.matmul_precision(rec["environment"]["precision"], dev), device=dev,
                                flops_model=what)
@@ -100,10 +108,12 @@ def main() -> None:
                             "wall_s": t["wall_s"], "images_per_s": t["images_per_s"],
                             "trainable_params": t["trainable_params"], "loss_last": t["loss_last10"],
                             "compile_s": t.get("compile_s"), "lora_targets": args.lora_targets,
-                            "roofline": line})
+                            "roofline": line, "profile": profile})
             print(f"{args.model} {method:5s} {t['images_per_s']:>9,.1f} img/s  ({t['images']} images, "
                   f"{t['wall_s']:.2f} s, {t['trainable_params']:,} trainable)")
             print(f"  {rf.describe(line)}")
+            if profile:
+                print(f"  {tuning.describe_profile(profile)}")
     env = rec["environment"] if rec else environment()
     out = {"schema": "clipguard.perf/1", "benchmark": "perf_finetune", "model_spec": args.model,
            "dataset": args.dataset, "batch_size": args.batch_size, "attack_steps": args.attack_steps,
