@@ -21,6 +21,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import braceexpand
 import numpy as np
 from PIL import Image
 
@@ -74,10 +75,6 @@ class TarReader(Reader):
 
 def _shards(spec, split: str) -> tuple[list[str], Path]:
     """The shard files and the dataset folder (where classnames.txt lives)."""
-    # Lazy: braceexpand is not a clipguard dependency (webdataset's, installed with the dev extra's clip-benchmark);
-    # only a brace pattern (`wds:DIR/{0..9}.tar`) needs it, a shard folder does not.
-    import braceexpand
-
     path = spec.path
     if Path(path).is_dir():
         root = Path(path)
