@@ -33,11 +33,11 @@ TEMPLATE = "a photo of a {c}."
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_tokenizer(folder: Path) -> int:
+def write_tokenizer(folder: Path, extra: str = "") -> int:
     """A tiny CLIP BPE tokenizer (single characters, no merges) saved by transformers; returns its vocabulary size."""
     from transformers import CLIPTokenizer
 
-    chars = list(string.ascii_lowercase + string.digits + ".,'-")
+    chars = list(string.ascii_lowercase + string.digits + ".,'-" + extra)
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     raw = folder / "raw"
     raw.mkdir(parents=True)
@@ -99,7 +99,7 @@ def test_the_model_is_siglip_style_with_its_own_tokenizer(siglip, tokenizer_dir)
     from transformers import AutoTokenizer
 
     assert isinstance(siglip.model, open_clip.CustomTextCLIP) and siglip.model.logit_bias.item() == BIAS
-    assert siglip.tokenizer_name == f"hf:{tokenizer_dir[0]}@{CONTEXT}"
+    assert siglip.tokenizer_name.startswith(f"hf:{tokenizer_dir[0]}@{CONTEXT} sha256=")
     tokens = siglip.tokenizer(["a photo of a red circle, a long caption cut at the context length"])
     ref = AutoTokenizer.from_pretrained(str(tokenizer_dir[0]))(
         ["a photo of a red circle, a long caption cut at the context length"], padding="max_length",
@@ -189,6 +189,28 @@ def test_text_key_names_the_tokenizer_and_keeps_the_toys(siglip, toy_clip, fresh
     assert text_key(toy_clip.fingerprint, prompts.classnames, prompts.templates, "hf:other@16") != key  # twin
 
 
+def test_a_tokenizer_changed_under_the_same_name_changes_its_name_and_key(tmp_path):
+    """A hub tokenizer can change under its repo name (a new revision in the cache) and a folder can be saved again:
+    the name carries a digest of what was loaded, so the text-embedding key changes with it and a stale cached
+    embedding is not served. Loading the same files twice names them alike (the digest is not a random id)."""
+    import shutil
+
+    from open_clip.tokenizer import HFTokenizer
+
+    from clipguard.models.tokenizers import tokenizer_name
+
+    folder = tmp_path / "tok"
+    write_tokenizer(folder)
+    first, again = (tokenizer_name(HFTokenizer(str(folder), context_length=9)) for _ in range(2))
+    shutil.rmtree(folder)
+    write_tokenizer(folder, extra="!")  # one more token, same folder, same name
+    changed = tokenizer_name(HFTokenizer(str(folder), context_length=9))
+    assert first == again and first.startswith(f"hf:{folder}@9 sha256=")
+    assert changed != first and changed.split(" sha256=")[0] == first.split(" sha256=")[0]
+    fp, names, tpl = "sha256:abc", ["a", "b"], ["{c}"]
+    assert text_key(fp, names, tpl, changed) != text_key(fp, names, tpl, first)
+
+
 def test_an_hf_hub_model_gets_the_tokenizer_its_config_names(tmp_path, monkeypatch, tokenizer_dir):
     """An hf-hub model's tokenizer and context length come from its open_clip_config.json (read from the hub cache)."""
     import huggingface_hub.constants as hub_constants
@@ -203,7 +225,7 @@ def test_an_hf_hub_model_gets_the_tokenizer_its_config_names(tmp_path, monkeypat
     (snap / "snapshots" / ("0" * 40) / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     tok, name = load_tokenizer("hf-hub:someone/tiny-siglip", "hf-hub:someone/tiny-siglip")
-    assert name == f"hf:{folder}@9" and tok(["a red circle"]).shape == (1, 9)
+    assert name.startswith(f"hf:{folder}@9 sha256=") and tok(["a red circle"]).shape == (1, 9)
 
 
 def test_offline_missing_tokenizer_is_one_line_naming_where_before_any_weights(cli, tmp_path, monkeypatch):
@@ -245,7 +267,8 @@ def test_records_name_the_tokenizer_and_the_bias(cli, siglip, tokenizer_dir, fre
                          "--json")
     assert code == 0, err
     rec = json.loads(out)
-    assert rec["tokenizer"] == f"hf:{tokenizer_dir[0]}@{CONTEXT}" and rec["logit_bias"] == BIAS
+    assert rec["tokenizer"] == siglip.tokenizer_name and rec["logit_bias"] == BIAS
+    assert rec["tokenizer"].startswith(f"hf:{tokenizer_dir[0]}@{CONTEXT} sha256=")
     code, out, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "10", "--device", "cpu", "--json")
     rec = json.loads(out)  # twin: CLIP has no bias, and open_clip's own tokenizer
     assert code == 0 and rec["tokenizer"] == "open_clip:SimpleTokenizer@16" and rec["logit_bias"] is None

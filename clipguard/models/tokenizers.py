@@ -4,11 +4,14 @@
 (SigLIP, SigLIP2 and others: a Hugging Face tokenizer through transformers, read from the hub cache) with its
 ``tokenizer_kwargs``, and its ``context_length`` (64 for SigLIP, 77 for OpenAI CLIP, 16 for the toy); otherwise
 open_clip's BPE ``SimpleTokenizer``, whose vocabulary ships in the wheel. :func:`tokenizer_name` names the result
-for records and the text-embedding key: ``open_clip:SimpleTokenizer@77``, ``hf:timm/ViT-B-16-SigLIP@64``.
+for records and the text-embedding key: ``open_clip:SimpleTokenizer@77``, ``hf:timm/ViT-B-16-SigLIP@64 sha256=...``
+(the digest of the loaded tokenizer's content).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +39,27 @@ def hf_tokenizer_id(source: str) -> str | None:
 
 
 def tokenizer_name(tokenizer) -> str:
-    """``hf:<repo or folder>@<context length>`` for a Hugging Face tokenizer, else
-    ``open_clip:<class>@<context length>``."""
+    """``hf:<repo or folder>@<context length> sha256=<16 hex>`` for a Hugging Face tokenizer, else
+    ``open_clip:<class>@<context length>``.
+
+    A Hugging Face tokenizer is read by name from the hub cache (or a folder), and its files can change under that
+    name (a new hub revision, a folder saved again): the digest of what was loaded keeps cached text embeddings of
+    the old tokenizer from being served for the new one."""
     ctx = getattr(tokenizer, "context_length", None)
     if isinstance(tokenizer, HFTokenizer):
-        return f"hf:{tokenizer.tokenizer.name_or_path}@{ctx}"
+        return f"hf:{tokenizer.tokenizer.name_or_path}@{ctx} sha256={hf_tokenizer_digest(tokenizer.tokenizer)[:16]}"
     return f"open_clip:{type(tokenizer).__name__}@{ctx}"
+
+
+def hf_tokenizer_digest(tok) -> str:
+    """sha256 of a loaded transformers tokenizer's content: its whole serialised pipeline where it has one (a fast
+    tokenizer: vocabulary, merges, normaliser, pre-tokeniser, post-processor), else its vocabulary; with its class,
+    special tokens and truncation/padding sides either way."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    extra = json.dumps([type(tok).__name__, sorted(map(str, tok.all_special_tokens)),
+                        getattr(tok, "padding_side", None), getattr(tok, "truncation_side", None)])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
 def hf_cache_dir(repo: str) -> Path:
