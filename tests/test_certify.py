@@ -285,5 +285,20 @@ def test_bench_cell_and_report(tmp_path):
     lines = section([rec], tmp_path)
     assert lines[0].startswith("## Certified") and (tmp_path / "certified_vs_radius.png").is_file()
     assert any(line.startswith("| toy | toy | 0.25 | 300 |") for line in lines), lines
+    # the HTML report carries the same section (table and embedded curve); a report without certify records has none
+    from clipguard.report.build import build_report
+
+    info = build_report(tmp_path / "out", tmp_path / "rep" / "report.md", html_out=tmp_path / "rep" / "report.html")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<h2>Certified robustness (randomized smoothing)</h2>" in page and 'alt="certified_vs_radius"' in page
+    assert "<td>toy</td><td>toy</td><td>0.25</td><td>300</td>" in page and info["certify"]["body"][0][:4] == \
+        ["toy", "toy", "0.25", "300"]
+    assert (tmp_path / "rep" / "report.md").read_text().count("## Certified robustness") == 1
+    eval_only = tmp_path / "eval-only"
+    eval_only.mkdir()
+    rec2 = {**rec, "task": "zero_shot_classification"}
+    (eval_only / "e.json").write_text(json.dumps(rec2))
+    other = build_report(eval_only, tmp_path / "rep2" / "report.md", html_out=tmp_path / "rep2" / "report.html")
+    assert other["certify"] is None and "Certified robustness" not in (tmp_path / "rep2" / "report.html").read_text()
     _, cells = load_suite("benchmarks/certify-toy.toml")  # the committed suite parses
     assert {c["kind"] for c in cells} == {"finetune", "certify"}

@@ -193,7 +193,8 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     if uap[1]:
         md += ["## Universal perturbations\n", _md_table(*uap), ""]
         md += [f"![{p.stem}]({link(p, out_md)})" for p in uap_pngs] + ([""] if uap_pngs else [])
-    md += certify_report.section(records, assets)
+    cert = certify_report.parts(records, assets)
+    md += certify_report.markdown(cert, assets) if cert else []
     md += ["## Plots\n"] + [f"![{p.stem}]({link(p, out_md)})" for p in pngs]
     n_fail = sum(len(c["failed"]) for c in checks)
     md += ["", "## Integrity checks\n", f"{sum(c['passed'] for c in checks)} of {sum(c['total'] for c in checks)} "
@@ -206,6 +207,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
         atomic_write_text(html_out, html_report.page(n=len(records), main=(header, body), zs=zs, zs_note=ZS_NOTE,
                                                      board=board, board_note=LEADERBOARD_NOTE,
                                                      uap=uap, plots=pngs, uap_pictures=uap_pngs, checks=checks,
+                                                     certify=cert,
                                                      notes=(INTERVAL_NOTE, *([significance_note(baseline, marks)]
                                                                              if baseline is not None else []),
                                                             *([NON_ADAPTIVE_NOTE] if any(
@@ -215,7 +217,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
         atomic_write_text(csv_out, csv_text(records))
     return {"records": len(records), "out": out_md, "header": header, "body": body, "plots": [str(p) for p in pngs],
             "uap_pictures": [str(p) for p in uap_pngs], "checks": checks, "uap_table": uap, "zero_shot": zs,
-            "leaderboard": board,
+            "leaderboard": board, "certify": cert,
             "uap": [r for r in rs if r["metric"] == "fooling_rate"], "significance": marks}
 
 

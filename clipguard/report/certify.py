@@ -73,15 +73,30 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def section(records: list[dict], assets: Path) -> list[str]:
-    """Markdown lines of the section (none without certify records); the curve goes to ``assets``."""
+TITLE = "Certified robustness (randomized smoothing)"
+NOTE = ("Certified accuracy: CERTIFY (Cohen et al. 2019) correct and not abstained with certified L2 radius >= r. "
+        "Smoothed acc1 = certified accuracy at r = 0.")
+
+
+def parts(records: list[dict], assets: Path) -> dict | None:
+    """The section's table (cells formatted) and curve (written to ``assets``), for the Markdown and the HTML
+    report alike; None without certify records."""
     png = certified_curves(records, assets / "certified_vs_radius.png")
     if png is None:
-        return []
+        return None
     header, body = certified_table(records)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in body]
-    return ["## Certified robustness (randomized smoothing)\n",
-            "Certified accuracy: CERTIFY (Cohen et al. 2019) correct and not abstained with certified L2 radius >= r. "
-            "Smoothed acc1 = certified accuracy at r = 0.\n", *lines, "", f"![{png.stem}]({assets.name}/{png.name})",
-            ""]
+    return {"title": TITLE, "note": NOTE, "header": header, "body": [[_fmt(v) for v in row] for row in body],
+            "png": png}
+
+
+def section(records: list[dict], assets: Path) -> list[str]:
+    """Markdown lines of the section (none without certify records); the curve goes to ``assets``."""
+    p = parts(records, assets)
+    return markdown(p, assets) if p else []
+
+
+def markdown(p: dict, assets: Path) -> list[str]:
+    lines = ["| " + " | ".join(p["header"]) + " |", "|" + "---|" * len(p["header"])]
+    lines += ["| " + " | ".join(row) + " |" for row in p["body"]]
+    png = p["png"]
+    return [f"## {p['title']}\n", p["note"] + "\n", *lines, "", f"![{png.stem}]({assets.name}/{png.name})", ""]

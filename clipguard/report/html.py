@@ -41,10 +41,11 @@ def _check_item(c: dict) -> str:
 
 def page(*, n: int, main: tuple, zs: list[dict], zs_note: str, uap: tuple, plots: list[Path],
          uap_pictures: list[Path], checks: list[dict], notes: tuple[str, ...] = (), board: list[dict] = (),
-         board_note: str = "") -> str:
+         board_note: str = "", certify: dict | None = None) -> str:
     """The whole page: clean and robust accuracy, zero-shot tables, the leaderboard, universal perturbations (table
-    and pictures), plots, integrity checks. ``main`` and ``uap`` are (header, body), ``notes`` paragraphs under the
-    main table (the intervals, the significance marks); pictures that no longer exist are left out."""
+    and pictures), certified robustness (``report.certify.parts``), plots, integrity checks. ``main`` and ``uap``
+    are (header, body), ``notes`` paragraphs under the main table (the intervals, the significance marks); pictures
+    that no longer exist are left out."""
     cell = "".join
     body = f"<h2>Clean and robust accuracy</h2>{table(*main)}" + cell(f"<p>{html.escape(n)}</p>" for n in notes)
     if zs:
@@ -55,6 +56,10 @@ def page(*, n: int, main: tuple, zs: list[dict], zs_note: str, uap: tuple, plots
             f"<h3>{html.escape(t['title'])}</h3>" + table(t["header"], t["body"]) for t in board)
     if uap[1]:
         body += "<h2>Universal perturbations</h2>" + table(*uap) + cell(_img(p) for p in uap_pictures if p.exists())
+    if certify:
+        body += (f"<h2>{html.escape(certify['title'])}</h2><p>{html.escape(certify['note'])}</p>"
+                 + table(certify["header"], certify["body"])
+                 + (_img(certify["png"]) if certify["png"].exists() else ""))
     body += "<h2>Plots</h2>" + cell(_img(p) for p in plots if p.exists())
     body += "<h2>Integrity checks</h2><ul>" + cell(_check_item(c) for c in checks) + "</ul>"
     return ("<!doctype html><html><head><meta charset='utf-8'><meta name='generator' content='clipguard report'>"
