@@ -166,6 +166,43 @@ def test_finetune_setup_refuses_tga_on_a_resnet_tower(toy_prepared):
     assert setup(finetune_config(**TINY, objective="tga"), toy_prepared).objective.name == "tga"  # twin: a ViT
 
 
+@pytest.mark.parametrize("arch", ["RN50", "ViT-B-32", "ViT-B-16-SigLIP", "coca_ViT-B-32", "convnext_base",
+                                  "ViT-B-32-256"])
+def test_tga_refusal_from_the_spec_agrees_with_the_loaded_tower(arch):
+    """The spec's verdict (before weights load) is the loaded tower's verdict, on real open_clip architectures built
+    at random init: a precheck that refused a ViT, or let a ResNet / timm tower through, would disagree here."""
+    import open_clip
+
+    from clipguard.finetune.objectives import check_vit_spec
+
+    torch.manual_seed(0)
+    visual = open_clip.create_model(arch, pretrained=None).visual
+    try:
+        OBJECTIVES.get("tga").check(visual)
+        loaded = None
+    except ClipguardError as e:
+        loaded = str(e)
+    try:
+        check_vit_spec(f"{arch}:none")
+        early = None
+    except ClipguardError as e:
+        early = str(e)
+    assert (early is None) == (loaded is None), (early, loaded)
+    if early:
+        assert "\n" not in early and arch in early and "--objective" in early
+
+
+def test_finetune_refuses_tga_before_any_weights_load(cli, tmp_path):
+    """RN50:openai is not in this machine's cache and the hub is unreachable: had the model loaded first, the error
+    would be the missing weights. A transformers: checkpoint that does not exist is refused alike, by its kind."""
+    code, _, err = cli("finetune", "--model", "RN50:openai", "--objective", "tga", "--run-dir", tmp_path / "r")
+    assert code == 2 and "ResNet" in err and "--objective tga" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("finetune", "--model", "transformers:someone/clip", "--objective", "tga",
+                       "--run-dir", tmp_path / "r")
+    assert code == 2 and "transformers checkpoint" in err
+    assert finetune_config(**TINY, objective="tga").objective == "tga"  # twin: the toy ViT passes the spec check
+
+
 def test_tga_check_accepts_the_toy_vit_also_under_lora(toy_clip):
     from clipguard.models.adapters import apply_lora
 

@@ -238,6 +238,10 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.method == "prompt" and cfg.objective == "tga":
         raise ClipguardError("--objective tga aligns the image tower's attention maps, which --method prompt leaves "
                              "frozen: use --method lora, vpt or full with tga")
+    if cfg.objective == "tga":
+        from clipguard.finetune.objectives import check_vit_spec
+
+        check_vit_spec(cfg.run.model)  # before any weights load: the loop checks the loaded tower again
     if cfg.method == "prompt" and cfg.run.compile:
         raise ClipguardError("--compile compiles the image tower, and under --method prompt nothing there trains: "
                              "leave --compile out")

@@ -128,6 +128,36 @@ def check_vit(visual: nn.Module) -> None:
     _vit(visual)
 
 
+def check_vit_spec(model: str) -> None:
+    """What :func:`check_vit` would refuse once the weights loaded, refused from the model spec before they do: a
+    transformers: checkpoint (its tower is transformers' own, with no open_clip patch-token layout), an open_clip
+    architecture whose vision config is a timm or ResNet tower, or pools its tokens by attention or normalises after
+    pooling. hf-hub: models are checked once loaded (their config comes with the weights); a spec that does not
+    parse is left to the loader's own message."""
+    from clipguard.specs import parse_model_spec
+
+    try:
+        spec = parse_model_spec(model)
+    except ClipguardError:
+        return
+    advice = "use an open_clip ViT (e.g. --model ViT-B-32:openai) or another --objective"
+    if spec.kind == "transformers":
+        raise ClipguardError(f"--objective tga needs an open_clip ViT image tower (patch tokens); --model {model!r} "
+                             f"is a transformers checkpoint, whose tower is transformers' own: {advice}")
+    if spec.kind in ("toy", "hf-hub") or not spec.arch:
+        return
+    import open_clip
+
+    vision = (open_clip.get_model_config(spec.arch) or {}).get("vision_cfg", {})
+    tower = ("a timm tower " + repr(vision["timm_model_name"]) if vision.get("timm_model_name") else
+             "a ResNet tower" if isinstance(vision.get("layers"), (list, tuple)) else
+             "a ViT that pools its tokens by attention" if vision.get("attentional_pool") else
+             "a ViT normalised after pooling" if vision.get("final_ln_after_pool") else None)
+    if tower:
+        raise ClipguardError(f"--objective tga needs an open_clip ViT image tower (patch tokens); {spec.arch} has "
+                             f"{tower}: {advice}")
+
+
 class _Tokens:
     """Context manager: the post-``ln_post`` token sequence (N, T, width) of the next forward of ``vit``."""
 
