@@ -396,3 +396,18 @@ def test_seed_table_has_the_transformers_row_and_opts_in_to_the_hub_surrogate(tm
                 build({k: v for k, v in cell.items() if k != "trust_remote_code"})
             refused += 1
     assert refused >= 10
+
+
+def test_json_runs_keep_stderr_free_of_transformers_progress_bars(world, cli, capsys):
+    """transformers draws a "Loading weights" bar on stderr while it loads; a --json run shows none, and the bars are
+    back on for the caller afterwards. Twin: the same load through transformers directly draws it here."""
+    from transformers.utils import logging as tlog
+
+    transformers.CLIPModel.from_pretrained(world / "clip")
+    assert "Loading weights" in capsys.readouterr().err  # the bar exists and this capture sees it
+    code, out, err = cli("eval", "--model", f"transformers:{world / 'clip'}", "--dataset",
+                         f"imagefolder:{world / 'images'}", "--prompts", world / "prompts.json", "--device", "cpu",
+                         "--json")
+    assert code == 0, err
+    assert "Loading weights" not in err and json.loads(out)["metrics"]["acc1"] is not None
+    assert tlog.is_progress_bar_enabled()

@@ -15,6 +15,7 @@ This module is imported only for such a spec (``models.loader`` imports it insid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -324,8 +325,9 @@ def build(ck: Checkpoint, *, trust_remote_code: bool = False):
     revision = ck.commit or ck.revision
     trust = bool(trust_remote_code and ck.remote_code)  # never passed for a family transformers itself knows
     try:
-        model = model_class(ck).from_pretrained(ck.source, revision=revision, trust_remote_code=trust,
-                                                dtype=torch.float32)
+        with _no_progress_bars(transformers):  # its "Loading weights" bar is noise on a command's stderr
+            model = model_class(ck).from_pretrained(ck.source, revision=revision, trust_remote_code=trust,
+                                                    dtype=torch.float32)
     except Exception as e:  # transformers raises OSError, ValueError, RuntimeError ... for an unloadable checkpoint
         raise ClipguardError(f"--model {ck.text!r}: transformers cannot load the weights ({type(e).__name__}: "
                              f"{_one_line(e)})") from None
@@ -338,6 +340,19 @@ def build(ck: Checkpoint, *, trust_remote_code: bool = False):
     length = int(model.config.text_config.max_position_embeddings)
     name = f"transformers {type(tok).__name__} max_length={length} files={tokenizer_files_digest(ck)}"
     return HFClip(model.float().eval(), family), HFTokenizer(tok, length), name
+
+
+@contextlib.contextmanager
+def _no_progress_bars(transformers):
+    """transformers' own tqdm bars off while it loads, as they were after."""
+    log = transformers.utils.logging
+    was = log.is_progress_bar_enabled()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            log.enable_progress_bar()
 
 
 def model_class(ck: Checkpoint):
