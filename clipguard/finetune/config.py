@@ -239,7 +239,7 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ClipguardError("--objective tga aligns the image tower's attention maps, which --method prompt leaves "
                              "frozen: use --method lora, vpt or full with tga")
     if cfg.objective == "tga":
-        from clipguard.finetune.objectives import check_vit_spec
+        from clipguard.finetune.objectives import check_vit_spec  # torch: only when a config is built
 
         check_vit_spec(cfg.run.model)  # before any weights load: the loop checks the loaded tower again
     if cfg.method == "prompt" and cfg.run.compile:

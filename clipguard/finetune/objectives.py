@@ -40,6 +40,7 @@ from torch import nn
 
 from clipguard.errors import ClipguardError
 from clipguard.registry import Registry
+from clipguard.specs import parse_model_spec
 
 # (classifier, x_adv in [0, 1], labels, reference features, a Guide, or None) -> (N,) loss per image
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object], torch.Tensor]
@@ -134,8 +135,6 @@ def check_vit_spec(model: str) -> None:
     architecture whose vision config is a timm or ResNet tower, or pools its tokens by attention or normalises after
     pooling. hf-hub: models are checked once loaded (their config comes with the weights); a spec that does not
     parse is left to the loader's own message."""
-    from clipguard.specs import parse_model_spec
-
     try:
         spec = parse_model_spec(model)
     except ClipguardError:
@@ -146,7 +145,7 @@ def check_vit_spec(model: str) -> None:
                              f"is a transformers checkpoint, whose tower is transformers' own: {advice}")
     if spec.kind in ("toy", "hf-hub") or not spec.arch:
         return
-    import open_clip
+    import open_clip  # Lazy: only a tga run on an open_clip architecture reads its config (~2 s of import)
 
     vision = (open_clip.get_model_config(spec.arch) or {}).get("vision_cfg", {})
     tower = ("a timm tower " + repr(vision["timm_model_name"]) if vision.get("timm_model_name") else
