@@ -24,7 +24,7 @@
 #   finetune-compile  LoRA on the MLPs and VPT, compiled
 #
 # What comes back (the tool returns at most 8 files): $OUT/gpu-<steps>-<gpu>.log and $OUT/records-<steps>-<gpu>.tgz,
-# every record and steps.tsv (step, exit status, seconds). Unpack into benchmarks/results/ here and update README's
+# every record and steps.tsv (step, exit status, seconds), written again after each step. Unpack into benchmarks/results/ here and update README's
 # Speed table from the records. Nothing in this script is a measurement: the records are.
 #
 # GPU_SESSION_SMOKE=1 runs the same steps on this machine's CPU with the toy model and tiny sizes, to catch a broken
@@ -88,6 +88,7 @@ step() {
     rc=$?
     echo "## $name: exit $rc after $(( $(date +%s) - t0 ))s"
     printf "%s\t%s\t%s\n" "$name" "$rc" "$(( $(date +%s) - t0 ))" >>"$rec/steps.tsv"
+    tar czf "$OUT/records-$tag-$gpu.tgz" -C "$rec" .  # after every step: a call cut short keeps what was done
 }
 
 # Sizes: a GPU run is long enough to time; the smoke run only has to pass every option through.

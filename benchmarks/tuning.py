@@ -87,14 +87,32 @@ def _self_device_us(event) -> float:
     return 0.0
 
 
+def own_time_rows(events, cuda: bool) -> list[dict]:
+    """One row per profiled name with its own time in ms. On CUDA only the device's own events count (kernels,
+    copies, memsets): kineto also credits each kernel's time to the CPU op that launched it (``aten::mm`` carries
+    its GEMM's self device time), so summing every event would count each kernel twice; user annotations
+    (``record_function`` ranges) are spans, not work. On a CPU: every op's own CPU time."""
+    rows = []
+    for e in events:
+        if cuda:
+            if str(getattr(e, "device_type", "")).endswith("CPU") or getattr(e, "is_user_annotation", False):
+                continue
+            us = _self_device_us(e)
+        else:
+            us = float(e.self_cpu_time_total)
+        if us > 0:
+            rows.append({"name": e.key[:160], "kind": kind_of(e.key), "calls": int(e.count), "ms": us / 1e3})
+    return rows
+
+
 def profile_top(fn, device: torch.device, *, top: int = 12) -> dict:
     """Run ``fn()`` once under ``torch.profiler`` and say where the time went.
 
-    On CUDA the rows are kernels (and copies) by their own device time; elsewhere aten ops by their own CPU time.
-    Returns {"wall_ms", "measured": "device" | "cpu", "busy_ms" (the summed own times), "busy_share" (busy / wall:
-    well under 1 on a GPU means it waited on the host), "by_kind": {kind: {"ms", "share"}}, "top": [{"name",
-    "kind", "calls", "ms", "share"}, ...]}; shares are of busy_ms. The profiler's own overhead is in wall_ms,
-    so busy_share is a lower bound."""
+    On CUDA the rows are kernels (and copies) by their own device time (:func:`own_time_rows`); elsewhere aten ops
+    by their own CPU time. Returns {"wall_ms", "measured": "device" | "cpu", "busy_ms" (the summed own times),
+    "busy_share" (busy / wall: well under 1 on a GPU means it waited on the host; copies on a side stream overlap
+    kernels, so it can pass 1), "by_kind": {kind: {"ms", "share"}}, "top": [{"name", "kind", "calls", "ms",
+    "share"}, ...]}; shares are of busy_ms. The profiler's own overhead is in wall_ms."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -107,11 +125,7 @@ def profile_top(fn, device: torch.device, *, top: int = 12) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
-    rows = []
-    for e in prof.key_averages():
-        us = _self_device_us(e) if cuda else float(e.self_cpu_time_total)
-        if us > 0:
-            rows.append({"name": e.key[:160], "kind": kind_of(e.key), "calls": int(e.count), "ms": us / 1e3})
+    rows = own_time_rows(prof.key_averages(), cuda)
     busy = sum(r["ms"] for r in rows)
     by_kind: dict[str, dict] = {}
     for r in rows:

@@ -139,3 +139,23 @@ def test_gpu_session_smoke_runs_its_steps_and_bundles_the_records(tmp_path):
     bad = subprocess.run(["bash", "benchmarks/gpu_session.sh", "eval", "evall"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown step evall" in bad.stderr
+
+
+def test_device_rows_count_each_kernel_once():
+    """kineto credits a kernel's time both to itself (a CUDA event) and to the aten op that launched it (a CPU event
+    with that self device time), and record_function ranges span work: on CUDA only the device's own events count.
+    Events shaped as torch's FunctionEventAvg (key, count, device_type, is_user_annotation, own times)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(key, device_type, device_us, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=key, count=1, device_type=device_type, is_user_annotation=annotation,
+                               self_device_time_total=device_us, self_cpu_time_total=cpu_us)
+
+    events = [ev("aten::mm", DeviceType.CPU, 900.0, cpu_us=30.0), ev("nvjet_tst_128x256", DeviceType.CUDA, 900.0),
+              ev("Memcpy HtoD (Pinned -> Device)", DeviceType.CUDA, 100.0),
+              ev("clean pass", DeviceType.CUDA, 1000.0, annotation=True)]
+    rows = tuning.own_time_rows(events, cuda=True)
+    assert [(r["name"], r["ms"]) for r in rows] == [("nvjet_tst_128x256", 0.9), ("Memcpy HtoD (Pinned -> Device)", 0.1)]
+    assert [r["name"] for r in tuning.own_time_rows(events, cuda=False)] == ["aten::mm"]  # twin: a CPU run's ops
