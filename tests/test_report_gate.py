@@ -64,8 +64,9 @@ def test_report_numbers_equal_the_records(bench, tmp_path):
     header, (row,) = info["header"], info["body"]
     assert header[:3] == ["model", "dataset", "clean acc1"]
     assert row[0] == "toy CLIP" and row[1] == base["dataset"] and row[2] == base["metrics"]["acc1"]
-    expected = {f"pgd {e['eps']}": e["robust_acc"] for e in base["metrics"]["robust"] if e["eps_value"] > 0}
-    expected["pgd 8/255 from clip:toy@seed1"] = transfer["metrics"]["robust"][0]["robust_acc"]
+    steps, t_steps = base["attack"]["steps"], transfer["attack"]["steps"]
+    expected = {f"pgd-{steps} {e['eps']}": e["robust_acc"] for e in base["metrics"]["robust"] if e["eps_value"] > 0}
+    expected[f"pgd-{t_steps} 8/255 from clip:toy@seed1"] = transfer["metrics"]["robust"][0]["robust_acc"]
     assert dict(zip(header[3:], row[3:], strict=True)) == expected
     md = (tmp_path / "r.md").read_text()
     for v in expected.values():
@@ -97,7 +98,7 @@ def test_report_keeps_datasets_of_one_model_apart(tmp_path):
     for ds, (acc1, robust) in numbers.items():
         (recs / f"{ds}.json").write_text(json.dumps(_record(ds, acc1, robust)))
     info = build_report(recs, tmp_path / "r.md", html_out=tmp_path / "r.html")
-    assert info["header"] == ["model", "dataset", "clean acc1", "pgd 1/255", "pgd 4/255"]
+    assert info["header"] == ["model", "dataset", "clean acc1", "pgd 1/255", "pgd 4/255"]  # no steps recorded
     assert info["body"] == [["toy CLIP", ds, acc1, robust["1/255"], robust["4/255"]]
                             for ds, (acc1, robust) in numbers.items()]
     md = (tmp_path / "r.md").read_text()
@@ -154,3 +155,39 @@ def test_suite_option_of_the_wrong_type_is_one_clear_error(tmp_path):
     suite.write_text('[[cell]]\nid = "c2"\nkind = "finetune"\nepochs = 1.5\n')
     with pytest.raises(ClipguardError, match="'c2'.*epochs = 1.5"):
         run_suite(suite, tmp_path / "out", progress=False)
+
+
+def _eval(n: int, acc1: float, robust: float, *, steps: int = 10, limit: int | None = None) -> dict:
+    rec = _record("toy", acc1, {"4/255": robust})
+    rec["data"] = {"split": "test", "n": n, "limit": limit, "seed": 0}
+    rec["attack"] = {"steps": steps}
+    rec["metrics"]["robust"][0]["attack"] = "pgd"
+    del rec["bench"]
+    return rec
+
+
+def test_a_report_row_never_mixes_image_sets_or_runs(tmp_path):
+    """A full-set run and a --limit 50 run of one model: two rows, each with its own clean and robust numbers (the
+    old table took clean from the first record and robust from the last, in one row). Two runs of the same cell:
+    the first by file name is shown and a differing number is named under the table. PGD-5 and PGD-10 are two
+    columns."""
+    from clipguard.report.build import build_report
+
+    recs = tmp_path / "mix"
+    recs.mkdir()
+    (recs / "a_base.json").write_text(json.dumps(_eval(1000, 0.999, 0.293)))
+    (recs / "b_small.json").write_text(json.dumps(_eval(50, 0.98, 0.22, limit=50)))
+    info = build_report(recs, tmp_path / "r.md")
+    assert info["header"] == ["model", "dataset", "clean acc1", "pgd-10 4/255"] and info["dropped"] == []
+    assert info["body"] == [["clip:toy [test n=1000]", "toy", 0.999, 0.293],
+                            ["clip:toy [test n=50 (limit, seed 0)]", "toy", 0.98, 0.22]]
+
+    (recs / "c_again.json").write_text(json.dumps(_eval(1000, 0.5, 0.1)))  # the same cell, other numbers
+    (recs / "d_pgd5.json").write_text(json.dumps(_eval(1000, 0.999, 0.4, steps=5)))
+    info = build_report(recs, tmp_path / "r.md")
+    assert info["header"] == ["model", "dataset", "clean acc1", "pgd-10 4/255", "pgd-5 4/255"]
+    assert info["body"][0] == ["clip:toy [test n=1000]", "toy", 0.999, 0.293, 0.4]
+    # c_again's clean and pgd-10 differ from the shown ones; d_pgd5's clean is the same 0.999: nothing lost, no note
+    assert len(info["dropped"]) == 2 and all("c_again.json" in d for d in info["dropped"])
+    md = (tmp_path / "r.md").read_text()
+    assert "2 number(s) repeat a cell with another value" in md and "c_again.json" in md

@@ -195,11 +195,11 @@ def test_report_marks_non_adaptive_numbers(runs, tmp_path):
     _, folder = runs
     rep = build_report(folder, tmp_path / "report.md", html_out=tmp_path / "report.html")
     cols = rep["header"]
-    assert "pgd 4/255 (non-adaptive)" in cols and "pgd 4/255" in cols
+    assert "pgd-10 4/255 (non-adaptive)" in cols and "pgd-10 4/255" in cols
     labels = [row[0] for row in rep["body"]]
     assert labels.count("toy + ttc") == 1 and "toy" in labels  # the defended model is its own row
     row = rep["body"][labels.index("toy + ttc")]
-    assert row[cols.index("pgd 4/255 (non-adaptive)")] is not None and row[cols.index("pgd 4/255")] is not None
+    assert row[cols.index("pgd-10 4/255 (non-adaptive)")] is not None and row[cols.index("pgd-10 4/255")] is not None
     assert NON_ADAPTIVE_NOTE in (tmp_path / "report.md").read_text()
     assert "(non-adaptive)" in (tmp_path / "report.html").read_text()
     only = tmp_path / "adaptive-only"  # twin: no non-adaptive record, no mark and no note

@@ -1,8 +1,8 @@
 """Read result records from a folder and flatten them into rows that reports and gates aggregate.
 
 A row is one number with its context: ``{"metric", "value", "model", "adapter", "label", "dataset",
-"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path", "check"}``, and for a metric the record
-holds an interval of, ``"ci"`` (``[lo, hi]``, None in records from before intervals) and clean and robust rows
+"attack", "norm", "eps", "eps_value", "surrogate", "cell", "task", "path", "check", "images"}``, and for a metric the
+record holds an interval of, ``"ci"`` (``[lo, hi]``, None in records from before intervals) and clean and robust rows
 their ``"counts"`` (``{"k", "n"}``). Nothing is recomputed here:
 every value is copied from a record. Integrity checks are rows too (metric ``checks_passed``, value 1.0 or 0.0): one
 per record with checks (``check`` None: all of them passed) and one per check (``check`` = its name), so a gate can
@@ -55,9 +55,17 @@ def _context(rec: dict) -> dict:
     return {"model": rec.get("model_spec"), "adapter": rec.get("adapter"), "label": label(rec),
             "dataset": rec.get("dataset"), "task": rec.get("task"), "cell": bench.get("cell"),
             "surrogate": attack.get("surrogate"), "norm": attack.get("norm"), "steps": attack.get("steps"),
-            "path": rec.get("_path"), "check": None,
+            "path": rec.get("_path"), "check": None, "images": image_set(rec),
             "defense": (rec.get("defense") or {}).get("name"),
             "defense_evaluation": (rec.get("defense") or {}).get("evaluation")}
+
+
+def image_set(rec: dict) -> str:
+    """Which images a record's numbers are over, in words: ``test n=1000``, ``test n=50 (limit, seed 0)``; numbers
+    over different image sets never share a report row."""
+    d = rec.get("data") or {}
+    sel = f" (limit, seed {d.get('seed', 0)})" if d.get("limit") else ""
+    return f"{d.get('split', '?')} n={d.get('n', '?')}{sel}"
 
 
 def _eps_value(text) -> float | None:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import csv
 import io
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_text
-from clipguard.records.rows import checks_summary, dataset_order, load_records, rows, zero_shot_readings
+from clipguard.records.rows import (
+    ITERATIVE,
+    checks_summary,
+    dataset_order,
+    load_records,
+    rows,
+    zero_shot_readings,
+)
 from clipguard.report import certify as certify_report
 from clipguard.report import html as html_report
 from clipguard.report import plots
@@ -28,36 +35,61 @@ UAP_HEADER = ["model", "dataset", "task", "eps", "fooling rate", "clean acc1", "
 
 
 def _col(r: dict) -> str:
+    """A robust column: attack with its steps (PGD-5 and PGD-10 are different threats), the norm when it is not
+    L-inf, eps, the surrogate of a transfer attack, and a defense's non-adaptive reading."""
+    steps = f"-{r['steps']}" if r.get("steps") and r["attack"] in ITERATIVE else ""
+    norm = "L2 " if r.get("norm") == "l2" else ""
     src = f" from {r['surrogate']}" if r.get("surrogate") else ""
     weak = " (non-adaptive)" if r.get("defense_evaluation") == "non-adaptive" else ""  # NON_ADAPTIVE_NOTE
-    return f"{r['attack']} {r['eps']}{src}{weak}"
+    return f"{r['attack']}{steps} {norm}{r['eps']}{src}{weak}"
 
 
 def _key(r: dict) -> tuple:
-    """What a report row is about: (model label, dataset). Numbers of different datasets never share a row."""
-    return r["label"], r.get("dataset")
+    """What a report row is about: (model label, dataset, image set). Numbers of different datasets, or of different
+    images of one dataset (another --limit, split or seed), never share a row."""
+    return r["label"], r.get("dataset"), r.get("images")
 
 
 def _is_robust(r: dict) -> bool:
     return r["metric"] == "robust_acc" and r["attack"] != "uap" and (r["eps_value"] or 0) > 0
 
 
-def reference_table(rs: list[dict]) -> tuple[list[str], list[list]]:
-    """Rows: (model, dataset) pairs in first-seen order; columns: clean acc1, then robust acc per
-    (attack, eps[, surrogate]). Values as recorded."""
-    clean, robust, cols = {}, defaultdict(dict), []
-    for r in rs:
+def reference_table(rs: list[dict]) -> tuple[list[str], list[list], list[str]]:
+    """Rows: (model, dataset, image set) in first-seen order; columns: clean acc1, then robust acc per column
+    (:func:`_col`). Values as recorded. A model label shows its image set when one (model, dataset) has several.
+
+    Each cell is one record's number: where records repeat a cell (a suite's eval beside a fine-tune's own
+    check-up, a run made twice), an evaluation's comes before a fine-tune check-up's, then the first by file name;
+    the third element names each left-out number that differs from the one shown."""
+    cells, cols, dropped = {}, [], []
+    for r in sorted(rs, key=lambda r: r.get("task") == "finetune"):  # evaluations first, then fine-tune check-ups
         if r["metric"] == "acc1":
-            clean.setdefault(_key(r), reading(r))
+            c = "clean acc1"
         elif _is_robust(r):
             c = _col(r)
-            robust[_key(r)][c] = reading(r)
             if c not in cols:
                 cols.append(c)
+        else:
+            continue
+        if (_key(r), c) in cells:
+            shown, path = cells[(_key(r), c)]
+            if path != r["path"] and float(shown) != r["value"]:  # the same number again loses nothing
+                dropped.append(f"{c} of {_name(_key(r))}: {r['value']:.4f} in {r['path']} (shown: {float(shown):.4f} "
+                               f"from {path})")
+            continue
+        cells[(_key(r), c)] = (reading(r), r["path"])
     keys = list(dict.fromkeys(_key(r) for r in rs if r["metric"] in ("acc1", "robust_acc")))
+    sets = Counter((lab, ds) for lab, ds, _ in keys)
     header = ["model", "dataset", "clean acc1", *cols]
-    body = [[lab, ds, clean.get((lab, ds)), *[robust[(lab, ds)].get(c) for c in cols]] for lab, ds in keys]
-    return header, body
+    body = [[f"{lab} [{imgs}]" if sets[(lab, ds)] > 1 else lab, ds,
+             *[cells.get(((lab, ds, imgs), c), (None,))[0] for c in ["clean acc1", *cols]]] for lab, ds, imgs in keys]
+    return header, body, dropped
+
+
+def dropped_note(dropped: list[str]) -> str:
+    return (f"{len(dropped)} number(s) repeat a cell with another value and are not shown (one record per cell: "
+            "an evaluation before a fine-tune's check-up, then the first by file name): " + "; ".join(dropped[:5])
+            + (" ..." if len(dropped) > 5 else "") + ".")
 
 
 def zero_shot_tables(rs: list[dict]) -> list[dict]:
@@ -123,7 +155,7 @@ def _scatter_points(rs: list[dict]) -> tuple[str, list]:
 
 
 def _name(key: tuple) -> str:
-    label, dataset = key
+    label, dataset = key[:2]
     return label if dataset is None else f"{label} ({dataset})"
 
 
@@ -165,7 +197,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     rs = rows(records)
     assets = out_md.parent / (out_md.stem + "_files")
     assets.mkdir(parents=True, exist_ok=True)
-    header, body = reference_table(rs)
+    header, body, dropped = reference_table(rs)
     if baseline is not None and baseline not in {row[0] for row in body}:
         raise ClipguardError(f"--baseline {baseline!r} is not a model of these records; they are "
                              f"{', '.join(dict.fromkeys(str(row[0]) for row in body))}")
@@ -180,6 +212,8 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     board = leaderboard_tables(records, rs)
     md = [f"# clipguard report\n\n{len(records)} records from `{folder}`.\n", "## Clean and robust accuracy\n",
           _md_table(header, body), "", INTERVAL_NOTE, ""]
+    if dropped:
+        md += [dropped_note(dropped), ""]
     if any(r.get("defense_evaluation") == "non-adaptive" for r in rs):
         md += [NON_ADAPTIVE_NOTE, ""]
     if baseline is not None:
@@ -208,7 +242,9 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
                                                      board=board, board_note=LEADERBOARD_NOTE,
                                                      uap=uap, plots=pngs, uap_pictures=uap_pngs, checks=checks,
                                                      certify=cert,
-                                                     notes=(INTERVAL_NOTE, *([significance_note(baseline, marks)]
+                                                     notes=(INTERVAL_NOTE,
+                                                            *([dropped_note(dropped)] if dropped else []),
+                                                            *([significance_note(baseline, marks)]
                                                                              if baseline is not None else []),
                                                             *([NON_ADAPTIVE_NOTE] if any(
                                                                 r.get("defense_evaluation") == "non-adaptive"
@@ -217,7 +253,7 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
         atomic_write_text(csv_out, csv_text(records))
     return {"records": len(records), "out": out_md, "header": header, "body": body, "plots": [str(p) for p in pngs],
             "uap_pictures": [str(p) for p in uap_pngs], "checks": checks, "uap_table": uap, "zero_shot": zs,
-            "leaderboard": board, "certify": cert,
+            "leaderboard": board, "certify": cert, "dropped": dropped,
             "uap": [r for r in rs if r["metric"] == "fooling_rate"], "significance": marks}
 
 
