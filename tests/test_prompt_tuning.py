@@ -266,3 +266,18 @@ def test_public_load_classifier_takes_its_class_embeddings_from_a_prompt_adapter
     torch.testing.assert_close(clf.text_embeddings, load_prompt_embeddings(d, toy_clip, TOY_CLASSES).embeddings)
     plain = load_classifier("toy", dataset="toy", device="cpu")  # twin: the templates' embeddings differ
     assert (plain.text_embeddings - clf.text_embeddings).abs().max() > 1e-3
+
+
+def test_base_adapter_alone_is_refused_outside_prompt_training(cli, tmp_path):
+    """--base-adapter without a prompt --adapter evaluated the adapted tower while the record named no adapter, so a
+    report labelled it the bare model. Now one line says to pass it as --adapter; as --adapter it runs (twin)."""
+    code, _, err = cli("finetune", "--model", "toy", "--dataset", "toy", "--limit", "64", "--epochs", "1",
+                       "--batch-size", "32", "--eval-limit", "8", "--eval-steps", "1", "--device", "cpu",
+                       "--run-dir", tmp_path / "lora")
+    assert code == 0, err
+    code, _, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "8", "--device", "cpu",
+                       "--base-adapter", tmp_path / "lora")
+    assert code == 2 and "pass it as --adapter" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "8", "--device", "cpu",
+                         "--adapter", tmp_path / "lora", "--json")
+    assert code == 0 and json.loads(out)["adapter"] == str(tmp_path / "lora")

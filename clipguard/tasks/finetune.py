@@ -46,7 +46,8 @@ def run_finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     # PGD perturbs at the model's input size (TeCoA/FARE); a transfer surrogate sees the dataset's own images.
     resolution = "native" if cfg.train_attack == "transfer" else "model"
     # --compile compiles the tower that trains (finetune.loop.compile_trainable), not the frozen base prepare loads
-    p = prepare(replace(cfg.run, compile=False, compile_mode="default"), resolution=resolution)
+    p = prepare(replace(cfg.run, compile=False, compile_mode="default"), resolution=resolution,
+                prompt_base=cfg.method == "prompt")
     check_held_out(cfg, p)
     summary = train(cfg, p, progress=progress)
     return final_record(cfg, summary, progress)
@@ -81,7 +82,9 @@ def final_record(cfg: FinetuneConfig, train: dict, progress: bool) -> dict:
     ecfg = EvalConfig(run=run, attack="pgd", eps=cfg.eps, steps=cfg.eval_steps)
     rec = run_eval(ecfg, progress=progress)
     if cfg.eval_base:
-        base = run_eval(replace(ecfg, run=replace(run, adapter=None)), progress=progress)["metrics"]
+        # the base: the bare model, or for a prompt on --base-adapter's tower that tower itself (as its --adapter)
+        base_run = replace(run, adapter=run.base_adapter, base_adapter=None)
+        base = run_eval(replace(ecfg, run=base_run), progress=progress)["metrics"]
         rec["base_metrics"] = {k: base[k] for k in ("acc1", "acc5", "mean_per_class_recall", "robust_acc")}
     rec["task"] = "finetune"
     rec["finetune"] = {"method": cfg.method, "objective": cfg.objective, "sigma": cfg.sigma,

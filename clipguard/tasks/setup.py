@@ -35,9 +35,16 @@ class Prepared:
         return timings if self.compile_s is None else {**timings, "compile_s": self.compile_s}
 
 
-def adapted(run: RunOptions, clip, classnames: list[str]):
+def adapted(run: RunOptions, clip, classnames: list[str], *, prompt_base: bool = False):
     """(image tower, class embeddings or None) under ``--base-adapter`` (an image-tower adapter) and ``--adapter`` (an
-    image-tower adapter, or a prompt adapter: APT's context, trained on the base tower or on --base-adapter's)."""
+    image-tower adapter, or a prompt adapter: APT's context, trained on the base tower or on --base-adapter's).
+
+    ``prompt_base``: the tower a prompt is about to be trained on (finetune --method prompt), where --base-adapter
+    stands alone. Anywhere else it goes under a prompt --adapter: alone it would evaluate the adapted tower while
+    the record names no adapter, and the report would label it the bare model."""
+    if run.base_adapter and not run.adapter and not prompt_base:
+        raise ClipguardError(f"--base-adapter {run.base_adapter!r} goes under a prompt --adapter; to evaluate that "
+                             f"image-tower adapter itself, pass it as --adapter {run.base_adapter}")
     visual = load_adapter(run.base_adapter, clip) if run.base_adapter else clip.model.visual
     if run.base_adapter and read_manifest(run.base_adapter)["method"] == "prompt":
         raise ClipguardError(f"--base-adapter {run.base_adapter!r} is a prompt adapter: pass it as --adapter "
@@ -54,7 +61,7 @@ def adapted(run: RunOptions, clip, classnames: list[str]):
 
 
 def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str | None = None,
-            defense=None, **overrides) -> Prepared:
+            defense=None, prompt_base: bool = False, **overrides) -> Prepared:
     """Load everything a zero-shot run needs; ``overrides`` replace fields of ``run`` (e.g. ``precision="fp32"``).
 
     ``resolution`` is the one preprocessing protocol (DESIGN contract 2), applied once at load: ``model`` puts
@@ -89,7 +96,7 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
             f"prompts {prompts.source} name {len(prompts.classnames)} classes but {data.spec} has {n_classes}: "
             "pass a matching --prompts FILE"
         )
-    visual, text = adapted(run, clip, prompts.classnames)
+    visual, text = adapted(run, clip, prompts.classnames, prompt_base=prompt_base)
     if text is None:  # no prompt adapter: the templates' embeddings, from the store
         text = get_text_embeddings(clip, prompts.classnames, prompts.templates)
     classifier = ZeroShotClassifier.from_clip(clip, text.embeddings, visual=visual).eval()
