@@ -289,13 +289,15 @@ def choice(*names: str):
     return parse
 
 
-def pixel_units(*, allow_zero: bool = True):
-    """A parser of one pixel-unit value (``8/255``, ``0.0314``) into an Eps."""
+def pixel_units(*, allow_zero: bool = True, upper: float | None = 1):
+    """A parser of one pixel-unit value (``8/255``, ``0.0314``) into an Eps; ``upper=None`` for a radius whose
+    norm the config checks (an L2 radius may exceed 1)."""
 
     def parse(value, name: str):
         from clipguard.specs import Eps, parse_eps  # lazy: keeps `import clipguard` light
 
-        return value if isinstance(value, Eps) else parse_eps(str(value), name=name, allow_zero=allow_zero)
+        return value if isinstance(value, Eps) else parse_eps(str(value), name=name, allow_zero=allow_zero,
+                                                                  upper=upper)
 
     parse.takes_text = True
     return parse
@@ -312,7 +314,7 @@ def pixel_float(*, allow_zero: bool = True):
     return parse
 
 
-def eps_list(value, name: str) -> tuple:
+def eps_list(value, name: str, *, upper: float | None = 1) -> tuple:
     """A comma list of pixel-unit values (``0,4/255,8/255``) into a tuple of Eps."""
     from clipguard.specs import Eps, parse_eps_list  # lazy: keeps `import clipguard` light
 
@@ -321,12 +323,21 @@ def eps_list(value, name: str) -> tuple:
     if isinstance(value, tuple) and all(isinstance(v, Eps) for v in value):
         return value
     first: dict[float, Eps] = {}
-    for e in parse_eps_list(str(value), name=name):  # a value given twice (8/255,8/255) is attacked once
+    for e in parse_eps_list(str(value), name=name, upper=upper):  # a value given twice (8/255,8/255): once
         first.setdefault(e.value, e)
     return tuple(first.values())
 
 
 eps_list.takes_text = True
+
+
+def radius_list(value, name: str) -> tuple:
+    """:func:`eps_list` without the bound of 1: radii whose config checks them by norm (an L2 radius may exceed 1;
+    an L-inf one is refused above 1 by ``specs.check_linf_eps``)."""
+    return eps_list(value, name, upper=None)
+
+
+radius_list.takes_text = True
 
 
 def comma_list(value, name: str) -> tuple[str, ...]:

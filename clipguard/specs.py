@@ -49,10 +49,8 @@ def parse_eps(text: str, *, name: str = "--eps", allow_zero: bool = True, upper:
         raise ClipguardError(f"{name} {text!r} divides by zero: use e.g. 8/255") from None
     value = float(frac)
     if upper is not None and value > upper:
-        raise ClipguardError(
-            f"{name} {text!r} = {value:g} is above {upper:g}: values are in [0, 1] pixel units, "
-            f"did you mean {text}/255?"
-        )
+        hint = f", did you mean {text}/255?" if den is None else " (255/255 is the whole range of a pixel)"
+        raise ClipguardError(f"{name} {text!r} = {value:g} is above {upper:g}: values are in [0, 1] pixel units{hint}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ClipguardError(f"{name} {text!r} must be {'>= 0' if allow_zero else '> 0'} (e.g. 8/255)")
     canon = f"{num}/{den}" if den is not None else (f"{value:g}" if value else "0")
@@ -63,7 +61,12 @@ LINF_PLAUSIBLE = 32 / 255  # above this, a bare L-inf radius (0.5, 1) is almost 
 
 
 def check_linf_eps(eps: Eps, name: str = "--eps") -> Eps:
-    """A bare decimal L-inf radius above 32/255 is refused with the /255 hint (a fraction says it is meant)."""
+    """An L-inf radius above 1 is refused (none is larger than a pixel's range), and a bare decimal one above 32/255
+    with the /255 hint (a fraction says it is meant)."""
+    if eps.value > 1:
+        hint = f": did you mean {eps.text}/255?" if "/" not in eps.text else " (255/255 is the whole range of a pixel)"
+        raise ClipguardError(f"{name} {eps.text} = {eps.value:g} is above 1: an L-inf radius is in [0, 1] pixel "
+                             f"units{hint}")
     if eps.value > LINF_PLAUSIBLE and "/" not in eps.text:
         raise ClipguardError(f"{name} {eps.text} as an L-inf radius changes every pixel by up to "
                              f"{eps.value * 255:g}/255, which no image survives: did you mean {eps.text}/255? (write "
@@ -71,12 +74,12 @@ def check_linf_eps(eps: Eps, name: str = "--eps") -> Eps:
     return eps
 
 
-def parse_eps_list(text: str, *, name: str = "--eps") -> list[Eps]:
+def parse_eps_list(text: str, *, name: str = "--eps", upper: float | None = 1) -> list[Eps]:
     """Parse a comma list such as ``"0,1/255,2/255,4/255,8/255"``."""
     parts = [p for p in str(text).split(",") if p.strip()]
     if not parts:
         raise ClipguardError(f"{name} is empty: give one value or a comma list such as 0,4/255,8/255")
-    return [parse_eps(p.strip(), name=name) for p in parts]
+    return [parse_eps(p.strip(), name=name, upper=upper) for p in parts]
 
 
 class Norm(StrEnum):

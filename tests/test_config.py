@@ -105,8 +105,27 @@ def test_options_are_parsed_once_into_typed_values():
     assert cfg.eps == (Eps(0.0, "0"), Eps(4 / 255, "4/255")) and cfg.norm is Norm.L2 and cfg.alpha.text == "1/255"
     assert flat(cfg)["eps"] == "0,4/255" and flat(cfg)["norm"] == "l2"
     assert eval_config(**{k: v for k, v in flat(cfg).items() if v is not None}) == cfg  # records round-trip
-    with pytest.raises(ClipguardError, match="--eps '9' = 9 is above 1"):
+    with pytest.raises(ClipguardError, match="--eps 9 = 9 is above 1: .*did you mean 9/255"):
         eval_config(attack="pgd", eps="9")
+
+
+def test_an_l2_radius_may_exceed_1_an_linf_one_may_not():
+    """An L2 radius is a norm over the whole image (3.0 is a common ImageNet radius; the toy's 32 px images reach
+    55): above 1 is allowed for --norm l2, in eval/attack and uap, and refused for L-inf, where a fraction above 1
+    gets no "x/255/255" hint."""
+    from clipguard.tasks.configs import UAPFitConfig
+
+    assert [e.value for e in eval_config(attack="pgd", norm="l2", eps="0.5,3,1000/255").eps] == [0.5, 3.0, 1000 / 255]
+    assert eval_config(attack="pgd", norm="l2", eps="3", alpha="0.75").alpha.value == 0.75
+    assert UAPFitConfig(uap="/tmp/u.safetensors", norm="l2", eps="2").eps.value == 2.0
+    with pytest.raises(ClipguardError, match=r"--eps 300/255 = 1.17647 is above 1: an L-inf radius .*whole range") \
+            as e:
+        eval_config(attack="pgd", eps="300/255")
+    assert "/255/255" not in str(e.value)
+    with pytest.raises(ClipguardError, match="--eps 2 = 2 is above 1"):
+        UAPFitConfig(uap="/tmp/u.safetensors", eps="2")
+    with pytest.raises(ClipguardError, match="--alpha 2 = 2 is above 1"):
+        eval_config(attack="pgd", eps="8/255", alpha="2")
     with pytest.raises(ClipguardError, match="--steps is not used by --attack fgsm"):
         eval_config(attack="fgsm", steps=3)
     with pytest.raises(ClipguardError, match="--batch-size 0 must be a positive whole number"):

@@ -23,7 +23,6 @@ from clipguard.config import (
     Config,
     choice,
     comma_list,
-    eps_list,
     from_options,
     in_range,
     input_path,
@@ -34,6 +33,7 @@ from clipguard.config import (
     pixel_float,
     pixel_units,
     positive,
+    radius_list,
 )
 from clipguard.config import (
     given as changed_from_default,
@@ -120,12 +120,13 @@ class AttackOptions(Config):
     attack: str | None = option(None, panel=ATTACK, metavar="NAME", parse=lambda v, n: str(v).strip().lower(),
                                 help="Attack: fgsm, pgd, apgd (torchattacks) or autoattack (the reference AutoAttack, "
                                      "pyautoattack).")
-    eps: tuple[Eps, ...] = option("8/255", panel=ATTACK, parse=eps_list, metavar="EPS",
-                                  help="Radius in [0, 1] pixel units: 8/255 or 0.0314 (linf: per pixel; l2: the "
-                                       "image's L2 norm); a comma list (0,2/255,4/255,8/255) gives a sweep.")
+    eps: tuple[Eps, ...] = option("8/255", panel=ATTACK, parse=radius_list, metavar="EPS",
+                                  help="Radius in pixel units ([0, 1] per pixel): linf: per pixel, 8/255 or 0.0314, "
+                                       "at most 1; l2: the image's L2 norm, e.g. 0.5 or 3 (may exceed 1); a comma "
+                                       "list (0,2/255,4/255,8/255) gives a sweep.")
     norm: Norm = option("linf", panel=ATTACK, parse=_norm, metavar="NORM", help="Threat model: linf or l2.")
-    alpha: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
-                               help="PGD step size in [0, 1] pixel units (default eps/4; PGD only).")
+    alpha: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False, upper=None), metavar="EPS",
+                               help="PGD step size in pixel units, in --norm's measure (default eps/4; PGD only).")
     steps: int | None = option(None, panel=ATTACK, parse=positive,
                                help="Iterations (PGD: default 10, APGD: default 100; FGSM and AutoAttack take none).")
     restarts: int | None = option(None, panel=ATTACK, parse=positive,
@@ -324,9 +325,9 @@ class UAPFitConfig(Config):
     run: RunOptions = field(default_factory=_fit_run)
     uap: Path | None = option(None, panel=OUTPUT, parse=output_file, metavar="FILE",
                               help="UAP file to write (.safetensors), for `uap eval --uap`.")
-    eps: Eps = option("10/255", panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
-                      help="Radius of the UAP in [0, 1] pixel units, 8/255 accepted (max |v| for linf, ||v||_2 for "
-                           "l2).")
+    eps: Eps = option("10/255", panel=ATTACK, parse=pixel_units(allow_zero=False, upper=None), metavar="EPS",
+                      help="Radius of the UAP in pixel units ([0, 1] per pixel), 8/255 accepted: max |v| for linf "
+                           "(at most 1), ||v||_2 for l2 (may exceed 1).")
     norm: Norm = option("linf", panel=ATTACK, parse=_norm, metavar="NORM", help="Threat model: linf or l2.")
     method: str = option("sgd", panel=ATTACK, metavar="NAME",
                          help="sgd (projected sign-gradient ascent over mini-batches, fast) or deepfool "
@@ -335,8 +336,9 @@ class UAPFitConfig(Config):
                                    parse=in_range(0, 1, "a share in (0, 1]", lo_open=True, hi_open=False),
                                    help="Stop once the fitting-set fooling rate reaches this share.")
     epochs: int = option(10, panel=ATTACK, parse=positive, help="At most this many passes over the fitting set.")
-    step_size: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False), metavar="EPS",
-                                   help="sgd step per batch in [0, 1] pixel units (default eps/10).")
+    step_size: Eps | None = option(None, panel=ATTACK, parse=pixel_units(allow_zero=False, upper=None),
+                                   metavar="EPS",
+                                   help="sgd step per batch in pixel units, in --norm's measure (default eps/10).")
     target_class: str | None = option(None, panel=ATTACK, metavar="CLASS",
                                       help="Targeted UAP: success = the prediction becomes this class name.")
     resolution: str = same(AttackOptions, "resolution")
