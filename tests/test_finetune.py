@@ -116,7 +116,7 @@ def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, ki
 
     # 4 steps per epoch, checkpoints at steps 3 and 6: the kill lands mid-epoch, the resume crosses an epoch.
     cfg = finetune_config(**TINY, save_every=3, run_dir=str(tmp_path / "a"))
-    run_finetune(cfg, progress=False)
+    whole = run_finetune(cfg, progress=False)["finetune"]["train"]
 
     b = replace(cfg, run_dir=str(tmp_path / "b"))
     with pytest.raises(kill_at_checkpoint(3)):
@@ -125,6 +125,16 @@ def test_resume_ends_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, ki
     assert not (tmp_path / "b" / "manifest.json").exists()
     rec = run_finetune(replace(b, resume=b.run_dir), progress=False)
     assert rec["finetune"]["train"]["resumed_from_step"] == 3 and rec["finetune"]["train"]["steps"] == 8
+    # the record reports the whole training, not only the part after the resume (the leaderboard's training cost
+    # reads it): the same images and the same first and last losses as the uninterrupted run (bit-identical steps)
+    t = rec["finetune"]["train"]
+    assert t["images"] == whole["images"] == 8 * TINY["batch_size"] and t["history"] == "whole run"
+    assert (t["loss_first10"], t["loss_last10"]) == (whole["loss_first10"], whole["loss_last10"])
+    assert t["this_session"]["images"] == 5 * TINY["batch_size"] and t["wall_s"] > t["this_session"]["wall_s"]
+    again = run_finetune(replace(b, resume=b.run_dir), progress=False)["finetune"]["train"]  # a finished run
+    assert again["this_session"]["images"] == 0 and again["images"] == t["images"]
+    assert (again["loss_first10"], again["loss_last10"]) == (t["loss_first10"], t["loss_last10"])
+    assert t["wall_s"] <= again["wall_s"] < t["wall_s"] + 0.5  # + this session's loop, which trained nothing
     wa, wb = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "b"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], torch.zeros_like(wa[k])) for k in wa if "lora_B" in k)  # it did train

@@ -38,6 +38,9 @@ class TrainState:
     config_hash: str
     loss: float  # last finite training loss
     world_size: int = 1  # processes that trained (torchrun); rng["ranks"] then holds each rank's random state
+    # what the run did up to here, over every session: {"images", "wall_s", "losses_first", "losses_last" (ten
+    # each)}, so a resumed run's record reports the whole training (None in checkpoints from before it was kept)
+    history: dict | None = None
 
     def to_disk(self, run_dir: str | Path) -> Path:
         d = Path(run_dir)

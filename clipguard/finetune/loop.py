@@ -148,9 +148,10 @@ def compile_trainable(s: Setup, shape: tuple[int, ...], device: torch.device, mo
     return round(time.perf_counter() - t0, 3)
 
 
-def restore(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator) -> tuple[int, int, int, torch.Tensor, float]:
+def restore(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator) -> tuple[int, int, int, torch.Tensor, float,
+                                                                             dict | None]:
     """Load ``cfg.resume``'s checkpoint into ``s`` and the data generator; returns (step, epoch, position, order,
-    loss) exactly where the checkpoint left off."""
+    loss, history) exactly where the checkpoint left off."""
     st = TrainState.from_disk(cfg.resume)
     if st.config_hash != config_hash(cfg):
         raise ClipguardError(f"--resume {cfg.resume!r}: {st.config_hash[:12]} != {config_hash(cfg)[:12]} "
@@ -164,7 +165,7 @@ def restore(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator) -> tuple[i
     rng = st.rng["ranks"][rank()] if world_size() > 1 else st.rng  # each rank's own random stream
     restore_rng(rng, data_gen)  # after every setup step that draws random numbers
     log.info("resumed %s at step %d/%d (epoch %d)", cfg.resume, st.step, s.total, st.epoch + 1)
-    return st.step, st.epoch, st.position, st.order, st.loss
+    return st.step, st.epoch, st.position, st.order, st.loss, st.history
 
 
 def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
@@ -191,9 +192,11 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     data_gen = torch.Generator().manual_seed(cfg.run.seed)  # data order; its state is checkpointed
     step, epoch, position, loss, last_saved = 0, 0, 0, float("nan"), None
     order = torch.randperm(n, generator=data_gen)
+    before = {"images": 0, "wall_s": 0.0, "losses_first": [], "losses_last": []}  # earlier sessions of this run
     if cfg.resume:
-        step, epoch, position, order, loss = restore(cfg, s, data_gen)
+        step, epoch, position, order, loss, history = restore(cfg, s, data_gen)
         last_saved = step
+        before = history if history is not None else None  # None: a checkpoint from before histories were kept
 
     # ---- the loop: one train_step per batch; a new order each epoch; a checkpoint every save_every steps
     start_step, losses, seen, t0 = step, [], 0, time.perf_counter()
@@ -220,28 +223,48 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             seen += whole
             advance(whole, loss=loss, lr=f"{s.sched.get_last_lr()[0]:.2e}")
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss)
+                save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss,
+                                _history(before, seen, time.perf_counter() - t0, losses))
                 last_saved = step
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     s.model.eval()
-    save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss)  # a finished run resumes to evaluate
+    total = _history(before, seen, wall, losses)
+    save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss, total)  # a finished run resumes to evaluate
     save_final_adapter(cfg, s, p.clip, steps=step)
+    whole_run = total or {"images": seen, "wall_s": wall, "losses_first": losses[:10], "losses_last": losses[-10:]}
     return {"steps": step, "world_size": ranks, "global_batch_size": bs * ranks, "total_steps": s.total,
             "epochs": cfg.epochs, "max_steps": cfg.max_steps,
             "data_mode": "stream" if p.data.streamed else "memory",
-            "resumed_from_step": start_step if cfg.resume else None, "images": seen, "wall_s": round(wall, 3),
-            "images_per_s": round(seen / wall, 2) if wall else None, "compile_s": compile_s, "lr": s.lr,
+            "resumed_from_step": start_step if cfg.resume else None,
+            # the whole training, over every session of the run (a resume adds its own part; resuming a finished
+            # run only evaluates it again); "this_session" is what this process did
+            "images": whole_run["images"], "wall_s": round(whole_run["wall_s"], 3),
+            "images_per_s": round(whole_run["images"] / whole_run["wall_s"], 2) if whole_run["wall_s"] else None,
+            "history": "whole run" if total is not None else "this session only (resumed from an older checkpoint)",
+            "this_session": {"images": seen, "wall_s": round(wall, 3)} if cfg.resume else None,
+            "compile_s": compile_s, "lr": s.lr,
             "trainable_params": sum(q.numel() for q in s.params),
-            "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]),
+            "loss_first10": _mean(whole_run["losses_first"]), "loss_last10": _mean(whole_run["losses_last"]),
             "method_deviations": list(METHODS.get(cfg.method).deviations),  # where the method differs from its paper
             "objective_options": {k: getattr(cfg, k) for k in s.objective.options},  # e.g. pmg's weights
             "objective_deviations": list(s.objective.deviations)}  # where the objective differs from its paper
 
 
+def _history(before: dict | None, seen: int, wall: float, losses: list[float]) -> dict | None:
+    """The run's training so far: the earlier sessions' (``before``) and this one's; None when the earlier part is
+    unknown (a checkpoint from before histories were kept)."""
+    if before is None:
+        return None
+    first = (list(before["losses_first"]) + losses)[:10]
+    last = (list(before["losses_last"]) + losses)[-10:]
+    return {"images": int(before["images"]) + seen, "wall_s": float(before["wall_s"]) + wall, "losses_first": first,
+            "losses_last": last}
+
+
 def save_checkpoint(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator, step: int, epoch: int, position: int,
-                    order: torch.Tensor, loss: float) -> None:
+                    order: torch.Tensor, loss: float, history: dict | None = None) -> None:
     """Where the loop is, atomically into ``cfg.run_dir``: weights, optimizer, schedule and random state; under
     torchrun every rank's random state (a collective: every rank calls this), written once by rank 0."""
     rng = capture_rng(data_gen)
@@ -250,7 +273,7 @@ def save_checkpoint(cfg: FinetuneConfig, s: Setup, data_gen: torch.Generator, st
     if is_main():
         TrainState(step, epoch, position, order.clone(), {k: v.cpu() for k, v in trainable_state(s.visual).items()},
                    s.opt.state_dict(), s.sched.state_dict(), rng, hashed_fields(cfg), config_hash(cfg), loss,
-                   world_size()).to_disk(Path(cfg.run_dir))
+                   world_size(), history).to_disk(Path(cfg.run_dir))
 
 
 def save_final_adapter(cfg: FinetuneConfig, s: Setup, clip, *, steps: int) -> None:
