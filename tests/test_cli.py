@@ -92,6 +92,9 @@ def test_cache_ls_and_rm(cli, fresh_cache, toy_clip):
     assert code == 0 and [x["key"] for x in json.loads(out)] == [e.key]
     code, _, err = cli("cache", "rm")
     assert code == 2 and "--all" in err
+    for short in ("", " ", e.key[:3]):  # "" (an unset $KEY) prefixes every key: refused, nothing removed
+        code, _, err = cli("cache", "rm", short)
+        assert code == 2 and "shorter than 4" in err and len(json.loads(cli("cache", "ls", "--json")[1])) == 1
     code, out, _ = cli("cache", "rm", e.key[:8])
     assert code == 0 and "removed 1 entry" in out
     assert json.loads(cli("cache", "ls", "--json")[1]) == []

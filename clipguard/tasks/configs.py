@@ -575,6 +575,9 @@ def compare_config(**opts) -> CompareConfig:
     return from_options(CompareConfig, opts)
 
 
+MIN_KEY_PREFIX = 4  # hex characters of a text-embedding key `cache rm` needs (a key has 64)
+
+
 @dataclass(frozen=True)
 class CacheRmConfig(Config):
     """``clipguard cache rm``: cached text embeddings removed by key prefix, or all."""
@@ -586,6 +589,11 @@ class CacheRmConfig(Config):
     def check(self) -> None:
         if not self.keys and not self.all:
             raise ClipguardError("cache rm: name key prefixes (see `clipguard cache ls`) or pass --all")
+        short = [k for k in self.keys or [] if len(k.strip()) < MIN_KEY_PREFIX]
+        if short:  # "" (an unset $KEY in a script) is a prefix of every key: it would remove them all
+            raise ClipguardError(f"cache rm: key prefix {short[0]!r} is shorter than {MIN_KEY_PREFIX} characters and "
+                                 "could match many entries: give more of the key (`clipguard cache ls`), or pass "
+                                 "--all to remove every entry")
 
 
 @dataclass(frozen=True)
