@@ -182,3 +182,49 @@ def test_apgd_restarts_run_inside_apgd(toy_prepared):
     x, y = p.data.images[:10], p.data.labels[:10]
     run = run_attack(p.classifier, x, y, AttackConfig("apgd", parse_eps("2/255"), steps=3, restarts=2), progress=False)
     assert run.stats["max_linf"] <= 2 / 255 + 1e-6
+
+
+def test_attack_and_eval_adv_set_check_the_saved_set(cli, tmp_path):
+    """`attack` records its attack's checks and the saved set's (within eps of the clean images, in [0, 1], finite),
+    so `attack --strict` has something to fail on; `eval --adv-set` checks the set it scores. Twin: a set pushed 2/255
+    past its eps after it was saved fails eval's within-eps check, and --strict exits 1 after writing the record."""
+    from clipguard.attacks.advset import load_adv_set, save_adv_set
+
+    adv = tmp_path / "a.safetensors"
+    code, out, err = cli("attack", "--limit", "20", "--steps", "2", "--eps", "4/255", "--adv-set", adv, "--strict",
+                         "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    names = {c["name"]: c for c in rec["checks"]}
+    assert rec["checks_passed"] is True and {"linf_within_eps", "adv_set_linf_within_eps", "adv_set_in_unit_range",
+                                             "adv_set_no_nan"} <= set(names)
+    assert 0 < names["adv_set_linf_within_eps"]["value"] <= 4 / 255 + 1e-6
+    assert names["linf_within_eps"]["eps"] == "4/255"
+    code, out, err = cli("eval", "--limit", "20", "--adv-set", adv, "--json")
+    assert code == 0 and json.loads(out)["checks_passed"] is True
+
+    s = load_adv_set(adv)
+    pushed = (s.images.float() + 6 / 255 * torch.sign(torch.randn_like(s.images.float()))).clamp(0, 1)
+    save_adv_set(tmp_path / "b.safetensors", pushed, s.labels,
+                 {k: v for k, v in s.manifest.items() if k not in ("schema", "n", "dtype", "shape")})
+    code, out, err = cli("eval", "--limit", "20", "--adv-set", tmp_path / "b.safetensors", "--strict",
+                         "--out", tmp_path / "b.json")
+    bad = json.loads((tmp_path / "b.json").read_text())
+    assert code == 1 and bad["checks_passed"] is False and "adv_set_linf_within_eps" in err
+    assert [c["name"] for c in bad["checks"] if not c["passed"]] == ["adv_set_linf_within_eps"]
+
+
+def test_saved_set_checks_in_l2_and_uint8():
+    from clipguard.attacks.integrity import saved_set_checks
+
+    clean = torch.full((3, 3, 4, 4), 0.5)
+    inside = clean.clone()
+    inside[0, 0, 0, 0] += 0.3  # L2 0.3 on one image
+    ok = saved_set_checks(inside, clean, 0.5, "l2")
+    assert [c["passed"] for c in ok] == [True, True, True] and abs(ok[0]["value"] - 0.3) < 1e-6
+    spread = clean + 0.05  # every one of 48 values moved 0.05: L-inf 0.05, L2 0.35
+    assert saved_set_checks(spread, clean, 0.3, "l2")[0]["passed"] is False
+    assert saved_set_checks(spread, clean, 0.06, "linf")[0]["passed"] is True
+    q = (clean * 255).round().to(torch.uint8)
+    assert saved_set_checks(q + 1, q, 1 / 255, "linf")[0]["passed"] is True  # a quantized set, uint8 against uint8
+    assert saved_set_checks(q + 2, q, 1 / 255, "linf")[0]["passed"] is False

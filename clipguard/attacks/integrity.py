@@ -64,6 +64,28 @@ def cheap_checks(run, eps: float, norm: str = "linf") -> list[dict]:
     ]
 
 
+def saved_set_checks(adv: torch.Tensor, clean, eps: float, norm: str, *, batch_size: int = 512) -> list[dict]:
+    """Checks on a saved adversarial set against the clean images it was made from (both (N, 3, H, W), as uint8 (a
+    quantized set) or [0, 1] floats; ``clean(a, b)`` may also be a function giving those rows): every image within
+    eps in its norm, pixels in [0, 1], all finite. What ``clipguard attack`` wrote and ``eval --adv-set`` scores."""
+    size, lo, hi, nan = 0.0, 1.0, 0.0, 0
+    for a in range(0, adv.shape[0], batch_size):
+        x, c = adv[a:a + batch_size], clean(a, a + batch_size) if callable(clean) else clean[a:a + batch_size]
+        x, c = (t.float().div(255) if t.dtype == torch.uint8 else t.float() for t in (x, c))  # uint8: quantized
+        d = (x - c.to(x.device)).flatten(1)
+        per = d.norm(dim=1) if norm == "l2" else d.abs().amax(dim=1)
+        size = max(size, float(per.max())) if per.numel() else size
+        nan += int(torch.isnan(x).sum())
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    what = "max ||x_adv - x||_2 per image" if norm == "l2" else "max |x_adv - x|"
+    return [
+        check(f"adv_set_{norm}_within_eps", size, finite(eps) and size <= eps + LINF_SLACK,
+              f"saved set: {what} vs eps {eps:.6g} (+{LINF_SLACK:g})"),
+        check("adv_set_in_unit_range", [lo, hi], 0 <= lo <= hi <= 1, "saved set: pixels in [0, 1]"),
+        check("adv_set_no_nan", nan, nan == 0, "saved set: NaN values"),
+    ]
+
+
 # AutoAttack's own flags (attacks.registry.AA_FLAGS, raised by pyautoattack.checks) as checks: name -> what it means
 AA_FLAG_CHECKS = {
     "randomized": "AutoAttack found the forward randomized and the version is not rand (no EOT): rerun with "

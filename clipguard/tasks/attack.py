@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from clipguard.attacks import integrity as ic
 from clipguard.attacks import runner  # called as runner.run_attack: tests spy on it
 from clipguard.attacks.advset import image_digest, save_adv_set
 from clipguard.attacks.advset import quantize as quantize_fn
@@ -19,7 +20,7 @@ from clipguard.records.metrics import at_run_confidence, put
 from clipguard.records.schema import make_record
 from clipguard.report.pictures import adversarial_grid
 from clipguard.tasks.configs import AttackSetConfig
-from clipguard.tasks.eval import load_resolution
+from clipguard.tasks.eval import clean_rows, load_resolution
 from clipguard.tasks.setup import prepare
 
 
@@ -72,6 +73,11 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
     pngs = []
     if png_dir and is_main():
         pngs = adversarial_grid(p, run, png_dir, n=n_png)
+    # the attack's own checks (as eval's), and the saved set's against the images it was made from
+    checks = [{**c, "eps": base.eps.text} for c in ic.cheap_checks(run, base.eps.value, base.norm)]
+    if is_main():
+        checks += [{**c, "eps": base.eps.text} for c in ic.saved_set_checks(adv, clean_rows(p, adv), base.eps.value,
+                                                                          base.norm, batch_size=cfg.run.batch_size)]
     counts = entry["counts"]  # each metric k / n of integers, its counts beside it (clean_acc is acc1 here)
     metrics = put({}, "acc1", **counts["clean_acc"])
     for name in ("robust_acc", "attack_success_rate", "surrogate_clean_acc", "surrogate_robust_acc",
@@ -80,4 +86,6 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
             put(metrics, name, **counts[name])
     return make_record("attack", started=started, clip=p.clip, dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=p.timings(run.timings), attack=attack, adv_set={"path": str(out), "quantized": quantize},
-                       stats=run.stats, pngs=pngs, config=flat(cfg), **({"defense": defense} if defense else {}))
+                       stats=run.stats, pngs=pngs, config=flat(cfg), checks=checks,
+                       checks_passed=all(c["passed"] for c in checks), **({"defense": defense} if defense else {}))
+

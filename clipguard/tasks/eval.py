@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+import torch
+
+from clipguard.attacks import integrity as ic
 from clipguard.attacks.advset import image_digest, load_adv_set
 from clipguard.attacks.surrogates import build_surrogate
 from clipguard.attacks.sweep import robust_sweep
@@ -18,7 +21,7 @@ from clipguard.defenses.adaptive import (
 )
 from clipguard.distributed import gather_objects, is_main
 from clipguard.errors import ClipguardError
-from clipguard.models.inference import predict_logits
+from clipguard.models.inference import attack_inputs, predict_logits
 from clipguard.records.metrics import at_run_confidence, attack_success_counts, classification_metrics, count, put
 from clipguard.records.predictions import image_digests, prediction_table, write_predictions
 from clipguard.records.schema import make_record
@@ -147,6 +150,20 @@ def _adv_set_section(p, cfg: EvalConfig, adv, clean_logits) -> dict:
     robust = (clean_pred == labels) & (adv_pred == labels)  # RobustBench: only clean-correct images count
     metrics = put({}, "robust_acc", count(robust), len(labels))  # k / n of integers, with counts
     put(metrics, "attack_success_rate", *attack_success_counts(labels, clean_pred, adv_pred))
-    return {"_preds": {"adv_set": adv_pred}, "metrics": metrics,
+    made = adv.manifest.get("attack") or {}
+    eps = made.get("eps") or {}
+    checks = [{**c, "eps": eps.get("text")} for c in ic.saved_set_checks(
+        adv.images, clean_rows(p, adv.images), float(eps.get("value", float("nan"))), made.get("norm", "linf"),
+        batch_size=cfg.run.batch_size)]  # eps missing: NaN, and the within-eps check fails
+    return {"_preds": {"adv_set": adv_pred}, "metrics": metrics, "checks": checks,
+            "checks_passed": all(c["passed"] for c in checks),
             "adv_set": {"path": str(cfg.adv_set), "scored_precision": precision,
                         **{k: adv.manifest.get(k) for k in ("attack", "source", "quantized")}}}
+
+
+def clean_rows(p, adv: torch.Tensor):
+    """The clean images a saved set was made from, at the set's size: the loaded images themselves, or (a set at
+    the model's input size from images loaded at another) each batch brought there as the attack brought it."""
+    if tuple(adv.shape[-2:]) == tuple(p.data.images.shape[-2:]):
+        return p.data.images
+    return lambda a, b: attack_inputs(p.classifier, p.data.images[a:b], "model").cpu()
