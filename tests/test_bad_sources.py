@@ -89,7 +89,7 @@ def test_a_shard_of_garbage_bytes_is_one_line(world, tmp_path, cli, mode):
     (d / "test" / "1.tar").write_bytes(b"not a tar at all " * 100)
     code, _, err = _eval(cli, f"wds:{d}", mode)
     _one_line(code, err, str(d / "test" / "1.tar"), "not a readable uncompressed tar",
-              f"huggingface-cli download clip-benchmark/wds_vtab-cifar10 test/1.tar --repo-type dataset "
+              f"hf download clip-benchmark/wds_vtab-cifar10 test/1.tar --repo-type dataset "
               f"--local-dir {d}")
 
 

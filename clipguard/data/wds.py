@@ -93,8 +93,8 @@ def _shards(spec, split: str) -> tuple[list[str], Path]:
     missing = [s for s in shards if not Path(s).is_file()]
     if missing or not shards:
         raise ClipguardError(f"--dataset {spec.text!r}: shard {missing[0] if missing else path!r} not found "
-                             "(download CLIP_benchmark's shards, e.g. huggingface-cli download "
-                             "clip-benchmark/wds_cifar10 --repo-type dataset --local-dir DIR)")
+                             "(download CLIP_benchmark's shards, e.g. hf download "
+                             "clip-benchmark/wds_vtab-caltech101 --repo-type dataset --local-dir DIR)")
     return shards, root
 
 
@@ -113,7 +113,7 @@ def refetch(shard: str, repo: str | None, root: str) -> str:
         name = None
     if repo is None or name is None:
         return REFETCH + (f" from {repo}" if repo else "")
-    return f"{REFETCH} (huggingface-cli download {repo} {name} --repo-type dataset --local-dir {root})"
+    return f"{REFETCH} (hf download {repo} {name} --repo-type dataset --local-dir {root})"
 
 
 def _index(shard: str, si: int, repo: str | None = None, root: str = "") -> list[tuple[int, int, int, int]]:

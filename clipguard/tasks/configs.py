@@ -144,9 +144,9 @@ class AttackOptions(Config):
                                    help="Transfer attack: craft on toy-cnn, clip:ARCH:TAG, clip:toy@seed1, "
                                         "hub:OWNER/REPO:ENTRY or a TorchScript file.")
     attack_precision: str = option("fp32", panel=PERF, parse=choice(*ATTACK_PRECISIONS),
-                                   help="Attack precision: fp32 (default) or bf16 (weaker small-eps gradients: "
-                                        "recorded as a warning, and checked against fp32 on 256 images, within 0.5 "
-                                        "points).")
+                                   help="Attack precision: fp32 (default), bf16 or fp16 (weaker small-eps "
+                                        "gradients: recorded as a warning, and checked against fp32 on 256 images, "
+                                        "within 0.5 points).")
 
     # options that mean something only when an attack runs (--resolution also places the clean images)
     ATTACK_ONLY: ClassVar[tuple[str, ...]] = ("eps", "norm", "alpha", "steps", "restarts", "aa_version", "aa_attacks",
@@ -294,7 +294,8 @@ class CertifyConfig(Config):
                               help="Noisy samples per forward pass (halved on GPU out-of-memory).")
     radii: tuple[float, ...] = option("0,0.25,0.5,0.75,1,1.25,1.5,1.75,2", panel=SMOOTHING, parse=_radii,
                                       dump=_radii_text, metavar="LIST",
-                                      help="Certified-accuracy grid: comma list of L2 radii in [0, 1] pixel units.")
+                                      help="Certified-accuracy grid: comma list of L2 radii in pixel units (an "
+                                           "image's L2 norm: may exceed 1).")
     check_images: int = option(10, panel=CHECK, parse=non_negative,
                                help="Images attacked (SmoothAdv L2 PGD) by the integrity check and for the empirical "
                                     "curve; 0 skips both (the record lists the check as skipped, checks_passed null).")

@@ -66,7 +66,7 @@ class UAPFile:
         """Load and check a UAP file; every problem is a one-line ClipguardError naming the file."""
         name = f"{option} {str(path)!r}"
         if not Path(path).is_file():
-            raise ClipguardError(f"{name}: no such file (make one with `clipguard uap fit --out FILE`)")
+            raise ClipguardError(f"{name}: no such file (make one with `clipguard uap fit --uap FILE`)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 manifest = json.loads((f.metadata() or {}).get("manifest", "{}"))
