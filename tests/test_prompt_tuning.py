@@ -281,3 +281,34 @@ def test_base_adapter_alone_is_refused_outside_prompt_training(cli, tmp_path):
     code, out, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "8", "--device", "cpu",
                          "--adapter", tmp_path / "lora", "--json")
     assert code == 0 and json.loads(out)["adapter"] == str(tmp_path / "lora")
+
+
+
+def test_records_tell_an_adapter_from_one_trained_again_into_its_folder(cli, tmp_path):
+    """A record names an adapter by path and by what it held (sha256 over its weight files, method, the fine-tune's
+    config hash): an adapter trained again into the same folder with another --lr gives the same path and another
+    digest; the same adapter evaluated twice gives the same digest (twin)."""
+    import shutil
+
+    def train(lr):
+        code, _, err = cli("finetune", "--model", "toy", "--dataset", "toy", "--limit", "64", "--epochs", "1",
+                           "--batch-size", "32", "--lr", lr, "--eval-limit", "8", "--eval-steps", "1", "--device",
+                           "cpu", "--run-dir", tmp_path / "lora")
+        assert code == 0, err
+
+    def evaluated():
+        code, out, err = cli("eval", "--model", "toy", "--dataset", "toy", "--limit", "8", "--device", "cpu",
+                             "--adapter", tmp_path / "lora", "--json")
+        assert code == 0, err
+        return json.loads(out)["adapters"]["adapter"]
+
+    train("1e-2")
+    first, again = evaluated(), evaluated()
+    manifest = json.loads((tmp_path / "lora" / "manifest.json").read_text())
+    assert first == again and first["path"] == str(tmp_path / "lora") and first["method"] == "lora"
+    assert first["config_hash"] == manifest["config_hash"] and first["weights_digest"].startswith("sha256:")
+    shutil.rmtree(tmp_path / "lora")
+    train("2e-2")
+    retrained = evaluated()
+    assert retrained["path"] == first["path"] and retrained["weights_digest"] != first["weights_digest"]
+    assert retrained["config_hash"] != first["config_hash"]

@@ -70,7 +70,7 @@ def run_certify(cfg: CertifyConfig, *, progress: bool = True) -> dict:
     return make_record("certified_robustness", clip=p.clip, started=started,
                        dataset=p.data, prompts=p.prompts, metrics=metrics,
                        timings=p.timings({**timings, **check_timings}), text_embeddings=p.text.to_record(),
-                       adapter=cfg.run.adapter, config=flat(cfg),
+                       adapter=cfg.run.adapter, adapters=p.adapters, config=flat(cfg),
                        smoothing=_protocol(cfg, p), empirical_l2=empirical, checks=checks,
                        checks_passed=all_passed(checks), per_image=_per_image(p, certs, base_pred),
                        **_defense(p, cfg))

@@ -76,7 +76,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True) -> dict:
         extra["predictions"] = {"path": str(cfg.predictions), "rows": len(p.data)}
     return make_record(task, clip=p.clip, started=started,
                        dataset=p.data, prompts=p.prompts, metrics=metrics, timings=timings,
-                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=_recorded(cfg), **extra)
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, adapters=p.adapters,
+                       config=_recorded(cfg), **extra)
 
 
 def _recorded(cfg: EvalConfig) -> dict:

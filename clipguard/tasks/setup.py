@@ -13,6 +13,7 @@ from clipguard.models import loader  # called as loader.load_clip: tests swap it
 from clipguard.models.adapters import load_adapter, read_manifest
 from clipguard.models.classifier import ZeroShotClassifier, compile_classifier
 from clipguard.models.inference import check_resolution
+from clipguard.models.prompt_tuning import file_digest as adapter_digest
 from clipguard.models.prompt_tuning import load_prompt_embeddings
 from clipguard.models.text_embeddings import TextEmbeddings, get_text_embeddings
 from clipguard.run_options import RunOptions
@@ -28,6 +29,7 @@ class Prepared:
     classifier: ZeroShotClassifier  # [0, 1] pixels -> logits, eval mode
     compile_s: float | None = None  # --compile: seconds compiling + warming up (timings["compile_s"]); None: eager
     undefended: ZeroShotClassifier | None = None  # --defense: the classifier behind it (``classifier`` is the defense)
+    adapters: dict | None = None  # what --adapter / --base-adapter held when loaded (:func:`adapter_provenance`)
 
     def timings(self, timings: dict) -> dict:
         """A record's ``timings`` plus ``compile_s`` when --compile compiled the classifier in :func:`prepare`
@@ -104,7 +106,21 @@ def prepare(run: RunOptions, *, resolution: str = "model", attack_precision: str
     if run.compile:
         compile_s = compile_classifier(classifier, tuple(data.images.shape[1:]), precision=clip.precision,
                                        attack_precision=attack_precision, mode=run.compile_mode)
+    adapters = adapter_provenance(run)
     if defense is not None and defense.defense:  # a DefenseOptions naming one: the classifier becomes the defense
         return Prepared(clip, data, prompts, text, build_defense(defense.defense, classifier, defense, seed=run.seed),
-                        compile_s, undefended=classifier)
-    return Prepared(clip, data, prompts, text, classifier, compile_s)
+                        compile_s, undefended=classifier, adapters=adapters)
+    return Prepared(clip, data, prompts, text, classifier, compile_s, adapters=adapters)
+
+
+def adapter_provenance(run: RunOptions) -> dict | None:
+    """For the record: each adapter a run used, by path and by what it held: the sha256 over its weight files, its
+    method and the config hash of the fine-tune that made it. A path alone cannot tell an adapter from one trained
+    again into the same folder. None without adapters."""
+    out = {}
+    for option, path in (("adapter", run.adapter), ("base_adapter", run.base_adapter)):
+        if path:
+            m = read_manifest(path)
+            out[option] = {"path": str(path), "weights_digest": adapter_digest(path), "method": m.get("method"),
+                           "config_hash": m.get("config_hash")}
+    return out or None

@@ -129,7 +129,8 @@ def run_uap_fit(cfg: UAPFitConfig, *, progress: bool = True) -> dict:
                        uap={"path": str(cfg.uap), "sha256": uap.manifest["sha256"], "shape": uap.manifest["shape"],
                             "linf": float(fit.delta.abs().max()), "l2": float(fit.delta.norm(p=2))},
                        checks=checks, checks_passed=all(c["passed"] for c in checks), pngs=pngs,
-                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg))
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, adapters=p.adapters,
+                       config=flat(cfg))
 
 
 @at_run_confidence  # every _ci at --confidence
@@ -185,4 +186,5 @@ def run_uap_eval(cfg: UAPEvalConfig, *, progress: bool = True) -> dict:
                        timings=p.timings({"wall_s": round(wall, 4), "images_per_s": round(len(p.data) / wall, 2)}),
                        attack=uap.manifest["attack"], uap=info, checks=checks,
                        checks_passed=all(c["passed"] for c in checks), warnings=warnings, pngs=pngs,
-                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, config=flat(cfg))
+                       text_embeddings=p.text.to_record(), adapter=cfg.run.adapter, adapters=p.adapters,
+                       config=flat(cfg))
