@@ -175,3 +175,12 @@ def test_committed_suite_records_still_count_as_done(suite, records):
     assert checked == len(cells) > 3
     # twin: one changed option changes the hash, so the comparison above could fail
     assert config_hash({**cells[0], "seed": 1}, {}) != hashes[cells[0]["id"]]
+
+
+def test_sanity_with_fgsm_needs_a_sweep():
+    """FGSM has no steps to double, no restarts and no FGSM to beat: at one eps --sanity would add no check while the
+    record says sanity: true. Refused there; with a sweep the monotone check runs, and PGD takes it at one eps."""
+    with pytest.raises(ClipguardError, match="--sanity with --attack fgsm .* two or more eps"):
+        eval_config(attack="fgsm", eps="8/255", sanity=True)
+    assert eval_config(attack="fgsm", eps="0,8/255", sanity=True).sanity
+    assert eval_config(attack="pgd", eps="8/255", sanity=True).sanity

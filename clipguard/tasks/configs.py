@@ -216,6 +216,10 @@ class EvalConfig(AttackOptions):
         if self.attack and self.adv_set:
             raise ClipguardError("--attack and --adv-set exclude each other: attack now, or evaluate a saved set")
         super().check()
+        if self.sanity and self.attack == "fgsm" and len(self.eps) < 2:
+            # its checks compare with FGSM (itself), double the steps and restart (it has neither): only the sweep's
+            raise ClipguardError("--sanity with --attack fgsm has only the monotone-sweep check, which needs two or "
+                                 "more eps (e.g. --eps 0,4/255,8/255); or use --attack pgd for every check")
 
 
 def _attack_run() -> RunOptions:
