@@ -191,3 +191,26 @@ def test_a_report_row_never_mixes_image_sets_or_runs(tmp_path):
     assert len(info["dropped"]) == 2 and all("c_again.json" in d for d in info["dropped"])
     md = (tmp_path / "r.md").read_text()
     assert "2 number(s) repeat a cell with another value" in md and "c_again.json" in md
+
+
+def test_skipped_checks_are_neither_passed_nor_failed_in_the_report(tmp_path):
+    """A certify record with its empirical check skipped (passed: null) read "0/2 passed" in the report, as if both
+    had failed: skipped checks are counted apart. Twin: a failed check still shows as failed."""
+    from clipguard.records.rows import checks_summary
+    from clipguard.report.build import build_report
+
+    skipped = {**_eval(100, 0.9, 0.5), "checks": [{"name": "a", "passed": None}, {"name": "b", "passed": None}],
+               "checks_passed": None}
+    failed = {**_eval(100, 0.9, 0.5), "checks": [{"name": "a", "passed": True}, {"name": "b", "passed": False}],
+              "checks_passed": False}
+    s, f = checks_summary([skipped, failed])
+    assert (s["passed"], s["total"], s["skipped"], s["failed"]) == (0, 0, 2, [])
+    assert (f["passed"], f["total"], f["skipped"], f["failed"]) == (1, 2, 0, ["b"])
+    recs = tmp_path / "recs"
+    recs.mkdir()
+    (recs / "s.json").write_text(json.dumps(skipped))
+    (recs / "f.json").write_text(json.dumps(failed))
+    build_report(recs, tmp_path / "r.md", html_out=tmp_path / "r.html")
+    md = (tmp_path / "r.md").read_text()
+    assert "1 of 2 checks passed; 1 failed; 2 skipped." in md and "| 0/0 (2 skipped) |" in md and "| 1/2 | b |" in md
+    assert "0/0 passed, 2 skipped" in (tmp_path / "r.html").read_text()

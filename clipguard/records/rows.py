@@ -173,12 +173,14 @@ def failed_checks(rec: dict) -> list[str]:
 
 
 def checks_summary(records: list[dict]) -> list[dict]:
-    """Per record: how many integrity checks passed, and the names of the failed ones."""
+    """Per record: how many integrity checks passed of those that ran, how many were skipped (``passed: null``:
+    neither passed nor failed, so not in ``total``), and the names of the failed ones."""
     out = []
     for rec in records:
         checks = rec.get("checks") or []
         if checks:
-            failed = failed_checks(rec)
+            ran = [c for c in checks if c["passed"] is not None]
             out.append({"label": label(rec), "task": rec.get("task"), "cell": (rec.get("bench") or {}).get("cell"),
-                        "passed": sum(bool(c["passed"]) for c in checks), "total": len(checks), "failed": failed})
+                        "passed": sum(bool(c["passed"]) for c in ran), "total": len(ran),
+                        "skipped": len(checks) - len(ran), "failed": failed_checks(rec)})
     return out

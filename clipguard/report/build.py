@@ -86,6 +86,11 @@ def reference_table(rs: list[dict]) -> tuple[list[str], list[list], list[str]]:
     return header, body, dropped
 
 
+def passed_text(c: dict) -> str:
+    """``3/4``, or ``0/0 (2 skipped)`` for a record whose checks were skipped (neither passed nor failed)."""
+    return f"{c['passed']}/{c['total']}" + (f" ({c['skipped']} skipped)" if c.get("skipped") else "")
+
+
 def dropped_note(dropped: list[str]) -> str:
     return (f"{len(dropped)} number(s) repeat a cell with another value and are not shown (one record per cell: "
             "an evaluation before a fine-tune's check-up, then the first by file name): " + "; ".join(dropped[:5])
@@ -230,11 +235,12 @@ def build_report(folder, out_md=None, *, html_out=None, csv_out=None, force: boo
     cert = certify_report.parts(records, assets)
     md += certify_report.markdown(cert, assets) if cert else []
     md += ["## Plots\n"] + [f"![{p.stem}]({link(p, out_md)})" for p in pngs]
-    n_fail = sum(len(c["failed"]) for c in checks)
+    n_fail, n_skip = sum(len(c["failed"]) for c in checks), sum(c["skipped"] for c in checks)
     md += ["", "## Integrity checks\n", f"{sum(c['passed'] for c in checks)} of {sum(c['total'] for c in checks)} "
-           f"checks passed" + (f"; {n_fail} failed." if n_fail else "."), "",
+           f"checks passed" + (f"; {n_fail} failed" if n_fail else "") + (f"; {n_skip} skipped" if n_skip else "")
+           + ".", "",
            _md_table(["model", "task", "cell", "passed", "failed"],
-                     [[c["label"], c["task"], c["cell"], f"{c['passed']}/{c['total']}", ", ".join(c["failed"]) or "—"]
+                     [[c["label"], c["task"], c["cell"], passed_text(c), ", ".join(c["failed"]) or "—"]
                       for c in checks])]
     atomic_write_text(out_md, "\n".join(md) + "\n")
     if html_out:

@@ -35,8 +35,9 @@ def _img(p: Path) -> str:
 
 def _check_item(c: dict) -> str:
     failed = "; failed: " + html.escape(", ".join(c["failed"])) if c["failed"] else ""
+    skipped = f", {c['skipped']} skipped" if c.get("skipped") else ""
     return (f"<li>{html.escape(str(c['label']))} ({html.escape(str(c['task']))}): "
-            f"{c['passed']}/{c['total']} passed{failed}</li>")
+            f"{c['passed']}/{c['total']} passed{skipped}{failed}</li>")
 
 
 def page(*, n: int, main: tuple, zs: list[dict], zs_note: str, uap: tuple, plots: list[Path],
