@@ -139,7 +139,7 @@ class AttackOptions(Config):
                                                      "apgd-t, fab-t (e.g. apgd-ce,apgd-t as FARE).")
     resolution: str = option("model", panel=ATTACK, parse=choice(*RESOLUTIONS),
                              help="Where the perturbation lives: model (the model's input size, as TeCoA/FARE) or "
-                                  "native (the dataset's own size).")
+                                  "native (the dataset's own size); a transfer --surrogate always crafts at native.")
     surrogate: str | None = option(None, panel=ATTACK, metavar="SPEC",
                                    help="Transfer attack: craft on toy-cnn, clip:ARCH:TAG, clip:toy@seed1, "
                                         "hub:OWNER/REPO:ENTRY or a TorchScript file.")
