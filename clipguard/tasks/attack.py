@@ -88,4 +88,3 @@ def run_craft(cfg: AttackSetConfig, *, n_png: int = 8, progress: bool = True) ->
                        timings=p.timings(run.timings), attack=attack, adv_set={"path": str(out), "quantized": quantize},
                        stats=run.stats, pngs=pngs, config=flat(cfg), checks=checks, adapters=p.adapters,
                        checks_passed=all(c["passed"] for c in checks), **({"defense": defense} if defense else {}))
-
