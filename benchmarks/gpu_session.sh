@@ -31,15 +31,15 @@
 # command line before device time is spent on it (its records measure nothing).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: gpu_session.sh 1|2|all|STEP..." >&2; exit 2; }
+part1="eval attack finetune eval-compile prepared"
+part2="tests autoattack decode torchrun attack-compile attack-cudagraphs finetune-compile"
 case $1 in
-1) steps="eval attack finetune eval-compile prepared" ;;
-2) steps="tests autoattack decode torchrun attack-compile attack-cudagraphs finetune-compile" ;;
-all) steps="eval attack finetune eval-compile prepared tests autoattack decode torchrun attack-compile \
-attack-cudagraphs finetune-compile" ;;
+1) steps=$part1 ;;
+2) steps=$part2 ;;
+all) steps="$part1 $part2" ;;
 *) steps="$*" ;;
 esac
-known=" eval attack finetune eval-compile prepared tests autoattack decode torchrun attack-compile attack-cudagraphs \
-finetune-compile "
+known=" $part1 $part2 "
 for s in $steps; do
     [[ $known == *" $s "* ]] || { echo "unknown step $s: use 1, 2, all or some of:$known" >&2; exit 2; }
 done

@@ -192,7 +192,7 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     data_gen = torch.Generator().manual_seed(cfg.run.seed)  # data order; its state is checkpointed
     step, epoch, position, loss, last_saved = 0, 0, 0, float("nan"), None
     order = torch.randperm(n, generator=data_gen)
-    before = {"images": 0, "wall_s": 0.0, "losses_first": [], "losses_last": []}  # earlier sessions of this run
+    before = NEW_RUN  # what earlier sessions of this run did
     if cfg.resume:
         step, epoch, position, order, loss, history = restore(cfg, s, data_gen)
         last_saved = step
@@ -233,7 +233,7 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
     total = _history(before, seen, wall, losses)
     save_checkpoint(cfg, s, data_gen, step, epoch, position, order, loss, total)  # a finished run resumes to evaluate
     save_final_adapter(cfg, s, p.clip, steps=step)
-    whole_run = total or {"images": seen, "wall_s": wall, "losses_first": losses[:10], "losses_last": losses[-10:]}
+    whole_run = total or _history(NEW_RUN, seen, wall, losses)  # an old checkpoint's run: this session's part
     return {"steps": step, "world_size": ranks, "global_batch_size": bs * ranks, "total_steps": s.total,
             "epochs": cfg.epochs, "max_steps": cfg.max_steps,
             "data_mode": "stream" if p.data.streamed else "memory",
@@ -250,6 +250,9 @@ def train(cfg: FinetuneConfig, p, *, progress: bool = True) -> dict:
             "method_deviations": list(METHODS.get(cfg.method).deviations),  # where the method differs from its paper
             "objective_options": {k: getattr(cfg, k) for k in s.objective.options},  # e.g. pmg's weights
             "objective_deviations": list(s.objective.deviations)}  # where the objective differs from its paper
+
+
+NEW_RUN = {"images": 0, "wall_s": 0.0, "losses_first": [], "losses_last": []}  # a run's history before its first step
 
 
 def _history(before: dict | None, seen: int, wall: float, losses: list[float]) -> dict | None:

@@ -127,13 +127,17 @@ def threat_name(r: dict) -> str:
     """A robust row's threat as the papers head a table: ``Linf 2/255 (autoattack)``, ``Linf 1/255 (pgd-100)`` (an
     iterative attack's steps: PGD-10 and PGD-100 are different threats), ``... from SURROGATE``."""
     norm = NORM_NAMES.get(r.get("norm"), r.get("norm") or "")
-    steps = f"-{r['steps']}" if r.get("steps") and r["attack"] in ITERATIVE else ""
     src = f" from {r['surrogate']}" if r.get("surrogate") else ""
     weak = ", non-adaptive" if r.get("defense_evaluation") == "non-adaptive" else ""  # never the defense's own number
-    return f"{norm} {r['eps']} ({r['attack']}{steps}{src}{weak})".strip()
+    return f"{norm} {r['eps']} ({attack_name(r)}{src}{weak})".strip()
 
 
 ITERATIVE = ("pgd", "apgd")  # attacks whose step count the threat name states
+
+
+def attack_name(r: dict) -> str:
+    """A robust row's attack with an iterative attack's steps: ``pgd-10``, ``apgd-100``, ``autoattack``."""
+    return r["attack"] + (f"-{r['steps']}" if r.get("steps") and r["attack"] in ITERATIVE else "")
 
 
 def dataset_order(names) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from clipguard.errors import ClipguardError
 from clipguard.fsutil import atomic_write_text
 from clipguard.records.rows import (
-    ITERATIVE,
+    attack_name,
     checks_summary,
     dataset_order,
     load_records,
@@ -37,11 +37,10 @@ UAP_HEADER = ["model", "dataset", "task", "eps", "fooling rate", "clean acc1", "
 def _col(r: dict) -> str:
     """A robust column: attack with its steps (PGD-5 and PGD-10 are different threats), the norm when it is not
     L-inf, eps, the surrogate of a transfer attack, and a defense's non-adaptive reading."""
-    steps = f"-{r['steps']}" if r.get("steps") and r["attack"] in ITERATIVE else ""
     norm = "L2 " if r.get("norm") == "l2" else ""
     src = f" from {r['surrogate']}" if r.get("surrogate") else ""
     weak = " (non-adaptive)" if r.get("defense_evaluation") == "non-adaptive" else ""  # NON_ADAPTIVE_NOTE
-    return f"{r['attack']}{steps} {norm}{r['eps']}{src}{weak}"
+    return f"{attack_name(r)} {norm}{r['eps']}{src}{weak}"
 
 
 def _key(r: dict) -> tuple:
